@@ -1,0 +1,264 @@
+"""Find and kill an attempt's whole process tree. I/O edge: psutil, signals, prctl.
+
+Shared by the worker agent (killing its own attempts) and the daemon (killing the tree of
+an agent that cannot answer, or of an attempt found running after a restart).
+
+An attempt's processes are found three ways, because each alone can miss some:
+- the root (only after its create time matched: a pid is never signalled on its number
+  alone, since the number may have been reused) and the root's descendants;
+- the descendants of a given parent, typically the agent, which is a child subreaper so
+  that double-forked escapees are re-parented to it rather than to init;
+- every process whose environment carries ``ORCHD_ATTEMPT_ID=<marker>``.
+
+All functions here block; async callers run them in a worker thread. None of them ever
+waits for (reaps) a process: the caller may own a child watcher that expects to collect
+its children's exit statuses, so a zombie simply counts as gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterable, Mapping
+
+import msgspec
+import psutil
+
+MARKER_ENV = "ORCHD_ATTEMPT_ID"
+_PR_SET_CHILD_SUBREAPER = 36
+# psutil derives create_time from start ticks (1/100 s), so a genuinely different process
+# differs by at least 0.01 s; half of that absorbs float noise only.
+_CREATE_TIME_TOLERANCE = 0.005
+# Variables that belong to the service manager's relationship with orchd itself; a task
+# inheriting them could ping our watchdog or claim our sockets.
+_PRIVATE_EXACT = frozenset({"NOTIFY_SOCKET"})
+_PRIVATE_PREFIXES = ("WATCHDOG_", "LISTEN_")
+_SWEEP_ROUNDS = 5
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_btime: float | None = None
+_btime_read_at = 0.0
+_SWEEP_WAIT_S = 1.0
+
+
+class KillReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What `kill_tree` did: every pid it signalled and any it could not get rid of."""
+
+    signalled: tuple[int, ...]
+    survivors: tuple[int, ...]
+    group_signalled: bool
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process instead of init (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def process_identity(pid: int) -> tuple[int, float] | None:
+    """(pid, create_time) of a live process, or None when there is no such process."""
+    try:
+        return pid, create_time(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def create_time(pid: int) -> float:
+    """The process's start time in epoch seconds, computed exactly as psutil computes it.
+
+    psutil.Process(pid) costs about a millisecond (it re-reads /proc/stat on every call);
+    this is on the spawn path of every task, so it reads only /proc/<pid>/stat and keeps
+    the boot time for a second. Raises OSError when there is no such process."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # Fields after the command name, which is in parentheses and may contain anything.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return float(fields[19]) / _CLOCK_TICKS + _boot_time()
+
+
+def _boot_time() -> float:
+    global _btime, _btime_read_at
+    now = time.monotonic()
+    if _btime is None or now - _btime_read_at > 1.0:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime"):
+                    _btime, _btime_read_at = float(line.split()[1]), now
+                    break
+            else:
+                raise OSError("no btime line in /proc/stat")
+    assert _btime is not None
+    return _btime
+
+
+def inheritable_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment minus what is orchd's alone: NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if k not in _PRIVATE_EXACT and not k.startswith(_PRIVATE_PREFIXES)
+    }
+
+
+def verified(pid: int, create_time: float) -> psutil.Process | None:
+    """The process `pid` if it still is the one that started at `create_time`."""
+    if pid <= 0:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) <= _CREATE_TIME_TOLERANCE:
+            return proc
+    except psutil.Error:
+        pass
+    return None
+
+
+def find_marked(marker: str, *, prefix: bool = False) -> list[psutil.Process]:
+    """Every process (but this one) whose ORCHD_ATTEMPT_ID equals (or starts with) `marker`."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            value = proc.environ().get(MARKER_ENV)
+        except psutil.Error:
+            # Gone, a zombie, or another user's process: none of them is ours to find.
+            continue
+        if value is not None and (value.startswith(marker) if prefix else value == marker):
+            found.append(proc)
+    return found
+
+
+def find_tree(
+    pid: int | None,
+    create_time: float | None,
+    marker: str | None,
+    *,
+    children_of: int | None = None,
+) -> list[psutil.Process]:
+    """The attempt's processes: verified root and its descendants, `children_of`'s
+    descendants, and every process carrying the marker."""
+    found: dict[int, psutil.Process] = {}
+
+    def add(procs: Iterable[psutil.Process]) -> None:
+        for p in procs:
+            found.setdefault(p.pid, p)
+
+    if pid is not None and pid > 0 and create_time is not None:
+        root = verified(pid, create_time)
+        if root is not None:
+            add([root])
+            add(_descendants(root))
+    if children_of is not None:
+        with contextlib.suppress(psutil.Error):
+            add(_descendants(psutil.Process(children_of)))
+    if marker:
+        add(find_marked(marker))
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def kill_tree(
+    pgid: int | None,
+    pid: int | None,
+    create_time: float | None,
+    marker: str | None,
+    grace_s: float,
+    *,
+    children_of: int | None = None,
+) -> KillReport:
+    """SIGTERM the attempt's group and tree, SIGKILL what is left after `grace_s`, then sweep
+    (by marker and descendants) until nothing is left. Blocks for up to grace_s + a few s."""
+    signalled: set[int] = set()
+    procs = find_tree(pid, create_time, marker, children_of=children_of)
+    # pgid 0 (or less) would mean our own group to killpg: never.
+    group = pgid is not None and pgid > 0 and _group_is_ours(pgid, procs)
+    if group:
+        assert pgid is not None
+        _killpg(pgid, signal.SIGTERM)
+        # A stopped process would hold a TERM pending forever; let it act on it.
+        _killpg(pgid, signal.SIGCONT)
+    for proc in procs:
+        if _signal(proc, signal.SIGTERM):
+            signalled.add(proc.pid)
+            _signal(proc, signal.SIGCONT)
+    survivors = _wait_gone(procs, grace_s)
+    if group and pgid is not None and _group_is_ours(pgid, survivors):
+        _killpg(pgid, signal.SIGKILL)
+    for proc in survivors:
+        _signal(proc, signal.SIGKILL)
+    _wait_gone(survivors, _SWEEP_WAIT_S)
+    # Processes forked while we were signalling, or adopted by a subreaper meanwhile.
+    left: list[psutil.Process] = []
+    for _ in range(_SWEEP_ROUNDS):
+        left = [p for p in find_tree(pid, create_time, marker, children_of=children_of) if alive(p)]
+        if not left:
+            break
+        for proc in left:
+            if _signal(proc, signal.SIGKILL):
+                signalled.add(proc.pid)
+        left = _wait_gone(left, _SWEEP_WAIT_S)
+    return KillReport(
+        signalled=tuple(sorted(signalled)),
+        survivors=tuple(sorted(p.pid for p in left)),
+        group_signalled=group,
+    )
+
+
+def alive(proc: psutil.Process) -> bool:
+    """True while the process runs; a zombie has finished and counts as gone."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _group_is_ours(pgid: int, procs: Iterable[psutil.Process]) -> bool:
+    # A process group id stays taken while any member exists, so if a verified member of
+    # the tree is in group `pgid`, the group is the attempt's and not a reuse of the number.
+    for proc in procs:
+        try:
+            if proc.is_running() and os.getpgid(proc.pid) == pgid:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _signal(proc: psutil.Process, sig: signal.Signals) -> bool:
+    # psutil checks the create time before signalling, so a reused pid is left alone.
+    try:
+        proc.send_signal(sig)
+        return True
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Poll until every process is gone or a zombie; returns those still running."""
+    deadline = time.monotonic() + timeout_s
+    interval = 0.002
+    left = [p for p in procs if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 2, 0.05)
+        left = [p for p in left if alive(p)]
+    return left

@@ -1,0 +1,198 @@
+"""The daemon's side of the workers with real agents: spawn, messages, stop, hard kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from supervisor import proctree, wire
+from supervisor.pool import AgentExited, AgentMessage, Pool
+
+MARK = f"test-pool-{uuid.uuid4().hex[:8]}-"
+Inbox = MemoryObjectReceiveStream[AgentMessage | AgentExited]
+
+
+def _live_leftovers() -> list[psutil.Process]:
+    mine = psutil.Process().children(recursive=True)
+    return [p for p in [*mine, *proctree.find_marked(MARK, prefix=True)] if proctree.alive(p)]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Every test leaves no live child and no live process carrying its marker."""
+    yield
+    deadline = time.monotonic() + 3.0
+    while (left := _live_leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for proc in left:
+        proc.kill()
+    assert not left, f"processes left behind: {[p.pid for p in left]}"
+
+
+@asynccontextmanager
+async def running_pool(tmp_path: Path) -> AsyncIterator[tuple[Pool, Inbox]]:
+    send, recv = anyio.create_memory_object_stream[AgentMessage | AgentExited](1000)
+    pool = Pool(
+        python=sys.executable,
+        log_dir=tmp_path / "logs",
+        heartbeat_s=0.05,
+        inbox=send,
+        kill_grace_s=1.0,
+    )
+    with send, recv:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pool.run)
+            yield pool, recv
+            tg.cancel_scope.cancel()
+
+
+async def _next(
+    inbox: Inbox, kind: type[wire.FromAgent] | None = None, timeout_s: float = 10.0
+) -> AgentMessage | AgentExited:
+    """The next inbox item that is not a heartbeat (and, if given, carries a `kind`)."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            item = await inbox.receive()
+            if isinstance(item, AgentMessage) and isinstance(item.msg, wire.Heartbeat):
+                continue
+            if kind is None or (isinstance(item, AgentMessage) and isinstance(item.msg, kind)):
+                return item
+
+
+def _run(tmp_path: Path, name: str, command: list[str] | str) -> wire.Run:
+    return wire.Run(
+        attempt_id=MARK + name,
+        task_id=name,
+        number=1,
+        command=command,
+        log_path=str(tmp_path / "logs" / f"{name}.log"),
+    )
+
+
+def _alive_marked(name: str) -> list[psutil.Process]:
+    return [p for p in proctree.find_marked(MARK + name) if proctree.alive(p)]
+
+
+async def test_spawn_delivers_hello_tagged_with_the_generation(tmp_path: Path) -> None:
+    """A spawned agent's Hello arrives in the inbox with the spawn's generation and pid."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        gen = await pool.spawn("w1")
+        item = await _next(inbox, wire.Hello)
+        assert isinstance(item, AgentMessage) and isinstance(item.msg, wire.Hello)
+        assert (item.worker_id, item.generation) == ("w1", gen)
+        assert item.msg.pid == pool.pid("w1")
+        assert (tmp_path / "logs" / "workers" / "w1.log").exists()
+
+
+async def test_run_results_arrive_through_the_inbox(tmp_path: Path) -> None:
+    """A Run sent through the pool yields Started and Finished in the inbox."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        await pool.spawn("w1")
+        await _next(inbox, wire.Hello)
+        assert await pool.send("w1", _run(tmp_path, "r", "exit 5"))
+        started = await _next(inbox, wire.Started)
+        assert isinstance(started, AgentMessage) and isinstance(started.msg, wire.Started)
+        assert started.msg.attempt_id == MARK + "r"
+        done = await _next(inbox, wire.Finished)
+        assert isinstance(done, AgentMessage) and isinstance(done.msg, wire.Finished)
+        assert (done.msg.phase, done.msg.exit_code) == ("command", 5)
+
+
+async def test_stop_is_graceful_and_reports_the_exit(tmp_path: Path) -> None:
+    """stop() makes the agent exit 0; AgentExited follows its last message."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        gen = await pool.spawn("w1")
+        await _next(inbox, wire.Hello)
+        await pool.stop("w1", 1.0)
+        assert pool.pid("w1") is None
+        item = await _next(inbox)
+        assert item == AgentExited("w1", gen, 0)
+        assert not await pool.send("w1", wire.Stop(grace_s=0.1))
+        assert not await pool.send("nobody", wire.Stop(grace_s=0.1))
+
+
+async def test_respawn_gets_a_new_generation(tmp_path: Path) -> None:
+    """A replacement agent's messages carry a newer generation than its predecessor's."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        first = await pool.spawn("w1")
+        await _next(inbox, wire.Hello)
+        await pool.kill("w1", task_tree=None, grace_s=0.2)
+        exited = await _next(inbox)
+        assert isinstance(exited, AgentExited) and exited.generation == first
+        second = await pool.spawn("w1")
+        hello = await _next(inbox, wire.Hello)
+        assert second > first and isinstance(hello, AgentMessage)
+        assert hello.generation == second
+
+
+async def test_kill_of_a_stopped_agent_leaves_no_process(tmp_path: Path) -> None:
+    """A SIGSTOPped agent with a running task tree (escapee included) is killed entirely."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        await pool.spawn("w1")
+        await _next(inbox, wire.Hello)
+        await pool.send("w1", _run(tmp_path, "stuck", "(setsid sleep 300 &); sleep 300"))
+        item = await _next(inbox, wire.Started)
+        assert isinstance(item, AgentMessage) and isinstance(item.msg, wire.Started)
+        started = item.msg
+        with anyio.fail_after(3):
+            while len(_alive_marked("stuck")) < 3:
+                await anyio.sleep(0.01)
+        agent_pid = pool.pid("w1")
+        assert agent_pid is not None
+        os.kill(agent_pid, signal.SIGSTOP)
+        t0 = anyio.current_time()
+        tree = (started.pid, started.pid, started.create_time, MARK + "stuck")
+        await pool.kill("w1", task_tree=tree, grace_s=0.3)
+        assert anyio.current_time() - t0 < 2.5
+        assert not psutil.pid_exists(agent_pid) or not proctree.alive(psutil.Process(agent_pid))
+        assert _alive_marked("stuck") == []
+        exited = await _next(inbox)
+        assert isinstance(exited, AgentExited) and exited.returncode == -signal.SIGKILL
+
+
+async def test_cancelling_the_pool_stops_every_agent(tmp_path: Path) -> None:
+    """When Pool.run is cancelled, its agents (and their tasks) are stopped."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        await pool.spawn("w1")
+        await pool.spawn("w2")
+        await _next(inbox, wire.Hello)
+        await _next(inbox, wire.Hello)
+        pids = [pool.pid("w1"), pool.pid("w2")]
+        await pool.send("w1", _run(tmp_path, "busy", ["sleep", "300"]))
+        await _next(inbox, wire.Started)
+    for pid in pids:
+        assert pid is not None and not psutil.pid_exists(pid)
+    assert _alive_marked("busy") == []
+
+
+async def test_agents_do_not_inherit_service_manager_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither the agent nor its tasks see NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*."""
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/orchd-test/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    async with running_pool(tmp_path) as (pool, inbox):
+        await pool.spawn("w1")
+        await _next(inbox, wire.Hello)
+        agent_pid = pool.pid("w1")
+        assert agent_pid is not None
+        agent_env = psutil.Process(agent_pid).environ()
+        assert not [
+            k for k in agent_env if k == "NOTIFY_SOCKET" or k.startswith(("WATCHDOG_", "LISTEN_"))
+        ]
+        await pool.send("w1", _run(tmp_path, "env", ["env"]))
+        await _next(inbox, wire.Finished)
+    text = (tmp_path / "logs" / "env.log").read_text()
+    assert "NOTIFY_SOCKET" not in text and "WATCHDOG_" not in text and "LISTEN_" not in text

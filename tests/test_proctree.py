@@ -1,0 +1,191 @@
+"""Process-tree finding and killing with real processes: groups, escapees, reused pids."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import psutil
+import pytest
+
+from supervisor import proctree
+
+MARK = f"test-proctree-{uuid.uuid4().hex[:8]}-"
+
+
+def _live_leftovers() -> list[psutil.Process]:
+    mine = psutil.Process().children(recursive=True)
+    return [p for p in [*mine, *proctree.find_marked(MARK, prefix=True)] if proctree.alive(p)]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Every test leaves no live child and no live process carrying its marker."""
+    yield
+    deadline = time.monotonic() + 3.0
+    while (left := _live_leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for proc in left:
+        proc.kill()
+    assert not left, f"processes left behind: {[p.pid for p in left]}"
+
+
+def _marked(name: str) -> dict[str, str]:
+    return {**os.environ, proctree.MARKER_ENV: MARK + name}
+
+
+def _until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _alive_marked(name: str) -> list[psutil.Process]:
+    return [p for p in proctree.find_marked(MARK + name) if proctree.alive(p)]
+
+
+def test_create_time_matches_psutil() -> None:
+    """create_time reads /proc directly yet gives exactly psutil's value."""
+    for pid in (1, os.getpid()):
+        assert proctree.create_time(pid) == psutil.Process(pid).create_time()
+
+
+def test_process_identity_of_a_reaped_process_is_none() -> None:
+    """A pid that no longer exists has no identity."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    assert proctree.process_identity(proc.pid) is None
+    assert proctree.process_identity(os.getpid()) == (
+        os.getpid(),
+        psutil.Process().create_time(),
+    )
+
+
+def test_find_tree_refuses_a_root_with_another_create_time() -> None:
+    """A root whose create time does not match (a reused pid) is not part of any tree."""
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        ct = proctree.create_time(proc.pid)
+        assert [p.pid for p in proctree.find_tree(proc.pid, ct, None)] == [proc.pid]
+        assert proctree.find_tree(proc.pid, ct + 1.0, None) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_find_tree_finds_descendants_and_marked_escapees() -> None:
+    """Descendants come with the root; a setsid escapee re-parented away is found by marker."""
+    proc = subprocess.Popen(
+        ["sh", "-c", "sleep 30 & (setsid sleep 30 &); wait"],
+        env=_marked("find"),
+        start_new_session=True,
+    )
+    try:
+        _until(lambda: len(_alive_marked("find")) == 3)
+        tree = proctree.find_tree(proc.pid, proctree.create_time(proc.pid), MARK + "find")
+        assert {p.pid for p in tree} == {p.pid for p in _alive_marked("find")}
+        escapee = [p for p in tree if os.getsid(p.pid) != proc.pid]
+        assert len(escapee) == 1 and escapee[0].ppid() != proc.pid
+    finally:
+        proctree.kill_tree(proc.pid, proc.pid, proctree.create_time(proc.pid), MARK + "find", 0.5)
+        proc.wait()
+
+
+def test_kill_tree_escalates_to_sigkill_for_a_term_ignoring_group() -> None:
+    """A group that ignores SIGTERM is SIGKILLed after the grace period; nothing survives."""
+    proc = subprocess.Popen(
+        ["sh", "-c", "trap '' TERM; sleep 300 & while :; do sleep 0.05; done"],
+        env=_marked("trap"),
+        start_new_session=True,
+    )
+    _until(lambda: len(_alive_marked("trap")) >= 2)
+    started = time.monotonic()
+    report = proctree.kill_tree(
+        proc.pid, proc.pid, proctree.create_time(proc.pid), MARK + "trap", 0.3
+    )
+    assert proc.wait(timeout=2) == -9
+    assert time.monotonic() - started < 1.3
+    assert report.group_signalled
+    assert report.survivors == ()
+    assert proc.pid in report.signalled
+    assert _alive_marked("trap") == []
+
+
+def test_kill_tree_finds_a_double_forked_escapee_by_marker() -> None:
+    """An escapee in its own session, no longer a descendant, is killed via its marker."""
+    proc = subprocess.Popen(
+        ["sh", "-c", "(setsid sleep 300 &); sleep 300"],
+        env=_marked("escape"),
+        start_new_session=True,
+    )
+    _until(lambda: len(_alive_marked("escape")) == 3)  # sh, its sleep, the escapee
+    report = proctree.kill_tree(
+        proc.pid, proc.pid, proctree.create_time(proc.pid), MARK + "escape", 0.5
+    )
+    proc.wait(timeout=2)
+    assert report.survivors == ()
+    assert len(report.signalled) == 3
+    assert _alive_marked("escape") == []
+
+
+def test_kill_tree_never_signals_an_unverified_pid() -> None:
+    """With a create time that does not match, the process and its group are left alone."""
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        ct = proctree.create_time(proc.pid)
+        report = proctree.kill_tree(proc.pid, proc.pid, ct + 5.0, None, 0.1)
+        assert report.signalled == () and not report.group_signalled
+        assert proc.poll() is None
+        # pgid 0 would be our own group: it is never signalled either.
+        report = proctree.kill_tree(0, 0, 0.0, None, 0.1)
+        assert report.signalled == () and not report.group_signalled
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_child_subreaper_adopts_orphans() -> None:
+    """After set_child_subreaper, an orphaned grandchild is re-parented to the caller."""
+    code = (
+        "import os, subprocess, time, psutil\n"
+        "from supervisor import proctree\n"
+        "ok = proctree.set_child_subreaper()\n"
+        "subprocess.run(['sh', '-c', '(sleep 30 &)'])\n"
+        "deadline = time.monotonic() + 3\n"
+        "while time.monotonic() < deadline:\n"
+        "    kids = psutil.Process().children()\n"
+        "    if kids and all(k.name() == 'sleep' for k in kids): break\n"
+        "    time.sleep(0.01)\n"
+        "print(ok, [k.name() for k in kids])\n"
+        "for k in kids: k.kill(); k.wait()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=os.path.dirname(os.path.dirname(proctree.__file__)),
+        check=True,
+    ).stdout
+    assert out.strip() == "True ['sleep']"
+
+
+def test_inheritable_env_drops_service_manager_variables() -> None:
+    """NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* never reach a child; the rest does."""
+    env = proctree.inheritable_env(
+        {
+            "NOTIFY_SOCKET": "/run/x",
+            "WATCHDOG_USEC": "1",
+            "WATCHDOG_PID": "2",
+            "LISTEN_FDS": "1",
+            "LISTEN_PID": "3",
+            "PATH": "/bin",
+            "MY_LISTEN_X": "kept",
+        }
+    )
+    assert env == {"PATH": "/bin", "MY_LISTEN_X": "kept"}
