@@ -1,0 +1,145 @@
+"""Decisions: back-off delays, the retry rule after a failed attempt, workstream verdicts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from supervisor.model import FailureKind, Task, TaskState, WorkstreamState
+from supervisor.policy import after_failure, backoff_s, workstream_verdict
+
+NOW = 1000.0
+
+
+def task(**kw: object) -> Task:
+    return Task(id="t1", workstream_id="ws-1", command="false", **kw)  # type: ignore[arg-type]
+
+
+def test_first_retries_wait_two_then_four_base_delays() -> None:
+    """The first failure waits 2·base, the second 4·base (the guide's 2^retry_count s)."""
+    first = after_failure(task(), FailureKind.EXIT_CODE, 1, now=NOW, base_s=1.5, max_s=100)
+    assert first.to == TaskState.PENDING
+    assert first.changes["not_before"] == NOW + 3.0
+    assert first.changes["retry_count"] == 1
+    second = after_failure(
+        task(retry_count=1), FailureKind.TIMEOUT, None, now=NOW, base_s=1.5, max_s=100
+    )
+    assert second.changes["not_before"] == NOW + 6.0
+    assert second.changes["retry_count"] == 2
+    assert not first.final and not second.final
+
+
+def test_backoff_is_capped() -> None:
+    """No delay exceeds backoff_max_s, however many retries came before (no overflow)."""
+    assert backoff_s(3, 1.0, 300.0) == 8.0
+    assert backoff_s(20, 1.0, 300.0) == 300.0
+    assert backoff_s(2000, 1.0, 300.0) == 300.0
+
+
+@given(
+    retry=st.integers(0, 12),
+    base=st.floats(0.01, 10),
+    jitter=st.floats(0, 1),
+    rand=st.floats(0, 1, exclude_max=True),
+)
+def test_jitter_stays_within_its_bounds(
+    retry: int, base: float, jitter: float, rand: float
+) -> None:
+    """With jitter j the delay lies in [d·(1-j), d·(1+j)] and never above the cap."""
+    cap = 60.0
+    exact = backoff_s(retry, base, cap)
+    delay = backoff_s(retry, base, cap, jitter, rand)
+    assert exact * (1 - jitter) - 1e-9 <= delay <= min(exact * (1 + jitter), cap) + 1e-9
+    assert delay >= 0
+
+
+def test_no_jitter_gives_the_exact_figure() -> None:
+    """Without jitter the random input does not matter."""
+    assert backoff_s(1, 1.0, 60.0, 0.0, 0.0) == backoff_s(1, 1.0, 60.0, 0.0, 0.99) == 2.0
+
+
+def test_no_retry_exit_code_fails_at_once() -> None:
+    """An exit code listed in no_retry_exit_codes fails the task on its first failure."""
+    out = after_failure(
+        task(no_retry_exit_codes=[2]), FailureKind.EXIT_CODE, 2, now=NOW, base_s=1, max_s=60
+    )
+    assert (out.to, out.final) == (TaskState.FAILED, True)
+    assert out.changes["not_before"] is None
+    other = after_failure(
+        task(no_retry_exit_codes=[2]), FailureKind.EXIT_CODE, 1, now=NOW, base_s=1, max_s=60
+    )
+    assert other.to == TaskState.PENDING
+
+
+def test_no_retry_codes_do_not_apply_to_other_failure_kinds() -> None:
+    """A validation failure exiting with a listed code is still retried."""
+    out = after_failure(
+        task(no_retry_exit_codes=[2]), FailureKind.VALIDATION, 2, now=NOW, base_s=1, max_s=60
+    )
+    assert out.to == TaskState.PENDING
+
+
+def test_retries_run_out_at_max_retries() -> None:
+    """The failure that brings retry_count to max_retries is final."""
+    t = task(max_retries=3)
+    outcomes = []
+    for _ in range(3):
+        out = after_failure(t, FailureKind.EXIT_CODE, 1, now=NOW, base_s=1, max_s=60)
+        outcomes.append(out.to)
+        t.retry_count = out.changes["retry_count"]
+    assert outcomes == [TaskState.PENDING, TaskState.PENDING, TaskState.FAILED]
+    assert t.retry_count == 3
+
+
+@pytest.mark.parametrize("kind", list(FailureKind))
+def test_failure_kind_is_recorded(kind: FailureKind) -> None:
+    """A spent retry records why the attempt failed; the worker and pid are cleared."""
+    out = after_failure(task(), kind, None, now=NOW, base_s=1, max_s=60)
+    assert out.changes["worker_id"] is None and out.changes["pid"] is None
+    if kind == FailureKind.INTERRUPTED:
+        assert "retry_count" not in out.changes
+    else:
+        assert out.changes["failure_kind"] == kind
+
+
+def test_interrupted_and_reassigned_attempts_spend_no_retry() -> None:
+    """An interrupted attempt or a reassignment goes back to pending with its count intact."""
+    t = task(retry_count=2, max_retries=3)
+    for out in (
+        after_failure(t, FailureKind.INTERRUPTED, None, now=NOW, base_s=1, max_s=60),
+        after_failure(
+            t, FailureKind.WORKER_LOST, None, now=NOW, base_s=1, max_s=60, spend_retry=False
+        ),
+    ):
+        assert (out.to, out.final) == (TaskState.PENDING, False)
+        assert "retry_count" not in out.changes
+        assert out.changes["not_before"] is None
+
+
+@pytest.mark.parametrize(
+    ("counts", "critical_failed", "runnable", "verdict"),
+    [
+        ({"completed": 3}, False, False, WorkstreamState.COMPLETED),
+        ({"completed": 2, "cancelled": 1}, False, False, WorkstreamState.COMPLETED),
+        ({"completed": 1, "running": 1}, False, False, None),
+        ({"pending": 2}, False, True, None),
+        ({"failed": 1, "running": 1}, True, False, None),
+        ({"failed": 1, "pending": 2}, True, True, WorkstreamState.FAILED),
+        ({"failed": 1, "pending": 2}, False, True, None),
+        ({"failed": 1, "queued": 1}, False, False, None),
+        ({"failed": 1, "pending": 1}, False, False, WorkstreamState.FAILED),
+        ({"failed": 1, "completed": 4}, False, False, WorkstreamState.FAILED),
+        ({}, False, False, None),
+    ],
+)
+def test_workstream_verdict(
+    counts: dict[str, int],
+    critical_failed: bool,
+    runnable: bool,
+    verdict: WorkstreamState | None,
+) -> None:
+    """Completed when all is done; failed once a task failed for good and nothing more can
+    run (at once after a critical failure, as soon as nothing runs); else undecided."""
+    got = workstream_verdict(counts, critical_failed=critical_failed, has_runnable_pending=runnable)
+    assert got == verdict
