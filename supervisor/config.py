@@ -100,19 +100,28 @@ def _check_ranges(cfg: Config, where: str) -> None:
 
     def positive(name: str, value: float, *, zero_ok: bool = False) -> None:
         if value < 0 or (value == 0 and not zero_ok):
-            problems.append(f"{where}: `{name}` must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+            problems.append(
+                f"{where}: `{name}` must be {'>= 0' if zero_ok else '> 0'}, got {value}"
+            )
 
     positive("workers.count", cfg.workers.count, zero_ok=True)
     for section in ("health", "tasks", "store"):
         sub = getattr(cfg, section)
         for name in sub.__struct_fields__:
             value = getattr(sub, name)
-            zero_ok = name in {"backoff_jitter", "queue_timeout_s", "kill_grace_s", "backoff_base_s"}
+            zero_ok = name in {
+                "backoff_jitter",
+                "queue_timeout_s",
+                "kill_grace_s",
+                "backoff_base_s",
+            }
             positive(f"{section}.{name}", value, zero_ok=zero_ok)
     if cfg.tasks.backoff_jitter > 1:
         problems.append(f"{where}: `tasks.backoff_jitter` must be between 0 and 1")
     if cfg.health.shutdown_after_s < cfg.health.unresponsive_after_s:
-        problems.append(f"{where}: `health.shutdown_after_s` must be >= `health.unresponsive_after_s`")
+        problems.append(
+            f"{where}: `health.shutdown_after_s` must be >= `health.unresponsive_after_s`"
+        )
     for rid, res in cfg.resources.items():
         if res.max_holders < 1:
             problems.append(f"{where}: `resources.{rid}.max_holders` must be >= 1")
@@ -127,11 +136,26 @@ def parse_config(text: bytes | str, where: str = "<config>") -> Config:
         cfg = msgspec.toml.decode(text, type=Config)
     except msgspec.ValidationError as exc:
         # msgspec says e.g. "Object contains unknown field `x` - at `$.tasks`".
-        raise ConfigError(f"{where}: {exc}".replace("$.", "")) from None
+        message = str(exc).replace("$.", "")
+        if "resources[...]" in message:
+            message = message.replace("resources[...]", f"resources.{_bad_resource(text)}")
+        raise ConfigError(f"{where}: {message}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     _check_ranges(cfg, where)
     return cfg
+
+
+def _bad_resource(text: bytes | str) -> str:
+    """The id of the first [resources.<id>] table that does not decode (msgspec's error
+    path shows a dict key only as `[...]`)."""
+    raw = msgspec.toml.decode(text).get("resources", {})
+    for rid, table in raw.items():
+        try:
+            msgspec.convert(table, ResourceConfig)
+        except msgspec.ValidationError:
+            return str(rid)
+    return "[...]"
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -56,3 +56,13 @@ class StoreWriteError(StoreError):
 class StoreFsyncError(StoreError):
     """Raised when fsync failed. It is never retried: the daemon exits non-zero and
     recovers from the log on restart."""
+
+
+class OperatorError(OrchdError):
+    """Raised by an operator action that cannot be done; `code` is the control protocol's
+    error code (not_found, wrong_state, invalid, permission_denied, failed), which orchctl
+    maps to its exit code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)

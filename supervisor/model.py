@@ -53,7 +53,9 @@ class FailureKind(enum.StrEnum):
 
 
 Entity = Literal["task", "workstream", "worker", "resource"]
-Cause = Literal["submit", "auto", "timeout", "failure", "health", "operator", "recovery", "shutdown", "config"]
+Cause = Literal[
+    "submit", "auto", "timeout", "failure", "health", "operator", "recovery", "shutdown", "config"
+]
 Severity = Literal["debug", "info", "warning", "error", "critical"]
 
 # The one place where the legal moves live: {from: {to, ...}}; None is "does not exist yet".
@@ -95,7 +97,9 @@ TABLES: Final[dict[str, dict[str | None, frozenset[str]]]] = {
     "resource": RESOURCE_TRANSITIONS,
 }
 
-TERMINAL_TASK_STATES: Final = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+TERMINAL_TASK_STATES: Final = frozenset(
+    {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED}
+)
 # A dependency is met by these states (a skip is a completion).
 SATISFYING_STATES: Final = frozenset({"completed", "cancelled"})
 
@@ -231,6 +235,20 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
 }
 
 
+# Lookup tables for the hot path of `apply` (every replay runs it once per record).
+_ENTITY_ATTR: Final[dict[str, str]] = {
+    "task": "tasks",
+    "workstream": "workstreams",
+    "worker": "workers",
+    "resource": "resources",
+}
+_TASK_STATE: Final = {s.value: s for s in TaskState}
+_WORKSTREAM_STATE: Final = {s.value: s for s in WorkstreamState}
+_WORKER_STATE: Final = {s.value: s for s in WorkerState}
+# Task change keys that are not a plain field assignment.
+_TASK_SPECIAL: Final = frozenset({"attempt", "attempt_update", "depends_on"})
+
+
 class State:
     """The durable data plus the derived indexes (graph) kept in step by `apply`."""
 
@@ -247,71 +265,86 @@ class State:
 
     def current(self, entity: Entity, id_: str) -> str | None:
         """The state name of an entity, or None when it does not exist."""
-        obj: Task | Workstream | Worker | Resource | None
-        if entity == "task":
-            obj = self.data.tasks.get(id_)
-        elif entity == "workstream":
-            obj = self.data.workstreams.get(id_)
-        elif entity == "worker":
-            obj = self.data.workers.get(id_)
-        else:
-            obj = self.data.resources.get(id_)
+        obj = getattr(self.data, _ENTITY_ATTR[entity]).get(id_)
         return None if obj is None else str(obj.state)
 
     def check(self, rec: Transition) -> None:
         """Raise IllegalTransition unless `rec` is legal now; never changes anything."""
-        if rec.seq != self.data.last_seq + 1:
-            raise IllegalTransition(rec.entity, rec.id, rec.from_, rec.to, f"seq {rec.seq} after {self.data.last_seq}")
-        actual = self.current(rec.entity, rec.id)
-        if actual != rec.from_:
-            raise IllegalTransition(rec.entity, rec.id, rec.from_, rec.to, f"it is {actual}")
-        table = TABLES[rec.entity]
-        allowed = table.get(rec.from_)
-        if allowed is None or rec.to not in allowed:
-            raise IllegalTransition(rec.entity, rec.id, rec.from_, rec.to, "not in the table")
-        fields = _FIELDS[rec.entity]
-        for key in rec.changes:
-            if key not in fields:
-                raise IllegalTransition(rec.entity, rec.id, rec.from_, rec.to, f"unknown field {key!r}")
-        if "attempt_update" in rec.changes and not self.data.tasks[rec.id].attempts:
-            raise IllegalTransition(rec.entity, rec.id, rec.from_, rec.to, "no attempt to update")
-        if rec.entity == "workstream" and rec.from_ is None:
-            if "workstream" not in rec.changes or "tasks" not in rec.changes:
-                raise IllegalTransition(rec.entity, rec.id, None, rec.to, "creation without tasks")
-            for t in rec.changes["tasks"]:
-                if t["id"] in self.data.tasks:
-                    raise IllegalTransition(rec.entity, rec.id, None, rec.to, f"task {t['id']} exists")
+        self._check(rec)
+
+    def _check(self, rec: Transition) -> Any:
+        """`check`, returning the entity's object (None when the record creates it), so
+        that `apply` need not look it up again; replay runs this once per record."""
+        entity, from_, to = rec.entity, rec.from_, rec.to
+        data = self.data
+        if rec.seq != data.last_seq + 1:
+            raise IllegalTransition(
+                entity, rec.id, from_, to, f"seq {rec.seq} after {data.last_seq}"
+            )
+        obj = getattr(data, _ENTITY_ATTR[entity]).get(rec.id)
+        # A StrEnum state compares equal to its name, so no conversion is needed here.
+        actual = None if obj is None else obj.state
+        if actual != from_:
+            raise IllegalTransition(entity, rec.id, from_, to, f"it is {actual}")
+        allowed = TABLES[entity].get(from_)
+        if allowed is None or to not in allowed:
+            raise IllegalTransition(entity, rec.id, from_, to, "not in the table")
+        changes = rec.changes
+        if from_ is None:
+            if entity == "task":
+                # The table's None -> pending is the creation record of the task's workstream.
+                raise IllegalTransition(
+                    "task", rec.id, None, to, "created only with its workstream"
+                )
+            if entity == "workstream":
+                if "workstream" not in changes or "tasks" not in changes:
+                    raise IllegalTransition(entity, rec.id, None, to, "creation without tasks")
+                tasks = data.tasks
+                for t in changes["tasks"]:
+                    if t["id"] in tasks:
+                        raise IllegalTransition(entity, rec.id, None, to, f"task {t['id']} exists")
+        if changes:
+            fields = _FIELDS[entity]
+            if not fields.issuperset(changes):
+                for key in changes:
+                    if key not in fields:
+                        raise IllegalTransition(entity, rec.id, from_, to, f"unknown field {key!r}")
+            # Only tasks have "attempt_update" among their fields, and a task exists here.
+            if "attempt_update" in changes and not obj.attempts:
+                raise IllegalTransition(entity, rec.id, from_, to, "no attempt to update")
+        return obj
 
     def apply(self, rec: Transition) -> None:
         """Check and perform one transition; an illegal one raises and changes nothing."""
-        self.check(rec)
-        if rec.entity == "task":
-            self._apply_task(rec)
-        elif rec.entity == "workstream":
-            self._apply_workstream(rec)
-        elif rec.entity == "worker":
+        obj = self._check(rec)
+        entity = rec.entity
+        if entity == "task":
+            self._apply_task(rec, obj)
+        elif entity == "worker":
             self._apply_worker(rec)
+        elif entity == "workstream":
+            self._apply_workstream(rec)
         else:
             self._apply_resource(rec)
         self.data.last_seq = rec.seq
 
-    def _apply_task(self, rec: Transition) -> None:
-        task = self.data.tasks[rec.id]
+    def _apply_task(self, rec: Transition, task: Task) -> None:
         old = task.state
         for key, value in rec.changes.items():
-            if key == "attempt":
+            if key not in _TASK_SPECIAL:
+                setattr(task, key, value)
+            elif key == "attempt":
                 task.attempts.append(msgspec.convert(value, Attempt))
             elif key == "attempt_update":
                 last = task.attempts[-1]
                 for akey, avalue in value.items():
                     if akey in _ATTEMPT_FIELDS:
                         setattr(last, akey, avalue)
-            elif key == "depends_on":
-                self.graph.set_dependencies(task, list(value), self.data.tasks)
             else:
-                setattr(task, key, value)
-        if rec.to != old:
-            task.state = TaskState(rec.to)
+                self.graph.set_dependencies(task, list(value), self.data.tasks)
+        to = rec.to
+        if to != old:
+            task.state = _TASK_STATE[to]
             self.graph.on_task_state(task, old, self.data.tasks)
 
     def _apply_workstream(self, rec: Transition) -> None:
@@ -327,7 +360,7 @@ class State:
         ws = self.data.workstreams[rec.id]
         for key, value in rec.changes.items():
             setattr(ws, key, value)
-        ws.state = WorkstreamState(rec.to)
+        ws.state = _WORKSTREAM_STATE[rec.to]
 
     def _apply_worker(self, rec: Transition) -> None:
         worker = self.data.workers.get(rec.id)
@@ -335,7 +368,7 @@ class State:
             worker = self.data.workers[rec.id] = Worker(id=rec.id)
         for key, value in rec.changes.items():
             setattr(worker, key, value)
-        worker.state = WorkerState(rec.to)
+        worker.state = _WORKER_STATE[rec.to]
 
     def _apply_resource(self, rec: Transition) -> None:
         res = self.data.resources.get(rec.id)
@@ -352,6 +385,9 @@ def task_to_builtins(task: Task) -> dict[str, Any]:
 
 
 def equal_states(a: StateData, b: StateData) -> bool:
-    """True when two states hold the same data (encoded forms compared, order-free)."""
-    enc = msgspec.json.Encoder(order="sorted")
-    return enc.encode(a) == enc.encode(b)
+    """True when two states hold the same data (dict order aside).
+
+    Structs compare field by field with ==. Comparing encodings would not do: msgspec's
+    omit_defaults drops a default by identity, so a float equal to its default (600.0 read
+    back from a log) is written while the default object itself is not."""
+    return a == b

@@ -16,12 +16,15 @@ from supervisor.model import FailureKind, Task, TaskState, WorkstreamState
 FREE_RETRY_KINDS = frozenset({FailureKind.INTERRUPTED})
 
 
-def backoff_s(retry_count: int, base_s: float, max_s: float, jitter: float = 0.0, rand: float = 0.5) -> float:
+def backoff_s(
+    retry_count: int, base_s: float, max_s: float, jitter: float = 0.0, rand: float = 0.5
+) -> float:
     """Delay before the next attempt: base·2^retry_count, capped at max_s.
 
     `jitter` in [0, 1] spreads the delay by ±jitter·delay using `rand`; 0 gives the exact
     figure (so the guide's 2, 4, 8 s hold by default)."""
-    delay = min(base_s * (2.0 ** retry_count), max_s)
+    # The exponent is clamped: 2.0 ** 1024 overflows, and any cap is reached long before.
+    delay = min(base_s * (2.0 ** min(retry_count, 64)), max_s)
     if jitter:
         delay *= 1.0 + jitter * (2.0 * rand - 1.0)
     return max(0.0, min(delay, max_s))
@@ -54,10 +57,24 @@ def after_failure(
     no_retry_exit_codes fails at once. A reassignment (spend_retry=False) or an interrupted
     attempt goes straight back to queued/pending without spending a retry."""
     if not spend_retry or kind in FREE_RETRY_KINDS:
-        return Outcome(TaskState.PENDING, {"worker_id": None, "pid": None, "stopping": None, "not_before": None}, False)
+        return Outcome(
+            TaskState.PENDING,
+            {"worker_id": None, "pid": None, "stopping": None, "not_before": None},
+            False,
+        )
     count = task.retry_count + 1
-    base = {"worker_id": None, "pid": None, "stopping": None, "retry_count": count, "failure_kind": kind}
-    no_retry = kind == FailureKind.EXIT_CODE and exit_code is not None and exit_code in task.no_retry_exit_codes
+    base = {
+        "worker_id": None,
+        "pid": None,
+        "stopping": None,
+        "retry_count": count,
+        "failure_kind": kind,
+    }
+    no_retry = (
+        kind == FailureKind.EXIT_CODE
+        and exit_code is not None
+        and exit_code in task.no_retry_exit_codes
+    )
     if no_retry or count >= task.max_retries:
         return Outcome(TaskState.FAILED, {**base, "not_before": None}, True)
     delay = backoff_s(count, base_s, max_s, jitter, rand)
@@ -84,3 +101,29 @@ def workstream_verdict(
     if counts.get("queued", 0) or has_runnable_pending:
         return None
     return WorkstreamState.FAILED
+
+
+def health_verdict(
+    state: str,
+    *,
+    heartbeat_age_s: float,
+    probe_ok: bool,
+    unresponsive_for_s: float | None,
+    unresponsive_after_s: float,
+    shutdown_after_s: float,
+) -> str | None:
+    """What the health check does with a worker: "unresponsive", "recovered", "shutdown" or
+    None (nothing). `unresponsive_for_s` is how long it has been unresponsive, if it is.
+
+    The guide's rule: no heartbeat for unresponsive_after_s (or the process is stopped,
+    a zombie or gone) makes a worker unresponsive; heartbeats back before shutdown_after_s
+    recover it; still unresponsive at shutdown_after_s shuts it down."""
+    sick = not probe_ok or heartbeat_age_s >= unresponsive_after_s
+    if state in ("idle", "busy"):
+        return "unresponsive" if sick else None
+    if state == "unresponsive":
+        if not sick:
+            return "recovered"
+        if unresponsive_for_s is not None and unresponsive_for_s >= shutdown_after_s:
+            return "shutdown"
+    return None

@@ -103,7 +103,7 @@ def frame(msg: ToAgent | FromAgent) -> bytes:
 
 def frame_length(header: bytes) -> int:
     """The body length announced by a 4-byte header; refuses oversized frames."""
-    (n,) = _LEN.unpack(header)
+    n = int(_LEN.unpack(header)[0])
     if n > MAX_FRAME:
         raise ValueError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
     return n

@@ -1,0 +1,86 @@
+"""Throughput of the engine against `xargs -P 2`, and its scaling from 2,000 to 20,000 tasks.
+
+Runs the real daemon (durable state, fdatasync on) with 2 workers on no-op tasks (`true`,
+no dependencies) and, in the same run, the same commands through `xargs -P 2`.
+
+    python bench/throughput.py            # 2,000 vs xargs, then 2,000 vs 20,000
+    python bench/throughput.py 500 5000   # smaller sizes for a quick look
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.harness import Daemon
+
+
+def run_orchd(n: int, tag: str) -> float:
+    """Wall time from submit to the workstream's completion, on a fresh daemon."""
+    with tempfile.TemporaryDirectory(prefix="orchd-bench-") as tmp:
+        d = Daemon(
+            Path(tmp),
+            {
+                "workers": {"count": 2},
+                "store": {
+                    "snapshot_interval_s": 30.0,
+                    "metrics_interval_s": 5.0,
+                    "checkpoint_interval_s": 1.0,
+                },
+            },
+        )
+        d.start()
+        try:
+            body = "\n".join(
+                f'[[tasks]]\nid = "{tag}-{i}"\ncommand = ["true"]\ntimeout_s = 60' for i in range(n)
+            )
+            path = Path(tmp) / "ws.toml"
+            path.write_text(f'id = "ws-{tag}"\n' + body)
+            text = path.read_text()
+            started = time.perf_counter()
+            d.call("submit", text=text, source=str(path))
+            while True:
+                ws = d.call("ws_list")
+                if ws and ws[0]["state"] in ("completed", "failed"):
+                    break
+                time.sleep(0.01)
+            elapsed = time.perf_counter() - started
+            assert ws[0]["state"] == "completed", ws
+            return elapsed
+        finally:
+            d.stop()
+
+
+def run_xargs(n: int) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        ["xargs", "-P", "2", "-I", "{}", "{}"], input=("true\n" * n).encode(), check=True
+    )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    small = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    large = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
+    xargs_s = run_xargs(small)
+    orchd_s = run_orchd(small, "small")
+    print(
+        f"{small} tasks, 2 workers: orchd {orchd_s:.2f} s ({small / orchd_s:.0f} tasks/s), "
+        f"xargs -P 2 {xargs_s:.2f} s; ratio {orchd_s / xargs_s:.2f} (target <= 2.5)"
+    )
+    large_s = run_orchd(large, "large")
+    per_small, per_large = orchd_s / small, large_s / large
+    print(
+        f"{large} tasks (wide DAG): {large_s:.2f} s ({large / large_s:.0f} tasks/s); per task "
+        f"{per_small * 1e3:.3f} ms at {small} vs {per_large * 1e3:.3f} ms at {large}; "
+        f"growth {per_large / per_small:.2f}x (target <= 1.3)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""orchctl's command line: arguments → one request → output and an exit code (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ctl import render
+from ctl.client import Client, DaemonUnreachable, RemoteError
+from supervisor.protocol import EXIT_CODES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 7
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="orchctl", description="Control the orchd supervisor daemon.")
+    ap.add_argument(
+        "--socket",
+        default=os.environ.get("ORCHD_SOCKET", ".state/orchd.sock"),
+        help="control socket (default $ORCHD_SOCKET or .state/orchd.sock)",
+    )
+    ap.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    ap.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="daemon and state summary")
+    sp = sub.add_parser("submit", help="submit a workstream file (TOML)")
+    sp.add_argument("file", type=Path)
+    sp = sub.add_parser("tasks", help="list tasks")
+    sp.add_argument("--workstream")
+    sp.add_argument("--state")
+    sp = sub.add_parser("show", help="one task in detail")
+    sp.add_argument("task")
+    sp.add_argument("--logs", action="store_true", help="include the end of its log")
+    sp.add_argument("-n", "--lines", type=int, default=50)
+    sp = sub.add_parser("logs", help="a task's log")
+    sp.add_argument("task")
+    sp.add_argument("-n", "--lines", type=int, default=100)
+    sp = sub.add_parser("events", help="events, newest last")
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("--severity", choices=["debug", "info", "warning", "error", "critical"])
+    sp.add_argument("-n", "--limit", type=int, default=100)
+    sub.add_parser("workers", help="list workers")
+    sub.add_parser("resources", help="resources, holders and waiters")
+    sp = sub.add_parser("retry", help="reset a task to pending (fresh retries)")
+    sp.add_argument("task")
+    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--max-retries", type=int)
+    sp = sub.add_parser("skip", help="mark a task completed (skipped) — asks to confirm")
+    sp.add_argument("task")
+    sp.add_argument("--reason", required=True)
+    sp = sub.add_parser("cancel", help="cancel a task (kills it if running)")
+    sp.add_argument("task")
+    ws = sub.add_parser("ws", help="workstreams").add_subparsers(
+        dest="ws_cmd", required=True, metavar="ACTION"
+    )
+    ws.add_parser("list")
+    sp = ws.add_parser("show")
+    sp.add_argument("workstream")
+    wk = sub.add_parser("worker", help="one worker").add_subparsers(
+        dest="worker_cmd", required=True, metavar="ACTION"
+    )
+    for name in ("check", "restart", "logs"):
+        wk.add_parser(name).add_argument("worker")
+    sp = wk.add_parser("shutdown")
+    sp.add_argument("worker")
+    sp.add_argument("--force", action="store_true", help="even when it runs a task")
+    sp.add_argument(
+        "--reassign", action="store_true", help="move its task to another worker (no retry spent)"
+    )
+    rs = sub.add_parser("resource", help="one resource").add_subparsers(
+        dest="res_cmd", required=True, metavar="ACTION"
+    )
+    sp = rs.add_parser("set-limit")
+    sp.add_argument("resource")
+    sp.add_argument("max_holders", type=int)
+    return ap
+
+
+def _colour() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _confirm(args: argparse.Namespace, question: str) -> bool | None:
+    """True/False from the user; None when there is no TTY to ask on and no --yes."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        return None
+    answer = input(f"{question} [y/N] ").strip().lower()
+    return answer in ("y", "yes")
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    match args.cmd:
+        case "status" | "workers" | "resources":
+            return args.cmd, {}
+        case "submit":
+            return "submit", {"text": args.file.read_text(), "source": str(args.file)}
+        case "tasks":
+            return "tasks", {"workstream": args.workstream, "state": args.state}
+        case "show":
+            return "show", {"task_id": args.task, "logs": args.logs, "lines": args.lines}
+        case "logs":
+            return "logs", {"task_id": args.task, "lines": args.lines}
+        case "events":
+            return "events", {"severity": args.severity, "limit": args.limit, "follow": args.follow}
+        case "retry":
+            return "retry", {
+                "task_id": args.task,
+                "timeout_s": args.timeout,
+                "max_retries": args.max_retries,
+            }
+        case "skip":
+            return "skip", {"task_id": args.task, "reason": args.reason}
+        case "cancel":
+            return "cancel", {"task_id": args.task}
+        case "ws":
+            return (
+                ("ws_list", {})
+                if args.ws_cmd == "list"
+                else ("ws_show", {"workstream": args.workstream})
+            )
+        case "worker":
+            if args.worker_cmd == "shutdown":
+                return "worker_shutdown", {
+                    "worker_id": args.worker,
+                    "force": args.force,
+                    "reassign": args.reassign,
+                }
+            return f"worker_{args.worker_cmd}", {"worker_id": args.worker}
+        case "resource":
+            return "resource_set_limit", {
+                "resource_id": args.resource,
+                "max_holders": args.max_holders,
+            }
+    raise AssertionError(args.cmd)
+
+
+def _human(method: str, result: Any, colour: bool) -> str:
+    match method:
+        case "tasks":
+            return render.tasks_table(result, colour)
+        case "workers":
+            return render.workers_table(result, colour)
+        case "resources":
+            return render.resources_table(result)
+        case "events":
+            return render.events_lines(result, colour)
+        case "show":
+            return render.task_detail(result)
+        case "logs" | "worker_logs":
+            return "\n".join(result["lines"])
+        case "ws_list":
+            return render.table(
+                ["workstream", "state", "tasks", "counts"],
+                [
+                    (
+                        w["id"],
+                        w["state"],
+                        w["tasks"],
+                        " ".join(f"{k}={v}" for k, v in w["counts"].items()),
+                    )
+                    for w in result
+                ],
+                colour=colour,
+                state_col=1,
+            )
+        case "ws_show":
+            return f"workstream {result['id']}: {result['state']}\n" + render.tasks_table(
+                result["tasks"], colour
+            )
+        case "status":
+            parts = [
+                f"last seq {result['last_seq']}, up {result['uptime_s']:.0f}s"
+                + (" (draining)" if result["draining"] else "")
+            ]
+            for key in ("workstreams", "tasks", "workers"):
+                parts.append(
+                    f"{key}: "
+                    + (", ".join(f"{k} {v}" for k, v in sorted(result[key].items())) or "none")
+                )
+            return "\n".join(parts)
+    if isinstance(result, dict) and "seq" in result:
+        rest = ", ".join(f"{k}={v}" for k, v in result.items() if k != "seq")
+        return f"ok (seq {result['seq']}): {rest}"
+    return render.to_json(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        method, params = _request(args)
+    except OSError as exc:
+        print(f"orchctl: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    if method == "skip":
+        ok = _confirm(args, f"Mark {args.task} completed without running it ({args.reason})?")
+        if ok is None:
+            print(
+                "orchctl: skip needs confirmation: run it on a terminal or add --yes",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        if not ok:
+            print("orchctl: not skipped", file=sys.stderr)
+            return EXIT_FAILED
+    try:
+        with Client(args.socket) as client:
+            if method == "events" and args.follow:
+                try:
+                    for ev in client.stream("events", **params):
+                        print(
+                            render.to_json(ev)
+                            if args.json
+                            else render.events_lines([ev], _colour()),
+                            flush=True,
+                        )
+                except KeyboardInterrupt:
+                    return EXIT_OK
+                return EXIT_OK
+            result = client.call(method, **params)
+    except DaemonUnreachable as exc:
+        print(f"orchctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RemoteError as exc:
+        print(f"orchctl: {exc.message}", file=sys.stderr)
+        return EXIT_CODES.get(exc.code, EXIT_FAILED)
+    print(render.to_json(result) if args.json else _human(method, result, _colour()))
+    return EXIT_OK

@@ -1,0 +1,94 @@
+"""A blocking client for the control socket (orchctl is short-lived: no event loop needed)."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from supervisor import protocol as p
+
+
+class DaemonUnreachable(Exception):
+    """Raised when the socket does not exist or nobody listens on it."""
+
+
+class RemoteError(Exception):
+    """Raised when the daemon answered with an error; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code, self.message = code, message
+        super().__init__(message)
+
+
+class Client:
+    def __init__(self, path: str, timeout_s: float = 60.0) -> None:
+        self.path = path
+        self._ids = itertools.count(1)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout_s)
+        try:
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self.sock.close()
+            raise DaemonUnreachable(
+                f"orchd is not running (no daemon on {path}: {exc.strerror})"
+            ) from None
+        except PermissionError:
+            self.sock.close()
+            raise RemoteError("permission_denied", f"no permission to use {path}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise DaemonUnreachable("the daemon closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def _read_response(self) -> p.Response:
+        n = p.frame_length(self._recv_exact(4), p.MAX_RESPONSE)
+        return p.response_decoder.decode(self._recv_exact(n))
+
+    def call(self, method: str, **params: Any) -> Any:
+        """Send one request and return its result; RemoteError on an error response."""
+        self.sock.sendall(
+            p.encode_request(
+                next(self._ids), method, {k: v for k, v in params.items() if v is not None}
+            )
+        )
+        resp = self._read_response()
+        if not resp.ok:
+            err = resp.error
+            raise RemoteError(
+                err.code if err else "failed", err.message if err else "unknown error"
+            )
+        return resp.result
+
+    def stream(self, method: str, **params: Any) -> Iterator[Any]:
+        """Send a streaming request; yield each result until the daemon closes."""
+        self.sock.settimeout(None)
+        self.sock.sendall(
+            p.encode_request(
+                next(self._ids), method, {k: v for k, v in params.items() if v is not None}
+            )
+        )
+        while True:
+            resp = self._read_response()
+            if not resp.ok:
+                err = resp.error
+                raise RemoteError(
+                    err.code if err else "failed", err.message if err else "unknown error"
+                )
+            yield resp.result

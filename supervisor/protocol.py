@@ -1,0 +1,229 @@
+"""Control-socket messages and framing, shared by the daemon and orchctl. Pure: no I/O.
+
+A frame is a 4-byte big-endian length followed by a JSON body. A request is
+`{id, method, params}`; a response is `{id, ok, result}` or `{id, ok: false, error:
+{code, message}}`. Each method has one typed params Struct that refuses unknown fields.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final, Literal
+
+import msgspec
+
+MAX_REQUEST: Final = 1024 * 1024
+MAX_RESPONSE: Final = 256 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+# Error codes and the orchctl exit code each maps to (DESIGN.md §6).
+ErrorCode = Literal[
+    "failed", "invalid", "not_found", "permission_denied", "wrong_state", "unavailable", "too_large"
+]
+EXIT_CODES: Final[dict[str, int]] = {
+    "failed": 1,
+    "unavailable": 1,
+    "invalid": 2,
+    "too_large": 2,
+    "not_found": 3,
+    "permission_denied": 4,
+    "wrong_state": 5,
+}
+
+
+class _Params(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+# --- read-only methods -----------------------------------------------------------------
+
+
+class StatusParams(_Params):
+    pass
+
+
+class ShowParams(_Params):
+    task_id: str
+    logs: bool = False
+    lines: int = 50
+
+
+class TasksParams(_Params):
+    workstream: str | None = None
+    state: str | None = None
+
+
+class WorkersParams(_Params):
+    pass
+
+
+class EventsParams(_Params):
+    severity: str | None = None
+    limit: int = 100
+    follow: bool = False
+
+
+class WsListParams(_Params):
+    pass
+
+
+class WsShowParams(_Params):
+    workstream: str
+
+
+class WorkerCheckParams(_Params):
+    worker_id: str
+
+
+class WorkerLogsParams(_Params):
+    worker_id: str
+    lines: int = 100
+
+
+class ResourcesParams(_Params):
+    pass
+
+
+class LogsParams(_Params):
+    task_id: str
+    lines: int = 100
+
+
+# --- changing methods ------------------------------------------------------------------
+
+
+class SubmitParams(_Params):
+    text: str
+    source: str | None = None
+
+
+class RetryParams(_Params):
+    task_id: str
+    timeout_s: float | None = None
+    max_retries: int | None = None
+    reason: str | None = None
+
+
+class SkipParams(_Params):
+    task_id: str
+    reason: str
+
+
+class CancelParams(_Params):
+    task_id: str
+    reason: str | None = None
+
+
+class WorkerRestartParams(_Params):
+    worker_id: str
+    reason: str | None = None
+
+
+class WorkerShutdownParams(_Params):
+    worker_id: str
+    force: bool = False
+    reassign: bool = False
+    reason: str | None = None
+
+
+class ResourceSetLimitParams(_Params):
+    resource_id: str
+    max_holders: int
+    reason: str | None = None
+
+
+# The explicit dispatch table: method name -> (params type, changes state?).
+METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
+    "status": (StatusParams, False),
+    "show": (ShowParams, False),
+    "tasks": (TasksParams, False),
+    "workers": (WorkersParams, False),
+    "events": (EventsParams, False),
+    "ws_list": (WsListParams, False),
+    "ws_show": (WsShowParams, False),
+    "worker_check": (WorkerCheckParams, False),
+    "worker_logs": (WorkerLogsParams, False),
+    "resources": (ResourcesParams, False),
+    "logs": (LogsParams, False),
+    "submit": (SubmitParams, True),
+    "retry": (RetryParams, True),
+    "skip": (SkipParams, True),
+    "cancel": (CancelParams, True),
+    "worker_restart": (WorkerRestartParams, True),
+    "worker_shutdown": (WorkerShutdownParams, True),
+    "resource_set_limit": (ResourceSetLimitParams, True),
+}
+
+Params = _Params
+
+
+class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: int
+    method: str
+    params: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: int
+    ok: bool
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class ProtocolError(Exception):
+    """Raised by `decode_request` when a request is malformed; carries the error code."""
+
+    def __init__(self, code: str, message: str, request_id: int = 0) -> None:
+        self.code, self.message, self.request_id = code, message, request_id
+        super().__init__(message)
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_request(body: bytes) -> tuple[Request, _Params, bool]:
+    """Decode a request body into its envelope, typed params and whether it changes state."""
+    try:
+        req = _request_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("invalid", f"malformed request: {exc}") from None
+    entry = METHODS.get(req.method)
+    if entry is None:
+        raise ProtocolError("invalid", f"unknown method {req.method!r}", req.id)
+    ptype, changes = entry
+    try:
+        params = msgspec.json.decode(req.params, type=ptype)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("invalid", f"bad params for {req.method}: {exc}", req.id) from None
+    return req, params, changes
+
+
+def encode_request(request_id: int, method: str, params: dict[str, Any]) -> bytes:
+    body = _encoder.encode({"id": request_id, "method": method, "params": params})
+    return _LEN.pack(len(body)) + body
+
+
+def encode_response(resp: Response) -> bytes:
+    body = _encoder.encode(resp)
+    return _LEN.pack(len(body)) + body
+
+
+def error_response(request_id: int, code: str, message: str) -> Response:
+    return Response(id=request_id, ok=False, error=ErrorBody(code=code, message=message))
+
+
+def frame_length(header: bytes, limit: int) -> int:
+    """The body length of a frame header; raises ProtocolError past `limit`."""
+    n = int(_LEN.unpack(header)[0])
+    if n > limit:
+        raise ProtocolError("too_large", f"frame of {n} bytes exceeds the {limit}-byte limit")
+    return n
+
+
+response_decoder: Final = msgspec.json.Decoder(Response)

@@ -1,0 +1,237 @@
+"""The control socket: framing, peer credentials, access checks, dispatch to the scheduler.
+
+Errors become error responses here and nowhere else: a malformed, oversized or unknown
+request gets a clear `{code, message}` and never disturbs the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import SocketAttribute, SocketStream
+
+from supervisor import protocol as p
+from supervisor.config import ControlConfig
+from supervisor.errors import OperatorError, StoreError
+from supervisor.model import Event
+from supervisor.operator import HANDLERS, SEVERITIES
+from supervisor.scheduler import Scheduler
+
+log = structlog.get_logger("orchd.server")
+_PEERCRED = struct.Struct("iII")  # pid, uid, gid: ids unsigned
+
+
+class Peer(msgspec.Struct, frozen=True):
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def groups(self) -> set[int]:
+        gids = {self.gid}
+        try:
+            name = pwd.getpwuid(self.uid).pw_name
+            gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
+        except KeyError:
+            pass
+        return gids
+
+
+def peer_of(stream: SocketStream) -> Peer:
+    sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def _ids(names: list[str], lookup: Any) -> set[int]:
+    out: set[int] = set()
+    for n in names:
+        if n.isdigit():
+            out.add(int(n))
+        else:
+            with contextlib.suppress(KeyError):
+                out.add(lookup(n)[2])
+    return out
+
+
+class Access:
+    """Who may read and who may change, from the control config."""
+
+    def __init__(self, cfg: ControlConfig) -> None:
+        owner = os.getuid()
+        self.write_users = _ids(cfg.users, pwd.getpwnam) | {0, owner}
+        self.write_groups = _ids(cfg.groups, grp.getgrnam)
+        self.read_users = _ids(cfg.read_users, pwd.getpwnam) | self.write_users
+        self.read_groups = _ids(cfg.read_groups, grp.getgrnam) | self.write_groups
+
+    def allows(self, peer: Peer, changes: bool) -> bool:
+        users, groups = (
+            (self.write_users, self.write_groups)
+            if changes
+            else (self.read_users, self.read_groups)
+        )
+        if peer.uid in users:
+            return True
+        return bool(groups & peer.groups) if groups else False
+
+
+class Server:
+    def __init__(self, path: str, scheduler: Scheduler, cfg: ControlConfig) -> None:
+        self.path, self.scheduler, self.cfg = path, scheduler, cfg
+        self.access = Access(cfg)
+        self.connections = 0
+
+    def _prepare_path(self) -> None:
+        d = Path(self.path).parent
+        d.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(d.stat().st_mode)
+        if mode & 0o001:  # world-searchable: anyone could reach the socket
+            d.chmod(mode & ~0o007)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # we hold the state lock: a socket file here is stale
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._prepare_path()
+        old = os.umask(0o117)  # the socket is created 0660
+        try:
+            listener = await anyio.create_unix_listener(self.path)
+        finally:
+            os.umask(old)
+        log.info("control_socket_listening", path=self.path)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._serve)
+
+    async def _serve(self, stream: SocketStream) -> None:
+        async with stream:
+            if self.connections >= self.cfg.max_connections:
+                await stream.send(
+                    p.encode_response(p.error_response(0, "unavailable", "too many connections"))
+                )
+                return
+            self.connections += 1
+            try:
+                peer = peer_of(stream)
+                await self._session(stream, peer)
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                ConnectionError,
+            ):
+                pass
+            finally:
+                self.connections -= 1
+
+    async def _read_exact(self, stream: SocketStream, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            buf += await stream.receive(n - len(buf))
+        return bytes(buf)
+
+    async def _session(self, stream: SocketStream, peer: Peer) -> None:
+        while True:
+            with anyio.move_on_after(self.cfg.idle_timeout_s) as idle:
+                header = await self._read_exact(stream, 4)
+            if idle.cancelled_caught:
+                return
+            try:
+                n = p.frame_length(header, p.MAX_REQUEST)
+            except p.ProtocolError as exc:
+                await stream.send(p.encode_response(p.error_response(0, exc.code, exc.message)))
+                return  # the body would be unread garbage: close the connection
+            with anyio.fail_after(self.cfg.request_timeout_s):
+                body = await self._read_exact(stream, n)
+            streaming = await self._request(stream, peer, body)
+            if streaming:
+                return
+
+    async def _request(self, stream: SocketStream, peer: Peer, body: bytes) -> bool:
+        try:
+            req, params, changes = p.decode_request(body)
+        except p.ProtocolError as exc:
+            await stream.send(
+                p.encode_response(p.error_response(exc.request_id, exc.code, exc.message))
+            )
+            return False
+        if not self.access.allows(peer, changes):
+            kind = "change state" if changes else "read state"
+            await stream.send(
+                p.encode_response(
+                    p.error_response(
+                        req.id,
+                        "permission_denied",
+                        f"uid {peer.uid} may not {kind} (control.users/groups in the config)",
+                    )
+                )
+            )
+            return False
+        if isinstance(params, p.EventsParams) and params.follow:
+            await self._follow_events(stream, req.id, params)
+            return True
+        resp = await self._dispatch(req, params, changes, peer)
+        await stream.send(p.encode_response(resp))
+        return False
+
+    async def _dispatch(
+        self, req: p.Request, params: p.Params, changes: bool, peer: Peer
+    ) -> p.Response:
+        handler = HANDLERS[req.method]
+        try:
+            result = await self.scheduler.call(handler, self.scheduler, params)
+            resp = p.Response(id=req.id, ok=True, result=result)
+        except OperatorError as exc:
+            resp = p.error_response(req.id, exc.code, str(exc))
+        except StoreError as exc:
+            resp = p.error_response(
+                req.id, "unavailable", f"{exc} — state is unchanged; fix the disk and retry"
+            )
+        except Exception as exc:  # a bug must not kill the daemon; the caller gets a message
+            log.exception("request_failed", method=req.method)
+            resp = p.error_response(req.id, "failed", f"internal error in {req.method}: {exc}")
+        if changes:
+            log.info("control_change", method=req.method, uid=peer.uid, pid=peer.pid, ok=resp.ok)
+            entry = {
+                "method": req.method,
+                "uid": peer.uid,
+                "pid": peer.pid,
+                "params": msgspec.to_builtins(params),
+                "ok": resp.ok,
+                "result": resp.result if resp.ok else msgspec.to_builtins(resp.error),
+            }
+            with contextlib.suppress(OSError):
+                self.scheduler.store.append_intervention(entry)
+        return resp
+
+    async def _follow_events(
+        self, stream: SocketStream, req_id: int, params: p.EventsParams
+    ) -> None:
+        send, recv = anyio.create_memory_object_stream[Event](1000)
+        floor = SEVERITIES.index(params.severity) if params.severity in SEVERITIES else 0
+        self.scheduler.event_listeners.append(send)
+        try:
+            async with recv:
+                async for ev in recv:
+                    if SEVERITIES.index(ev.severity) >= floor:
+                        await stream.send(
+                            p.encode_response(
+                                p.Response(id=req_id, ok=True, result=msgspec.to_builtins(ev))
+                            )
+                        )
+        finally:
+            with contextlib.suppress(ValueError):
+                self.scheduler.event_listeners.remove(send)

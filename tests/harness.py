@@ -1,0 +1,279 @@
+"""Runs the real orchd as a process for integration tests, and talks to it as orchctl does.
+
+Timings are scaled down through the config; waits poll on state or events with a deadline
+instead of sleeping; teardown checks that no daemon, agent or task process is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ctl.client import Client, RemoteError
+
+ROOT = Path(__file__).resolve().parent.parent
+# Marks every process started by this test run's daemons (inherited by agents and tasks).
+RUN_TAG = f"{os.getpid()}-{time.time_ns()}"
+
+FAST = {
+    "workers": {"count": 2},
+    "health": {
+        "heartbeat_interval_s": 0.1,
+        "health_check_interval_s": 0.1,
+        "unresponsive_after_s": 0.5,
+        "shutdown_after_s": 2.0,
+        "restart_backoff_base_s": 0.2,
+        "restart_backoff_max_s": 2.0,
+    },
+    "tasks": {
+        "timeout_s": 30.0,
+        "max_retries": 3,
+        "kill_grace_s": 0.3,
+        "backoff_base_s": 0.2,
+        "backoff_max_s": 5.0,
+        "resource_wait_alert_s": 0.5,
+    },
+    "store": {"snapshot_interval_s": 1.0, "checkpoint_interval_s": 0.2, "metrics_interval_s": 0.5},
+    "shutdown_grace_s": 5.0,
+    "resources": {"git_repo_write": {"max_holders": 1}},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    """A small TOML writer for test configs (scalars and nested tables)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+
+    def section(prefix: str, d: dict[str, Any]) -> None:
+        simple = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in simple.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                section(f"{prefix}.{k}" if prefix else k, v)
+
+    section("", cfg)
+    return "\n".join(lines) + "\n"
+
+
+class DaemonExited(AssertionError):
+    """Raised while waiting for a daemon that has already exited."""
+
+
+class Daemon:
+    """One orchd process on a temporary state directory."""
+
+    def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None) -> None:
+        self.tmp = tmp
+        self.state_dir = tmp / "state"
+        self.socket = str(tmp / "orchd.sock")
+        self.cfg = _merge(
+            FAST, {"state_dir": str(self.state_dir), "socket_path": self.socket} | (overrides or {})
+        )
+        self.config_path = tmp / "orchd.toml"
+        self.config_path.write_text(to_toml(self.cfg))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.output = tmp / "orchd.out"
+
+    # --- process -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))
+        } | {"ORCHD_TEST_RUN": RUN_TAG}
+        with self.output.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "supervisor",
+                    "--config",
+                    str(self.config_path),
+                    "--log-format",
+                    "json",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmp,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            self.wait_for(self._answers, timeout, "the daemon to answer on its socket")
+        except BaseException:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            raise
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise DaemonExited(
+                f"orchd exited {self.proc.returncode}:\n{self.output.read_text()[-4000:]}"
+            )
+        try:
+            with Client(self.socket, timeout_s=5) as c:
+                c.call("status")
+            return True
+        except Exception:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"orchd did not stop within {timeout}s") from None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash); its agents notice EOF and kill their tasks."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    # --- talking to it -----------------------------------------------------------------
+
+    def call(self, method: str, **params: Any) -> Any:
+        with Client(self.socket, timeout_s=30) as c:
+            return c.call(method, **params)
+
+    def ctl(self, *args: str, input_: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real orchctl command line."""
+        return subprocess.run(
+            [sys.executable, "-m", "ctl", "--socket", self.socket, *args],
+            capture_output=True,
+            text=True,
+            input=input_,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    def ctl_json(self, *args: str) -> Any:
+        r = self.ctl("--json", *args)
+        assert r.returncode == 0, f"orchctl {' '.join(args)} exited {r.returncode}: {r.stderr}"
+        return json.loads(r.stdout)
+
+    def submit(self, toml_text: str, name: str = "ws.toml") -> dict[str, Any]:
+        path = self.tmp / name
+        path.write_text(toml_text)
+        out: dict[str, Any] = self.ctl_json("submit", str(path))
+        return out
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.call("show", task_id=task_id)
+        return out
+
+    def wait_task(
+        self, task_id: str, states: str | tuple[str, ...], timeout: float = 30.0
+    ) -> dict[str, Any]:
+        want = (states,) if isinstance(states, str) else states
+        found: dict[str, Any] = {}
+
+        def check() -> bool:
+            found.update(self.task(task_id))
+            return found["state"] in want
+
+        self.wait_for(check, timeout, f"task {task_id} to be {'/'.join(want)}")
+        return found
+
+    def wait_ws(self, ws_id: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+
+        def check() -> bool:
+            found.update(self.call("ws_show", workstream=ws_id))
+            return found["state"] == state
+
+        self.wait_for(check, timeout, f"workstream {ws_id} to be {state}")
+        return found
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        path = self.state_dir / "events.jsonl"
+        if not path.exists():
+            return []
+        evs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [e for e in evs if name is None or e["event"] == name]
+
+    def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            found[:] = [
+                e for e in self.events(name) if all(e.get(k) == v for k, v in match.items())
+            ]
+            return bool(found)
+
+        self.wait_for(check, timeout, f"event {name} {match}")
+        return found[0]
+
+    def workers(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self.call("workers")
+        return out
+
+    def log(self, task_id: str) -> str:
+        return (self.state_dir / "logs" / f"{task_id}.log").read_text()
+
+    @staticmethod
+    def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if pred():
+                    return
+            except RemoteError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(0.02)
+
+
+def orchd_processes() -> list[psutil.Process]:
+    """Every live agent or task process that a daemon of this test run started (they
+    inherit RUN_TAG through the environment, so concurrent runs do not see each other)."""
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            if proc.environ().get("ORCHD_TEST_RUN") == RUN_TAG:
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def assert_no_leftovers(timeout: float = 5.0) -> None:
+    """Fail (after killing them) if agents or task processes outlive their daemon."""
+    deadline = time.monotonic() + timeout
+    left = orchd_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = orchd_processes()
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    assert not left, f"processes left behind: {[(p.pid, p.info.get('cmdline')) for p in left]}"
