@@ -1,0 +1,219 @@
+"""The one writer of state and its messages: commit, effects, events, group commit.
+
+Every change goes through `commit`: the record is checked against the state core, written
+to the log, applied in memory. Effects (messages to agents, kills, spawns, replies) are
+queued and only carried out after the group commit's fdatasync covered their records —
+the write-ahead rule. Worker lifecycle (workers.py) and task lifecycle (engine.py) build
+on it; scheduler.py runs the loop.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from supervisor import wire
+from supervisor.config import Config
+from supervisor.model import (
+    Cause,
+    Entity,
+    Event,
+    Severity,
+    State,
+    Task,
+    Transition,
+)
+from supervisor.pool import Pool
+from supervisor.queue import DispatchQueue, Timers
+from supervisor.store import Store
+
+log = structlog.get_logger("orchd.scheduler")
+
+# Why a running attempt is being stopped, and what becomes of the task afterwards.
+STOP_TIMEOUT = "timeout"
+STOP_CANCEL = "cancel"
+STOP_SHUTDOWN = "shutdown"  # the daemon stops: interrupted, no retry spent
+STOP_REASSIGN = "reassign"  # worker lost/restarted: back to queued, no retry spent
+STOP_WORKER_LOST = "worker_lost"  # forced shutdown without reassign: a retry is spent
+
+
+class TreeKilled:
+    """Sent to the scheduler when the daemon itself killed an attempt's tree."""
+
+    __slots__ = ("attempt_id", "worker_id")
+
+    def __init__(self, worker_id: str, attempt_id: str) -> None:
+        self.worker_id, self.attempt_id = worker_id, attempt_id
+
+
+class SpawnFailed:
+    """Sent when an agent process could not even be started."""
+
+    __slots__ = ("message", "worker_id")
+
+    def __init__(self, worker_id: str, message: str) -> None:
+        self.worker_id, self.message = worker_id, message
+
+
+class Call:
+    """A request to the scheduler from another task, answered after its records are durable."""
+
+    __slots__ = ("_done", "args", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._done = anyio.Event()
+
+    def finish(self) -> None:
+        self._done.set()
+
+    async def wait(self) -> Any:
+        await self._done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+Inbox = MemoryObjectReceiveStream[Any]
+
+
+class Writer:
+    """Owns the State: the only code that changes it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        state: State,
+        pool: Pool,
+        inbox: Inbox,
+        inbox_send: MemoryObjectSendStream[Any],
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.cfg, self.store, self.state, self.pool = cfg, store, state, pool
+        self.inbox, self.inbox_send = inbox, inbox_send
+        self.clock, self.rand = clock, rand
+        self.now = clock()
+        self.queue = DispatchQueue()
+        self.timers = Timers()
+        self.idle: dict[str, None] = {}
+        self.gen: dict[str, int] = {}
+        self.heartbeat: dict[str, float] = {}
+        self.start_failures: dict[str, int] = {}
+        self.parked_on: dict[str, str] = {}
+        self.res_alerted: set[str] = set()
+        self.blocked_ws: set[str] = set()
+        self.dirty_ws: set[str] = set()
+        self.effects: list[Callable[[], Awaitable[object]]] = []
+        self.calls: list[Call] = []
+        self.event_listeners: list[MemoryObjectSendStream[Event]] = []
+        self.draining = False
+        self.stopped = anyio.Event()
+        self.counters: dict[str, int] = {}
+        self.queue_waits: list[float] = []
+        self.started_at = self.now
+        self._tg: TaskGroup | None = None
+        self.last_step = self.now
+        self._next_checkpoint = self._next_metrics = 0.0
+        self._next_snapshot = self.now + cfg.store.snapshot_interval_s
+        self._snapshot_seq = state.last_seq
+        self._last_metrics: tuple[float, int] = (self.now, 0)
+        self._next_worker = 1
+        self.health: Any = None  # set by the daemon: health.Health
+
+    def commit(self, entity: Entity, id_: str, to: str, cause: Cause, **changes: Any) -> Transition:
+        """Check, log and apply one transition; follow-up bookkeeping for tasks."""
+        frm = self.state.current(entity, id_)
+        rec = Transition(
+            seq=self.state.last_seq + 1,
+            ts=self.now,
+            entity=entity,
+            id=id_,
+            from_=frm,
+            to=to,
+            cause=cause,
+            changes=changes,
+        )
+        self.state.check(rec)
+        self.store.write(rec)
+        self.state.apply(rec)
+        self.counters["transitions"] = self.counters.get("transitions", 0) + 1
+        if entity == "task":
+            self._after_task(self.state.data.tasks[id_], frm or "")
+        return rec
+
+    def effect(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run `fn` once the records committed so far are durable."""
+        self.effects.append(fn)
+
+    def background(self, fn: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        """Run `fn` as its own task once durable (for slow effects: kills, spawns)."""
+
+        async def start() -> None:
+            assert self._tg is not None
+            self._tg.start_soon(fn)
+
+        self.effects.append(start)
+
+    def emit(self, event: str, severity: Severity, **fields: Any) -> None:
+        ev = Event(event=event, severity=severity, ts=self.now, **fields)
+        self.store.append_event(ev)
+        self.counters[f"event.{event}"] = self.counters.get(f"event.{event}", 0) + 1
+        level = {"critical": "critical", "error": "error", "warning": "warning"}.get(
+            severity, "info"
+        )
+        kv = {k: v for k, v in fields.items() if v is not None}
+        getattr(log, level)(event, severity=severity, **kv)
+        for listener in list(self.event_listeners):
+            try:
+                listener.send_nowait(ev)
+            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.event_listeners.remove(listener)
+
+    async def flush(self) -> None:
+        """Group commit, then the effects and replies that waited on it."""
+        if self.store.written_seq > self.store.synced_seq:
+            await anyio.to_thread.run_sync(self.store.sync)
+        effects, self.effects = self.effects, []
+        for fn in effects:
+            try:
+                await fn()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                log.warning("effect_failed", error=str(exc))
+        calls, self.calls = self.calls, []
+        for call in calls:
+            call.finish()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` inside the scheduler and return its result once durable."""
+        c = Call(fn, *args)
+        await self.inbox_send.send(c)
+        return await c.wait()
+
+    def healthy(self, limit: float) -> bool:
+        """The loop stepped within `limit` seconds (for the systemd watchdog)."""
+        return self.clock() - self.last_step < limit
+
+    # Implemented by engine.TaskEngine; declared here so the worker side can call them.
+    def stop_task(self, task: Task, reason: str, *, direct: bool = False) -> None:
+        """Begin killing a running attempt."""
+        raise NotImplementedError
+
+    def _after_task(self, task: Task, frm: str) -> None:
+        """Bookkeeping after a task's transition."""
+        raise NotImplementedError
+
+    def _on_finished(self, wid: str, msg: wire.Finished) -> None:
+        """An attempt is over: decide the task's outcome."""
+        raise NotImplementedError
