@@ -76,6 +76,23 @@ def _parser() -> argparse.ArgumentParser:
     sp = rs.add_parser("set-limit")
     sp.add_argument("resource")
     sp.add_argument("max_holders", type=int)
+    st = sub.add_parser("state", help="offline state tools (daemon stopped)").add_subparsers(
+        dest="state_cmd", required=True, metavar="ACTION"
+    )
+    for name, text in (
+        ("validate", "check the log, snapshot, backups and checkpoints"),
+        ("backups", "list the snapshot backups"),
+        ("repair", "cut a torn log tail, rebuild a damaged snapshot"),
+        ("restore", "make current.json from a backup or from the whole log"),
+    ):
+        sp = st.add_parser(name, help=text)
+        sp.add_argument(
+            "--state-dir", default=".state", help="the state directory (default .state)"
+        )
+        if name == "restore":
+            how = sp.add_mutually_exclusive_group(required=True)
+            how.add_argument("--from-backup", metavar="latest|FILE")
+            how.add_argument("--from-transitions", action="store_true")
     return ap
 
 
@@ -189,8 +206,56 @@ def _human(method: str, result: Any, colour: bool) -> str:
     return render.to_json(result)
 
 
+EXIT_WRONG_STATE, EXIT_CORRUPT = 5, 65
+
+
+def _state(args: argparse.Namespace) -> int:
+    """The offline `state` commands: they take the state directory's lock themselves."""
+    # Imported here: the rest of orchctl stays light and needs only the protocol.
+    from supervisor import maintenance
+    from supervisor.errors import StoreCorrupt, StoreLocked
+
+    out: dict[str, Any]
+    try:
+        if args.state_cmd == "validate":
+            problems = maintenance.validate_state(args.state_dir)
+            out = {"ok": not problems, "problems": problems}
+        elif args.state_cmd == "backups":
+            out = {"backups": [str(p) for p in maintenance.list_backups(args.state_dir)]}
+        elif args.state_cmd == "repair":
+            out = {"done": maintenance.repair_state(args.state_dir)}
+        elif args.from_transitions:
+            out = {"done": [maintenance.restore_from_transitions(args.state_dir)]}
+        else:
+            out = {"done": [maintenance.restore_from_backup(args.state_dir, args.from_backup)]}
+    except StoreLocked:
+        print(
+            f"orchctl: {args.state_dir} is in use by a running orchd; stop it first "
+            "(systemctl stop orchd)",
+            file=sys.stderr,
+        )
+        return EXIT_WRONG_STATE
+    except StoreCorrupt as exc:
+        print(f"orchctl: {exc}", file=sys.stderr)
+        return EXIT_CORRUPT
+    except (FileNotFoundError, OSError) as exc:
+        print(f"orchctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(render.to_json(out))
+    elif "problems" in out:
+        print("state is consistent" if out["ok"] else "\n".join(out["problems"]))
+    elif "backups" in out:
+        print("\n".join(out["backups"]) or "no backups")
+    else:
+        print("\n".join(out["done"]) or "nothing to repair")
+    return EXIT_OK if out.get("ok", True) else EXIT_CORRUPT
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "state":
+        return _state(args)
     try:
         method, params = _request(args)
     except OSError as exc:

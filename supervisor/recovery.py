@@ -33,7 +33,7 @@ async def recover(s: Scheduler) -> None:
     running = [t for t in data.tasks.values() if t.state == TaskState.RUNNING]
     for task in running:
         s.commit("task", task.id, "running", "recovery", stopping="shutdown")
-    await s.flush()  # the intent to kill is durable before any signal
+    await s.flush(force=True)  # the intent to kill is durable before any signal
     trees = [
         (a.pid or 0, a.pid or 0, a.pid_create_time or 0.0, a.attempt_id)
         for a in (t.attempts[-1] for t in running if t.attempts)

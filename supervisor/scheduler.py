@@ -62,7 +62,11 @@ class Scheduler(TaskEngine):
             tg.cancel_scope.cancel()
 
     async def _step(self) -> None:
-        due = min(x for x in (self.timers.next_due(), self._next_periodic()) if x is not None)
+        due = min(
+            x
+            for x in (self.timers.next_due(), self._next_periodic(), self.sync_due())
+            if x is not None
+        )
         self.last_step = self.clock()
         wait = min(1.0, max(0.0, due - self.last_step))
         batch: list[Any] = []
@@ -98,6 +102,8 @@ class Scheduler(TaskEngine):
     async def _periodic(self) -> None:
         """Derived files, written right after a flush so they never run ahead of the log."""
         now = self.clock()
+        if now >= min(self._next_checkpoint, self._next_snapshot, self._next_metrics):
+            await self.flush(force=True)
         st = self.cfg.store
         if self.dirty_ws and now >= self._next_checkpoint:
             dirty, self.dirty_ws = self.dirty_ws, set()

@@ -36,6 +36,9 @@ from supervisor.store import Store
 
 log = structlog.get_logger("orchd.scheduler")
 
+# Longest a durable-only record (no effect waits on it) stays unsynced.
+SYNC_LAG_S = 0.05
+
 # Why a running attempt is being stopped, and what becomes of the task afterwards.
 STOP_TIMEOUT = "timeout"
 STOP_CANCEL = "cancel"
@@ -124,6 +127,7 @@ class Writer:
         self.queue_waits: list[float] = []
         self.started_at = self.now
         self._tg: TaskGroup | None = None
+        self._last_sync = self.now
         self.last_step = self.now
         self._next_checkpoint = self._next_metrics = 0.0
         self._next_snapshot = self.now + cfg.store.snapshot_interval_s
@@ -181,10 +185,23 @@ class Writer:
             except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self.event_listeners.remove(listener)
 
-    async def flush(self) -> None:
-        """Group commit, then the effects and replies that waited on it."""
+    def sync_due(self) -> float | None:
+        """When written-but-unsynced records must be synced even with nobody waiting."""
         if self.store.written_seq > self.store.synced_seq:
-            await anyio.to_thread.run_sync(self.store.sync)
+            return self._last_sync + SYNC_LAG_S
+        return None
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Group commit, then the effects and replies that waited on it.
+
+        The sync is what makes effects and replies safe (the write-ahead rule), so it runs
+        whenever one waits. Records that nothing visible depends on yet (a pid learnt, a
+        heartbeat-driven state) ride along with the next sync, at most SYNC_LAG_S later."""
+        if self.store.written_seq > self.store.synced_seq:
+            due = self.sync_due()
+            if force or self.effects or self.calls or (due is not None and self.clock() >= due):
+                await anyio.to_thread.run_sync(self.store.sync)
+                self._last_sync = self.clock()
         effects, self.effects = self.effects, []
         for fn in effects:
             try:
