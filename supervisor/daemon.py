@@ -13,7 +13,7 @@ import anyio
 import structlog
 
 from supervisor.config import Config
-from supervisor.errors import StoreCorrupt, StoreError, StoreLocked
+from supervisor.errors import StoreCorrupt, StoreError, StoreFsyncError, StoreLocked
 from supervisor.health import Health
 from supervisor.notify import Notifier
 from supervisor.pool import Pool
@@ -64,6 +64,7 @@ async def run(cfg: Config, config_path: Path | None) -> int:
     )
     scheduler = Scheduler(cfg, store, state, pool, recv, send)
     scheduler.health = Health(scheduler)
+    clean = True
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pool.run)
@@ -94,11 +95,22 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                     break
             await scheduler.drain()
             tg.cancel_scope.cancel()
+    except* StoreFsyncError as group:
+        # Never retried: the kernel may have dropped the dirty pages. Exit and let the
+        # next start recover from what the log really holds.
+        clean = False
+        first = group.exceptions[0]
+        log.critical("fsync_failed", error=str(first))
+        print(f"orchd: {first}; exiting, the next start recovers from the log", file=sys.stderr)
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(store.close, state)
-    log.info("daemon_stopped", last_seq=state.last_seq)
-    return 0
+            try:
+                await anyio.to_thread.run_sync(store.close, state if clean else None)
+            except StoreError as exc:
+                clean = False
+                print(f"orchd: closing the state failed: {exc}", file=sys.stderr)
+    log.info("daemon_stopped", last_seq=state.last_seq, clean=clean)
+    return 0 if clean else 1
 
 
 async def _watchdog(notifier: Notifier, scheduler: Scheduler) -> None:

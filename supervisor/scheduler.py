@@ -5,6 +5,7 @@ snapshot, metrics) written right after a flush; clean stop and start-up recovery
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -31,6 +32,9 @@ from supervisor.writer import (
 )
 
 log = structlog.get_logger("orchd.scheduler")
+
+# After a failed write (a full disk), how long before messages are handled again.
+WRITE_RETRY_S = 1.0
 
 __all__ = [
     "STOP_CANCEL",
@@ -64,7 +68,12 @@ class Scheduler(TaskEngine):
     async def _step(self) -> None:
         due = min(
             x
-            for x in (self.timers.next_due(), self._next_periodic(), self.sync_due())
+            for x in (
+                self.timers.next_due(),
+                self._next_periodic(),
+                self.sync_due(),
+                self._retry_writes_at if self.deferred else None,
+            )
             if x is not None
         )
         self.last_step = self.clock()
@@ -78,7 +87,12 @@ class Scheduler(TaskEngine):
             except anyio.WouldBlock:
                 break
         self.now = self.clock()
+        if self.deferred and self.now >= self._retry_writes_at:
+            batch, self.deferred = self.deferred + batch, []
         for msg in batch:
+            if self.deferred and not isinstance(msg, Call):
+                self.deferred.append(msg)  # keep their order behind the one that failed
+                continue
             try:
                 self._handle(msg)
             except StoreWriteError as exc:
@@ -86,6 +100,11 @@ class Scheduler(TaskEngine):
                 if isinstance(msg, Call):
                     msg.error = exc
                     self.calls.append(msg)
+                else:
+                    # What an agent told us must not be lost: handled again once the
+                    # log takes writes (a full disk freed), in arrival order.
+                    self.deferred.append(msg)
+                    self._retry_writes_at = self.now + WRITE_RETRY_S
         try:
             self._on_timers()
             self._promote()
@@ -105,19 +124,33 @@ class Scheduler(TaskEngine):
         if now >= min(self._next_checkpoint, self._next_snapshot, self._next_metrics):
             await self.flush(force=True)
         st = self.cfg.store
+        # Derived files can be regenerated from the log: a failed write (a full disk) is
+        # reported and tried again at the next interval, never fatal.
         if self.dirty_ws and now >= self._next_checkpoint:
             dirty, self.dirty_ws = self.dirty_ws, set()
-            await anyio.to_thread.run_sync(self._write_checkpoints, dirty)
             self._next_checkpoint = now + st.checkpoint_interval_s
+            if not await self._derived("checkpoints", self._write_checkpoints, dirty):
+                self.dirty_ws |= dirty
         if now >= self._next_snapshot:
-            if self.state.last_seq != self._snapshot_seq:
-                await anyio.to_thread.run_sync(self.store.write_snapshot, self.state)
-                self._snapshot_seq = self.state.last_seq
             self._next_snapshot = now + st.snapshot_interval_s
+            seq = self.state.last_seq
+            if seq != self._snapshot_seq and await self._derived(
+                "current.json", self.store.write_snapshot, self.state
+            ):
+                self._snapshot_seq = seq
         if now >= self._next_metrics:
-            metrics = self.metrics(now)
-            await anyio.to_thread.run_sync(self.store.write_json, "metrics.json", metrics)
             self._next_metrics = now + st.metrics_interval_s
+            await self._derived(
+                "metrics.json", self.store.write_json, "metrics.json", self.metrics(now)
+            )
+
+    async def _derived(self, what: str, fn: Callable[..., object], *args: Any) -> bool:
+        try:
+            await anyio.to_thread.run_sync(fn, *args)
+        except OSError as exc:
+            log.error("derived_write_failed", file=what, error=str(exc))
+            return False
+        return True
 
     def _write_checkpoints(self, ws_ids: set[str]) -> None:
         for ws_id in ws_ids:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import msgspec
+import structlog
 
 from supervisor.errors import StoreCorrupt
 from supervisor.logfile import LogWriter, is_sealed, seal
@@ -43,6 +44,8 @@ from supervisor.snapshot import (
     prune_oldest,
     write_atomic,
 )
+
+log = structlog.get_logger("orchd.store")
 
 _DIRS: Final = ("backups", "checkpoints", "archive", "logs", "logs/workers")
 _event_decoder = msgspec.json.Decoder(Event)
@@ -251,8 +254,11 @@ class Store:
 
     def worker_log(self, worker_id: str, text: str) -> None:
         """Append a timestamped line to logs/workers/<worker>.log."""
-        with open(self.worker_log_path(worker_id), "a", encoding="utf-8") as f:
-            f.write(f"{iso_utc()} {text}\n")
+        try:
+            with open(self.worker_log_path(worker_id), "a", encoding="utf-8") as f:
+                f.write(f"{iso_utc()} {text}\n")
+        except OSError as exc:  # a full disk loses this line, never the daemon
+            log.warning("worker_log_not_written", worker_id=worker_id, error=str(exc))
 
     @staticmethod
     def tail(path: Path, lines: int) -> list[str]:

@@ -127,6 +127,8 @@ class Writer:
         self.queue_waits: list[float] = []
         self.started_at = self.now
         self._tg: TaskGroup | None = None
+        self.deferred: list[Any] = []
+        self._retry_writes_at = 0.0
         self._last_sync = self.now
         self.last_step = self.now
         self._next_checkpoint = self._next_metrics = 0.0
@@ -164,15 +166,26 @@ class Writer:
     def background(self, fn: Callable[[], Coroutine[Any, Any, object]]) -> None:
         """Run `fn` as its own task once durable (for slow effects: kills, spawns)."""
 
+        async def guarded() -> None:
+            # A side effect that fails (a kill, a spawn, a derived file) is logged; it must
+            # never take the daemon down with it.
+            try:
+                await fn()
+            except Exception:
+                log.exception("background_effect_failed", effect=getattr(fn, "__qualname__", "?"))
+
         async def start() -> None:
             assert self._tg is not None
-            self._tg.start_soon(fn)
+            self._tg.start_soon(guarded)
 
         self.effects.append(start)
 
     def emit(self, event: str, severity: Severity, **fields: Any) -> None:
         ev = Event(event=event, severity=severity, ts=self.now, **fields)
-        self.store.append_event(ev)
+        try:
+            self.store.append_event(ev)
+        except OSError as exc:  # a full disk must not stop the engine; the log line remains
+            log.error("event_not_written", event=event, error=str(exc))
         self.counters[f"event.{event}"] = self.counters.get(f"event.{event}", 0) + 1
         level = {"critical": "critical", "error": "error", "warning": "warning"}.get(
             severity, "info"
@@ -208,6 +221,8 @@ class Writer:
                 await fn()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 log.warning("effect_failed", error=str(exc))
+            except Exception:
+                log.exception("effect_failed")
         calls, self.calls = self.calls, []
         for call in calls:
             call.finish()

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -324,3 +325,65 @@ def test_ready_notification_and_clean_task_environment(tmp_path: Path) -> None:
         finally:
             d.stop()
             assert_no_leftovers()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs to fill up (needs root, as CI has)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _fill(path: Path) -> None:
+    with path.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_full_disk_refuses_changes_then_recovers(tmp_path: Path, small_disk: Path) -> None:
+    """With the state disk full a submit is refused with a clear error and nothing is half
+    stored; a task that finishes meanwhile is recorded once space is back; nothing is lost."""
+    d = Daemon(tmp_path, {"state_dir": str(small_disk / "state")})
+    d.state_dir = small_disk / "state"
+    d.start()
+    try:
+        d.submit('id = "ws-before"\n[[tasks]]\nid = "before"\ncommand = "sleep 1.5"\n')
+        d.wait_task("before", "running")
+        filler = small_disk / "filler"
+        _fill(filler)
+        path = tmp_path / "late.toml"
+        # Large enough that its record needs fresh pages, not the slack of the log's last one.
+        tasks = "".join(f'[[tasks]]\nid = "late-{i}"\ncommand = "true"\n' for i in range(200))
+        path.write_text('id = "ws-late"\n' + tasks)
+        r = d.ctl("submit", str(path))
+        assert r.returncode == 1 and "space" in r.stderr.lower(), r.stderr
+        assert [w["id"] for w in d.call("ws_list")] == ["ws-before"]
+        time.sleep(2.0)  # "before" ends while the disk is full; its result must wait
+        filler.unlink()
+        assert d.wait_task("before", "completed")["retry_count"] == 0
+        assert d.ctl("submit", str(path)).returncode == 0
+        d.wait_ws("ws-late", "completed")
+    finally:
+        d.stop()
+        assert_no_leftovers()
+    d2 = Daemon(tmp_path, {"state_dir": str(small_disk / "state")})
+    d2.state_dir = small_disk / "state"
+    d2.start()
+    try:
+        states = {t["id"]: t["state"] for t in d2.call("tasks")}
+        assert len(states) == 201 and set(states.values()) == {"completed"}
+    finally:
+        d2.stop()
