@@ -62,8 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="one worker").add_subparsers(
         dest="worker_cmd", required=True, metavar="ACTION"
     )
-    for name in ("check", "restart", "logs"):
+    for name in ("check", "restart"):
         wk.add_parser(name).add_argument("worker")
+    sp = wk.add_parser("logs")
+    sp.add_argument("worker")
+    sp.add_argument("-n", "--lines", type=int, default=100)
     sp = wk.add_parser("shutdown")
     sp.add_argument("worker")
     sp.add_argument("--force", action="store_true", help="even when it runs a task")
@@ -147,6 +150,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     "force": args.force,
                     "reassign": args.reassign,
                 }
+            if args.worker_cmd == "logs":
+                return "worker_logs", {"worker_id": args.worker, "lines": args.lines}
             return f"worker_{args.worker_cmd}", {"worker_id": args.worker}
         case "resource":
             return "resource_set_limit", {
@@ -168,6 +173,8 @@ def _human(method: str, result: Any, colour: bool) -> str:
             return render.events_lines(result, colour)
         case "show":
             return render.task_detail(result)
+        case "worker_check":
+            return render.worker_detail(result)
         case "logs" | "worker_logs":
             return "\n".join(result["lines"])
         case "ws_list":

@@ -146,3 +146,28 @@ def task_detail(t: dict[str, Any]) -> str:
         lines.append(f"  log ({t.get('log_path')}):")
         lines.extend("    " + line for line in t["log_tail"])
     return "\n".join(lines)
+
+
+def worker_detail(w: dict[str, Any]) -> str:
+    """`orchctl worker check`: state, heartbeat, the process as psutil saw it, recent log."""
+    h = w.get("health") or {}
+    age = w.get("last_heartbeat_age_s")
+    rss = h.get("rss_bytes")
+    lines = [
+        f"worker {w['id']}",
+        f"  state:      {w['state']}"
+        + (f" for {h['unresponsive_for_s']:.1f}s" if "unresponsive_for_s" in h else ""),
+        f"  pid:        {w.get('pid') or '-'}   restarts: {w.get('restarts', 0)}",
+        f"  task:       {w.get('task_id') or '-'}",
+        f"  heartbeat:  {'-' if age is None else f'{age:.1f}s ago'}",
+        f"  process:    {h.get('status', '-')}"
+        + (f", cpu {h['cpu_percent']:.0f}%" if h.get("cpu_percent") is not None else "")
+        + (f", rss {rss / 1048576:.1f} MiB" if rss is not None else "")
+        + (f", {h['open_fds']} fds" if h.get("open_fds") is not None else "")
+        + (f", {h['threads']} threads" if h.get("threads") is not None else "")
+        + (f" (checked {h['checked_age_s']:.1f}s ago)" if "checked_age_s" in h else ""),
+    ]
+    if w.get("log_tail"):
+        lines.append("  log:")
+        lines.extend("    " + line for line in w["log_tail"])
+    return "\n".join(lines)

@@ -173,6 +173,7 @@ class TaskEngine(WorkerOps):
             },
         )
         self.commit("worker", wid, "busy", "auto", task_id=task.id, attempt_id=attempt_id)
+        self.worker_note(wid, f"took task {task.id}, attempt {n} ({attempt_id})")
         self.counters["attempts"] = self.counters.get("attempts", 0) + 1
         self.timers.arm("timeout", task.id, self.now + task.timeout_s)
         run = wire.Run(
@@ -192,24 +193,24 @@ class TaskEngine(WorkerOps):
         """Begin killing a running attempt; its outcome is decided when the tree is gone."""
         attempt = task.attempts[-1]
         wid = task.worker_id or attempt.worker_id
+        cause: Cause = (
+            "timeout"
+            if reason == STOP_TIMEOUT
+            else "operator"
+            if reason in (STOP_CANCEL, STOP_WORKER_LOST)
+            else "health"
+            if reason == STOP_REASSIGN
+            else "shutdown"
+        )
         if task.stopping != reason:
-            self.commit(
-                "task",
-                task.id,
-                "running",
-                "timeout"
-                if reason == STOP_TIMEOUT
-                else "operator"
-                if reason in (STOP_CANCEL, STOP_WORKER_LOST)
-                else "health"
-                if reason == STOP_REASSIGN
-                else "shutdown",
-                stopping=reason,
-            )
+            self.commit("task", task.id, "running", cause, stopping=reason)
         grace = self.cfg.tasks.kill_grace_s
         if not direct and self.worker_alive(wid):
             kill = wire.Kill(attempt_id=attempt.attempt_id, grace_s=grace, reason=reason)
             self.effect(lambda: self.pool.send(wid, kill))
+            return
+        if not direct and self.worker_unanswering(wid, attempt.attempt_id):
+            self.retire_unanswering(wid, reason, cause)
             return
         tree = (
             attempt.pid or 0,

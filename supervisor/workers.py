@@ -1,5 +1,10 @@
 """Worker lifecycle inside the writer: spawn, hello, exit and crash-loop back-off,
 retirement (restart, shutdown, replacement) and the release of a worker after an attempt.
+
+A worker that exits while starting, or soon after (within `unresponsive_after_s` of its
+hello), is restarted under the same id after a growing delay, with an event each time: a
+broken interpreter or an agent that dies at once never restarts in a tight loop. One that
+ran for longer is replaced at once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from supervisor.model import (
     WorkerState,
 )
 from supervisor.pool import AgentMessage
+from supervisor.snapshot import iso_utc
 from supervisor.writer import (
     STOP_REASSIGN,
     SpawnFailed,
@@ -36,6 +42,27 @@ class WorkerOps(Writer):
             if w is None or (w.state == "shutdown" and wid not in self.gen):
                 return wid
 
+    # Lines for the workers' own logs, written once per batch (one per dispatch would cost
+    # an open and a close each on the dispatch path).
+    _notes: dict[str, list[str]] | None = None
+
+    def worker_note(self, wid: str, text: str) -> None:
+        """A line in the worker's own log (logs/workers/<id>.log), stamped with the time of
+        the batch and written after it."""
+        if self._notes is None:
+            self._notes = {}
+            self.effect(self._write_notes)
+        self._notes.setdefault(wid, []).append(f"{iso_utc(self.now)} {text}\n")
+
+    async def _write_notes(self) -> None:
+        notes, self._notes = self._notes or {}, None
+        for wid, lines in notes.items():
+            try:
+                with open(self.store.worker_log_path(wid), "a", encoding="utf-8") as f:
+                    f.writelines(lines)
+            except OSError as exc:  # a full disk is no reason to stop the engine
+                log.warning("worker_log_failed", worker_id=wid, error=str(exc))
+
     def spawn_worker(self, wid: str, cause: Cause, delay: float = 0.0) -> None:
         w = self.state.data.workers.get(wid)
         restarts = (w.restarts + 1) if w is not None else 0
@@ -56,6 +83,10 @@ class WorkerOps(Writer):
         async def spawn() -> None:
             if delay:
                 await anyio.sleep(delay)
+                # Retired (or restarted again) during the delay: that start is not wanted.
+                now = self.state.data.workers.get(wid)
+                if now is None or now.state != WorkerState.STARTING or now.restarts != restarts:
+                    return
             try:
                 gen = await self.pool.spawn(wid)
             except OSError as exc:
@@ -86,11 +117,16 @@ class WorkerOps(Writer):
         if isinstance(msg, wire.Hello):
             if worker.state == WorkerState.STARTING:
                 self.commit(
-                    "worker", wid, "idle", "auto", pid=msg.pid, pid_create_time=msg.create_time
+                    "worker",
+                    wid,
+                    "idle",
+                    "auto",
+                    pid=msg.pid,
+                    pid_create_time=msg.create_time,
+                    started_at=self.now,
                 )
                 self.idle[wid] = None
-                self.start_failures.pop(wid, None)
-                self.store.worker_log(wid, f"agent up, pid {msg.pid}")
+                self.worker_note(wid, f"agent up, pid {msg.pid}")
         elif isinstance(msg, wire.Started):
             task = self._attempt_task(wid, msg.attempt_id)
             if task is None:
@@ -128,13 +164,21 @@ class WorkerOps(Writer):
         if worker is None or worker.state == WorkerState.SHUTDOWN:
             return
         was_starting = worker.state == WorkerState.STARTING
+        h = self.cfg.health
+        # started_at is the hello's time once the worker is up.
+        young = was_starting or self.now - (worker.started_at or 0.0) < h.unresponsive_after_s
         task_id = worker.task_id
         self.idle.pop(wid, None)
         self.commit("worker", wid, "shutdown", "health", pid=None)
         self.gen[wid] = generation + 1  # anything later from the dead process is stale
         if not self.draining:
             self.emit("worker_exited", "error", worker_id=wid, data={"returncode": returncode})
-        self.store.worker_log(wid, f"agent exited, returncode {returncode}")
+        self.worker_note(
+            wid,
+            f"agent exited, returncode {returncode}"
+            + (" (while starting)" if was_starting else "")
+            + (f", its task {task_id} stopped" if task_id else ""),
+        )
         if task_id is not None:
             task = self.state.data.tasks[task_id]
             if task.state == TaskState.RUNNING:
@@ -143,20 +187,30 @@ class WorkerOps(Writer):
                 )
         if self.draining:
             return
-        if was_starting:
-            n = self.start_failures.get(wid, 0) + 1
-            self.start_failures[wid] = n
-            h = self.cfg.health
-            delay = min(h.restart_backoff_base_s * 2 ** (n - 1), h.restart_backoff_max_s)
+        if not young:
+            self.start_failures.pop(wid, None)
+            self.spawn_worker(self.new_worker_id(), "health")
+            return
+        n = self.start_failures.pop(wid, 0) + 1
+        # Its task's tree is still being killed under this id (and the kill is addressed to
+        # this id's agent): the restart takes a fresh id, and the count goes with it.
+        new_id = wid if task_id is None else self.new_worker_id()
+        self.start_failures[new_id] = n
+        # A first early exit of a worker that did come up is replaced at once; from then on,
+        # and for any exit while starting, the delay doubles up to its cap.
+        k = n if was_starting else n - 1
+        delay = min(h.restart_backoff_base_s * 2 ** (k - 1), h.restart_backoff_max_s) if k else 0.0
+        when = "while starting" if was_starting else "soon after starting"
+        if delay:  # else worker_exited said it all: it is replaced at once
             self.emit(
                 "worker_start_failed",
                 "error",
                 worker_id=wid,
-                message=f"worker exited while starting ({n} in a row); restart in {delay:.1f}s",
+                message=f"worker exited {when} ({n} in a row); {new_id} starts in {delay:.1f}s",
+                data={"failures": n, "delay_s": delay, "returncode": returncode, "next": new_id},
             )
-            self.spawn_worker(wid, "health", delay=delay)
-        else:
-            self.spawn_worker(self.new_worker_id(), "health")
+        self.worker_note(wid, f"exited {when} ({n} in a row): {new_id} starts in {delay:.1f}s")
+        self.spawn_worker(new_id, "health", delay=delay)
 
     def retire_worker(
         self,
@@ -172,6 +226,8 @@ class WorkerOps(Writer):
         the task's tree, by pid, even if the agent cannot answer) killed, then the worker is
         restarted under the same id or replaced by a new one so the pool keeps its size."""
         worker = self.state.data.workers[wid]
+        # A stopped or wedged agent cannot act on Stop: waiting for it would only delay.
+        graceful = graceful and worker.state in (WorkerState.IDLE, WorkerState.BUSY)
         task = self.state.data.tasks.get(worker.task_id) if worker.task_id else None
         running = task is not None and task.state == TaskState.RUNNING
         if task is not None and running and task.stopping is None:
@@ -181,8 +237,12 @@ class WorkerOps(Writer):
         self.gen[wid] = self.gen.get(wid, 0) + 1  # what the old process says from now on is stale
         attempt = task.attempts[-1] if task is not None and running else None
         grace = self.cfg.tasks.kill_grace_s
-        self.store.worker_log(
-            wid, f"shut down ({cause}; {'restart' if restart_same else 'replace'})"
+        self.start_failures.pop(wid, None)
+        self.worker_note(
+            wid,
+            f"shut down ({cause}"
+            + (f"; task {task.id} stopped: {task.stopping}" if task is not None and running else "")
+            + ("; restarted under the same id)" if restart_same else "; replaced)"),
         )
 
         async def stop_then_replace() -> None:
@@ -206,6 +266,25 @@ class WorkerOps(Writer):
 
         self.background(stop_then_replace)
         return rec.seq
+
+    def retire_unanswering(self, wid: str, reason: str, cause: Cause) -> None:
+        """An unresponsive worker's task must stop (timeout, cancel, drain): the agent cannot
+        act on a Kill, so the daemon kills it and the task's tree by pid and replaces it."""
+        task_id = self.state.data.workers[wid].task_id
+        self.emit(
+            "worker_shutdown",
+            "error",
+            worker_id=wid,
+            task_id=task_id,
+            message=f"unresponsive while its task had to stop ({reason}); killed with the "
+            "task's tree",
+        )
+        self.retire_worker(wid, task_reason=reason, restart_same=False, graceful=False, cause=cause)
+
+    def worker_unanswering(self, wid: str, attempt_id: str) -> bool:
+        """The worker runs `attempt_id` but is unresponsive."""
+        w = self.state.data.workers.get(wid)
+        return w is not None and w.state == WorkerState.UNRESPONSIVE and w.attempt_id == attempt_id
 
     def worker_alive(self, wid: str) -> bool:
         w = self.state.data.workers.get(wid)

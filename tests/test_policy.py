@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from supervisor.model import FailureKind, Task, TaskState, WorkstreamState
-from supervisor.policy import after_failure, backoff_s, workstream_verdict
+from supervisor.policy import after_failure, backoff_s, health_verdict, workstream_verdict
 
 NOW = 1000.0
 
@@ -143,3 +143,42 @@ def test_workstream_verdict(
     run (at once after a critical failure, as soon as nothing runs); else undecided."""
     got = workstream_verdict(counts, critical_failed=critical_failed, has_runnable_pending=runnable)
     assert got == verdict
+
+
+def verdict(state: str, age: float, ok: bool = True, down_for: float | None = None) -> str | None:
+    return health_verdict(
+        state,
+        heartbeat_age_s=age,
+        probe_ok=ok,
+        unresponsive_for_s=down_for,
+        unresponsive_after_s=30.0,
+        shutdown_after_s=180.0,
+    )
+
+
+@pytest.mark.parametrize("state", ["idle", "busy"])
+def test_live_worker_turns_unresponsive_at_the_threshold_or_on_a_bad_probe(state: str) -> None:
+    """An idle or busy worker is unresponsive once its heartbeat is unresponsive_after_s old
+    (not before) or as soon as psutil finds its process stopped, a zombie or gone."""
+    assert verdict(state, 29.999) is None
+    assert verdict(state, 30.0) == "unresponsive"
+    assert verdict(state, 0.0, ok=False) == "unresponsive"
+
+
+def test_unresponsive_worker_recovers_or_is_shut_down_at_shutdown_after() -> None:
+    """An unresponsive worker recovers when heartbeats are fresh and its process is fine,
+    stays unresponsive until shutdown_after_s, and is shut down from then on."""
+    assert verdict("unresponsive", 1.0, down_for=179.0) == "recovered"
+    assert verdict("unresponsive", 31.0, down_for=179.999) is None
+    assert verdict("unresponsive", 31.0, down_for=180.0) == "shutdown"
+    assert verdict("unresponsive", 1.0, ok=False, down_for=500.0) == "shutdown"
+    # Fresh heartbeats from a process psutil calls stopped are no recovery.
+    assert verdict("unresponsive", 0.0, ok=False, down_for=10.0) is None
+    # Without a known start of the episode it is never shut down on a guess.
+    assert verdict("unresponsive", 999.0, down_for=None) is None
+
+
+@pytest.mark.parametrize("state", ["starting", "shutdown"])
+def test_starting_and_shut_down_workers_get_no_verdict(state: str) -> None:
+    """Health checks leave starting and shut down workers alone, whatever the figures."""
+    assert verdict(state, 999.0, ok=False, down_for=999.0) is None
