@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ctl.client import Client
 from tests.harness import Daemon
 
 
@@ -42,13 +43,14 @@ def run_orchd(n: int, tag: str) -> float:
             path = Path(tmp) / "ws.toml"
             path.write_text(f'id = "ws-{tag}"\n' + body)
             text = path.read_text()
-            started = time.perf_counter()
-            d.call("submit", text=text, source=str(path))
-            while True:
-                ws = d.call("ws_list")
-                if ws and ws[0]["state"] in ("completed", "failed"):
-                    break
-                time.sleep(0.05)
+            with Client(d.socket) as client:  # one connection, polled gently
+                started = time.perf_counter()
+                client.call("submit", text=text, source=str(path))
+                while True:
+                    ws = client.call("ws_list")
+                    if ws and ws[0]["state"] in ("completed", "failed"):
+                        break
+                    time.sleep(0.05)
             elapsed = time.perf_counter() - started
             assert ws[0]["state"] == "completed", ws
             return elapsed

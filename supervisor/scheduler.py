@@ -35,6 +35,8 @@ log = structlog.get_logger("orchd.scheduler")
 
 # After a failed write (a full disk), how long before messages are handled again.
 WRITE_RETRY_S = 1.0
+# How often the lines for workers' own logs are written out.
+NOTES_FLUSH_S = 0.25
 
 __all__ = [
     "STOP_CANCEL",
@@ -116,6 +118,8 @@ class Scheduler(TaskEngine):
 
     def _next_periodic(self) -> float:
         due = min(self._next_snapshot, self._next_metrics)
+        if self._notes:
+            due = min(due, self._next_notes)
         return min(due, self._next_checkpoint) if self.dirty_ws else due
 
     async def _periodic(self) -> None:
@@ -124,6 +128,9 @@ class Scheduler(TaskEngine):
         if now >= min(self._next_checkpoint, self._next_snapshot, self._next_metrics):
             await self.flush(force=True)
         st = self.cfg.store
+        if self._notes and now >= self._next_notes:
+            self.write_notes()
+            self._next_notes = now + NOTES_FLUSH_S
         # Derived files can be regenerated from the log: a failed write (a full disk) is
         # reported and tried again at the next interval, never fatal.
         if self.dirty_ws and now >= self._next_checkpoint:
@@ -234,6 +241,7 @@ class Scheduler(TaskEngine):
 
     def _end_drain(self) -> None:
         """Workers are recorded as shut down; the pool stops their processes on exit."""
+        self.write_notes()
         for wid, worker in list(self.state.data.workers.items()):
             if worker.state != WorkerState.SHUTDOWN:
                 self.idle.pop(wid, None)

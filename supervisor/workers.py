@@ -48,13 +48,13 @@ class WorkerOps(Writer):
 
     def worker_note(self, wid: str, text: str) -> None:
         """A line in the worker's own log (logs/workers/<id>.log), stamped with the time of
-        the batch and written after it."""
+        the batch; lines are written together every NOTES_FLUSH_S (scheduler._periodic),
+        off the dispatch path."""
         if self._notes is None:
             self._notes = {}
-            self.effect(self._write_notes)
         self._notes.setdefault(wid, []).append(f"{iso_utc(self.now)} {text}\n")
 
-    async def _write_notes(self) -> None:
+    def write_notes(self) -> None:
         notes, self._notes = self._notes or {}, None
         for wid, lines in notes.items():
             try:

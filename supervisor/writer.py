@@ -38,6 +38,9 @@ log = structlog.get_logger("orchd.scheduler")
 
 # Longest a durable-only record (no effect waits on it) stays unsynced.
 SYNC_LAG_S = 0.05
+# An fdatasync faster than this runs on the loop; a slower disk gets a worker thread so the
+# loop keeps serving while it waits.
+INLINE_SYNC_S = 0.002
 
 # Why a running attempt is being stopped, and what becomes of the task afterwards.
 STOP_TIMEOUT = "timeout"
@@ -129,6 +132,8 @@ class Writer:
         self._tg: TaskGroup | None = None
         self.deferred: list[Any] = []
         self._retry_writes_at = 0.0
+        self._next_notes = 0.0
+        self._sync_s = 0.0  # how long the last fdatasync took
         self._last_sync = self.now
         self.last_step = self.now
         self._next_checkpoint = self._next_metrics = 0.0
@@ -213,8 +218,14 @@ class Writer:
         if self.store.written_seq > self.store.synced_seq:
             due = self.sync_due()
             if force or self.effects or self.calls or (due is not None and self.clock() >= due):
-                await anyio.to_thread.run_sync(self.store.sync)
+                started = self.clock()
+                if self._sync_s < INLINE_SYNC_S:
+                    # A fast disk: waking a thread costs more than the fdatasync itself.
+                    self.store.sync()
+                else:
+                    await anyio.to_thread.run_sync(self.store.sync)
                 self._last_sync = self.clock()
+                self._sync_s = self._last_sync - started
         effects, self.effects = self.effects, []
         for fn in effects:
             try:
