@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 from collections.abc import Iterator
@@ -63,11 +64,18 @@ class Client:
 
     def call(self, method: str, **params: Any) -> Any:
         """Send one request and return its result; RemoteError on an error response."""
-        self.sock.sendall(
-            p.encode_request(
-                next(self._ids), method, {k: v for k, v in params.items() if v is not None}
-            )
+        frame = p.encode_request(
+            next(self._ids), method, {k: v for k, v in params.items() if v is not None}
         )
+        if len(frame) - 4 > p.MAX_REQUEST:
+            raise RemoteError(
+                "too_large",
+                f"the request is {len(frame) - 4} bytes, over the daemon's "
+                f"{p.MAX_REQUEST}-byte limit (split a large workstream into several files)",
+            )
+        # If the daemon refuses part-way its error response is still there to be read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.sendall(frame)
         resp = self._read_response()
         if not resp.ok:
             err = resp.error
