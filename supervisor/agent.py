@@ -38,6 +38,10 @@ from supervisor.channel import FrameChannel, ProtocolError
 log = structlog.get_logger("orchd.agent")
 
 EXIT_PROTOCOL_ERROR = 2
+# A command still running after this long is announced with Started; one that has ended
+# by then is reported by its Finished alone, which saves the daemon a message and a
+# record for every short task.
+STARTED_DELAY_S = 0.005
 
 
 class SpawnFailed(Exception):
@@ -51,6 +55,10 @@ class _Attempt:
     pid: int | None = None
     create_time: float = 0.0
     kill_requested: bool = False
+    # Set once Started went out; a command that ends sooner is reported by Finished alone.
+    started_sent: bool = False
+    command_pid: int | None = None
+    command_create_time: float = 0.0
     kill_done: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -220,7 +228,8 @@ class Agent:
             if attempt.kill_requested:
                 await attempt.kill_done.wait()
                 result.killed = True
-            log.info(
+            # Successes are many and the daemon records them; keep the worker's log for the rest.
+            (log.debug if result.phase == "done" and not result.killed else log.info)(
                 "attempt_finished",
                 attempt_id=run.attempt_id,
                 phase=result.phase,
@@ -229,6 +238,8 @@ class Agent:
                 killed=result.killed,
             )
             self._attempt = None
+            if not attempt.started_sent and attempt.command_pid is not None:
+                result.pid, result.create_time = attempt.command_pid, attempt.command_create_time
             await self._channel.send(result)
             attempt.done.set()
 
@@ -311,13 +322,20 @@ class Agent:
         pidfd = os.pidfd_open(proc.pid)
         try:
             exec_error = await launch.read_exec_status(status_r) if status_r is not None else ""
+            exited = False
             if not exec_error and step == "command":
-                await self._channel.send(
-                    wire.Started(
-                        attempt_id=run.attempt_id, pid=proc.pid, create_time=attempt.create_time
+                attempt.command_pid, attempt.command_create_time = proc.pid, attempt.create_time
+                with anyio.move_on_after(STARTED_DELAY_S):
+                    await anyio.wait_readable(pidfd)
+                    exited = True
+                if not exited:
+                    attempt.started_sent = await self._channel.send(
+                        wire.Started(
+                            attempt_id=run.attempt_id, pid=proc.pid, create_time=attempt.create_time
+                        )
                     )
-                )
-            await anyio.wait_readable(pidfd)
+            if not exited:
+                await anyio.wait_readable(pidfd)
         finally:
             os.close(pidfd)
         code = await self._collect(proc.pid)

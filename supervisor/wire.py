@@ -85,6 +85,9 @@ class Finished(msgspec.Struct, tag=True, kw_only=True):
     validate_exit_code: int | None = None
     killed: bool = False
     message: str | None = None
+    # The command's pid and create time when no Started was sent (it ended that quickly).
+    pid: int | None = None
+    create_time: float | None = None
 
 
 ToAgent = Run | Kill | Stop

@@ -78,12 +78,27 @@ class Driver:
                     return msg
                 assert isinstance(msg, wire.Heartbeat), f"expected {kind.__name__}, got {msg}"
 
+    async def started_and_finished(self, timeout_s: float = 5.0) -> tuple[int, wire.Finished]:
+        """The command's pid and the Finished: from Started, or, for a command that ended at
+        once, from the Finished itself (the agent then sends no Started)."""
+        while True:
+            msg = await self.recv(timeout_s)
+            if isinstance(msg, wire.Heartbeat):
+                continue
+            if isinstance(msg, wire.Started):
+                done = await self.expect(wire.Finished, timeout_s)
+                assert done.attempt_id == msg.attempt_id and done.pid is None
+                return msg.pid, done
+            assert isinstance(msg, wire.Finished), f"expected Started or Finished, got {msg}"
+            assert msg.pid is not None and msg.create_time
+            return msg.pid, msg
+
     async def outcome(self, run: wire.Run, timeout_s: float = 5.0) -> wire.Finished:
-        """Send `run`; its Finished, after checking that Started came first."""
+        """Send `run`; its Finished, after checking the command's pid was reported."""
         await self.send(run)
-        started = await self.expect(wire.Started, timeout_s)
-        assert started.attempt_id == run.attempt_id
-        return await self.expect(wire.Finished, timeout_s)
+        pid, done = await self.started_and_finished(timeout_s)
+        assert pid > 0 and done.attempt_id == run.attempt_id
+        return done
 
     def run(self, name: str, command: list[str] | str, **kw: Any) -> wire.Run:
         return wire.Run(
@@ -154,9 +169,8 @@ async def test_command_exit_code_is_reported_and_logged(tmp_path: Path) -> None:
     """A failing command gives Started then Finished(command, exit 3); output is in the log."""
     async with agent(tmp_path) as a:
         await a.send(a.run("exit3", "echo to-out; echo to-err >&2; exit 3"))
-        started = await a.expect(wire.Started)
-        assert started.attempt_id == MARK + "exit3" and started.pid > 0
-        done = await a.expect(wire.Finished)
+        pid, done = await a.started_and_finished()
+        assert done.attempt_id == MARK + "exit3" and pid > 0
         assert (done.phase, done.exit_code, done.signal, done.killed) == ("command", 3, None, False)
         text = a.log_text("exit3")
         header = HEADER.search(text)
@@ -356,3 +370,17 @@ async def test_bad_frame_makes_the_agent_exit_non_zero(tmp_path: Path, data: byt
         with anyio.fail_after(3):
             assert await a.process.wait() == 2
         assert "bad_frame" in (tmp_path / "agent.log").read_text()
+
+
+async def test_quick_command_is_reported_by_finished_alone(tmp_path: Path) -> None:
+    """A command that ends at once is reported by one Finished carrying its pid; one that
+    runs on is announced with Started first."""
+    async with agent(tmp_path) as a:
+        await a.send(a.run("quick", ["true"]))
+        first = await a.expect(wire.Finished)
+        assert first.phase == "done" and first.pid is not None and first.create_time
+        await a.send(a.run("slow", "sleep 0.3"))
+        started = await a.expect(wire.Started)
+        assert started.attempt_id == MARK + "slow"
+        done = await a.expect(wire.Finished)
+        assert done.phase == "done" and done.pid is None

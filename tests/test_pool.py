@@ -100,7 +100,7 @@ async def test_run_results_arrive_through_the_inbox(tmp_path: Path) -> None:
     async with running_pool(tmp_path) as (pool, inbox):
         await pool.spawn("w1")
         await _next(inbox, wire.Hello)
-        assert await pool.send("w1", _run(tmp_path, "r", "exit 5"))
+        assert await pool.send("w1", _run(tmp_path, "r", "sleep 0.2; exit 5"))
         started = await _next(inbox, wire.Started)
         assert isinstance(started, AgentMessage) and isinstance(started.msg, wire.Started)
         assert started.msg.attempt_id == MARK + "r"
