@@ -242,6 +242,8 @@ class TaskEngine(WorkerOps):
         }
         if msg.message:
             upd["message"] = msg.message
+        if msg.pid is not None:  # it ended before a Started was worth sending
+            upd["pid"], upd["pid_create_time"] = msg.pid, msg.create_time
         reason = task.stopping
         if msg.phase == "done" and not msg.killed:
             self.commit(
