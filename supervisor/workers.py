@@ -137,14 +137,18 @@ class WorkerOps(Writer):
                     message=f"Started {msg.attempt_id}",
                 )
                 return
-            self.commit(
-                "task",
-                task.id,
-                "running",
-                "auto",
-                pid=msg.pid,
-                attempt_update={"pid": msg.pid, "pid_create_time": msg.create_time},
-            )
+            self.lazy = True  # only a pid learnt: no sync of its own (see Writer.flush)
+            try:
+                self.commit(
+                    "task",
+                    task.id,
+                    "running",
+                    "auto",
+                    pid=msg.pid,
+                    attempt_update={"pid": msg.pid, "pid_create_time": msg.create_time},
+                )
+            finally:
+                self.lazy = False
         elif isinstance(msg, wire.Finished):
             self._on_finished(wid, msg)
 

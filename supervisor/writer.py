@@ -134,6 +134,9 @@ class Writer:
         self._retry_writes_at = 0.0
         self._next_notes = 0.0
         self._sync_s = 0.0  # how long the last fdatasync took
+        # `lazy` commits need no sync of their own; `urgent` says one is owed.
+        self.lazy = False
+        self.urgent = False
         self._last_sync = self.now
         self.last_step = self.now
         self._next_checkpoint = self._next_metrics = 0.0
@@ -159,6 +162,8 @@ class Writer:
         self.state.check(rec)
         self.store.write(rec)
         self.state.apply(rec)
+        if not self.lazy:
+            self.urgent = True
         self.counters["transitions"] = self.counters.get("transitions", 0) + 1
         if entity == "task":
             self._after_task(self.state.data.tasks[id_], frm or "")
@@ -213,11 +218,18 @@ class Writer:
         """Group commit, then the effects and replies that waited on it.
 
         The sync is what makes effects and replies safe (the write-ahead rule), so it runs
-        whenever one waits. Records that nothing visible depends on yet (a pid learnt, a
-        heartbeat-driven state) ride along with the next sync, at most SYNC_LAG_S later."""
+        whenever one waits, and after every record but those committed as `lazy` (a pid
+        learnt from Started, which nothing visible depends on and which recovery can do
+        without): those ride along with the next sync, at most SYNC_LAG_S later."""
         if self.store.written_seq > self.store.synced_seq:
             due = self.sync_due()
-            if force or self.effects or self.calls or (due is not None and self.clock() >= due):
+            if (
+                force
+                or self.urgent
+                or self.effects
+                or self.calls
+                or (due is not None and self.clock() >= due)
+            ):
                 started = self.clock()
                 if self._sync_s < INLINE_SYNC_S:
                     # A fast disk: waking a thread costs more than the fdatasync itself.
@@ -226,6 +238,7 @@ class Writer:
                     await anyio.to_thread.run_sync(self.store.sync)
                 self._last_sync = self.clock()
                 self._sync_s = self._last_sync - started
+                self.urgent = False
         effects, self.effects = self.effects, []
         for fn in effects:
             try:
