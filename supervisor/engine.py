@@ -31,6 +31,9 @@ from supervisor.writer import (
 
 log = structlog.get_logger("orchd.scheduler")
 
+# An operator's workstream rollback stops the attempt; the task goes back to pending.
+STOP_ROLLBACK = "rollback"
+
 
 class TaskEngine(WorkerOps):
     """The tasks' side of the scheduler."""
@@ -180,10 +183,11 @@ class TaskEngine(WorkerOps):
             attempt_id=attempt_id,
             task_id=task.id,
             number=n,
-            command=task.command,
+            # A revalidation runs the validate step alone, as the attempt's command.
+            command=task.validate if task.revalidate and task.validate else task.command,
             cwd=task.cwd,
             env=task.env,
-            validate=task.validate,
+            validate=None if task.revalidate else task.validate,
             rlimits=task.rlimits,
             log_path=str(self.store.task_log_path(task.id)),
         )
@@ -197,7 +201,7 @@ class TaskEngine(WorkerOps):
             "timeout"
             if reason == STOP_TIMEOUT
             else "operator"
-            if reason in (STOP_CANCEL, STOP_WORKER_LOST)
+            if reason in (STOP_CANCEL, STOP_WORKER_LOST, STOP_ROLLBACK)
             else "health"
             if reason == STOP_REASSIGN
             else "shutdown"
@@ -256,6 +260,7 @@ class TaskEngine(WorkerOps):
                 stopping=None,
                 failure_kind=None,
                 attempt_update=upd,
+                **({"revalidate": False} if task.revalidate else {}),
             )
             self.counters["completed"] = self.counters.get("completed", 0) + 1
         elif reason == STOP_CANCEL:
@@ -270,13 +275,13 @@ class TaskEngine(WorkerOps):
                 stopping=None,
                 attempt_update=upd,
             )
-        elif reason == STOP_SHUTDOWN:
+        elif reason in (STOP_SHUTDOWN, STOP_ROLLBACK):
             upd["failure_kind"] = FailureKind.INTERRUPTED
             self.commit(
                 "task",
                 task.id,
                 "pending",
-                "shutdown",
+                "shutdown" if reason == STOP_SHUTDOWN else "operator",
                 worker_id=None,
                 pid=None,
                 stopping=None,
@@ -315,6 +320,8 @@ class TaskEngine(WorkerOps):
                 kind = {"spawn": FailureKind.SPAWN_ERROR, "validate": FailureKind.VALIDATION}.get(
                     msg.phase, FailureKind.EXIT_CODE
                 )
+                if task.revalidate and kind == FailureKind.EXIT_CODE:
+                    kind = FailureKind.VALIDATION  # the "command" was the validate step
             self.fail_attempt(task, kind, msg.exit_code, upd)
         self._release_worker(wid)
 
@@ -338,7 +345,8 @@ class TaskEngine(WorkerOps):
         upd["failure_kind"] = kind
         self.counters[f"failure.{kind}"] = self.counters.get(f"failure.{kind}", 0) + 1
         cause: Cause = "timeout" if kind == FailureKind.TIMEOUT else "failure"
-        self.commit("task", task.id, str(out.to), cause, attempt_update=upd, **out.changes)
+        extra = {"revalidate": False} if task.revalidate else {}
+        self.commit("task", task.id, str(out.to), cause, attempt_update=upd, **out.changes, **extra)
         if out.final:
             self.emit(
                 "task_failed",

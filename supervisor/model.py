@@ -156,6 +156,8 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     skipped: bool = False
     skip_reason: str | None = None
     stopping: str | None = None
+    # The next attempt runs only the validate step (`orchctl revalidate`).
+    revalidate: bool = False
 
 
 class Workstream(msgspec.Struct, kw_only=True, omit_defaults=True):

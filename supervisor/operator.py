@@ -12,21 +12,17 @@ from typing import Any
 import msgspec
 
 from supervisor import protocol as p
+from supervisor import task_ops, ws_ops
 from supervisor.errors import OperatorError, WorkstreamFileError
 from supervisor.graph import find_cycles
-from supervisor.model import Task, TaskState, Worker, WorkerState
+from supervisor.model import TaskState, Worker, WorkerState
+from supervisor.opbase import get_task as _task
+from supervisor.opbase import reopen_workstream as _reopen_workstream
 from supervisor.scheduler import STOP_CANCEL, STOP_REASSIGN, STOP_WORKER_LOST, Scheduler
 from supervisor.submission import new_ulid, parse_workstream
 from supervisor.views import resource_views, status_view, task_view, worker_view
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
-
-
-def _task(s: Scheduler, task_id: str) -> Task:
-    task = s.state.data.tasks.get(task_id)
-    if task is None:
-        raise OperatorError("not_found", f"no task {task_id!r} (see `orchctl tasks`)")
-    return task
 
 
 def _worker(s: Scheduler, worker_id: str) -> Worker:
@@ -204,16 +200,6 @@ def submit(s: Scheduler, params: p.SubmitParams) -> dict[str, Any]:
     return {"workstream_id": ws.id, "tasks": len(new_tasks), "seq": rec.seq, "cycles": cycles}
 
 
-def _reopen_workstream(s: Scheduler, ws_id: str) -> None:
-    ws = s.state.data.workstreams[ws_id]
-    if ws.state in ("failed", "completed", "cancelled"):
-        s.commit("workstream", ws_id, "running", "operator", ended_at=None)
-    tasks = s.state.data.tasks
-    if not any(tasks[t].state == TaskState.FAILED and tasks[t].critical for t in ws.task_ids):
-        s.blocked_ws.discard(ws_id)
-        s.queue.unpark_ws(ws_id)
-
-
 def retry(s: Scheduler, params: p.RetryParams) -> dict[str, Any]:
     task = _task(s, params.task_id)
     if task.state in (TaskState.RUNNING, TaskState.QUEUED):
@@ -230,6 +216,8 @@ def retry(s: Scheduler, params: p.RetryParams) -> dict[str, Any]:
         "skipped": False,
         "skip_reason": None,
     }
+    if task.revalidate:
+        changes["revalidate"] = False  # a retry runs the whole task again
     if params.timeout_s is not None:
         if params.timeout_s <= 0:
             raise OperatorError("invalid", "--timeout must be > 0")
@@ -363,5 +351,18 @@ HANDLERS: dict[str, Any] = {
     "worker_restart": worker_restart,
     "worker_shutdown": worker_shutdown,
     "resource_set_limit": resource_set_limit,
+    "deps": task_ops.deps,
+    "dep_remove": task_ops.dep_remove,
+    "revalidate": task_ops.revalidate,
+    "debug": task_ops.debug,
+    "interventions": task_ops.interventions,
+    "metrics": task_ops.metrics,
+    "ws_retry": ws_ops.ws_retry,
+    "ws_retry_failed": ws_ops.ws_retry_failed,
+    "ws_resume": ws_ops.ws_resume,
+    "ws_checkpoints": ws_ops.ws_checkpoints,
+    "ws_rollback": ws_ops.ws_rollback,
+    "ws_mark_merged": ws_ops.ws_mark_merged,
+    "ws_analyze": ws_ops.ws_analyze,
 }
 assert set(HANDLERS) == set(p.METHODS), "every protocol method has a handler"

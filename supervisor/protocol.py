@@ -87,6 +87,32 @@ class ResourcesParams(_Params):
 class LogsParams(_Params):
     task_id: str
     lines: int = 100
+    follow: bool = False
+
+
+class DepsParams(_Params):
+    task_id: str
+
+
+class WsCheckpointsParams(_Params):
+    workstream: str
+
+
+class WsAnalyzeParams(_Params):
+    workstream: str
+
+
+class InterventionsParams(_Params):
+    limit: int = 20
+
+
+class MetricsParams(_Params):
+    pass
+
+
+class DebugParams(_Params):
+    task_id: str
+    lines: int = 20
 
 
 # --- changing methods ------------------------------------------------------------------
@@ -132,6 +158,44 @@ class ResourceSetLimitParams(_Params):
     reason: str | None = None
 
 
+class DepRemoveParams(_Params):
+    from_task: str
+    to_task: str
+    reason: str | None = None
+
+
+class WsRetryParams(_Params):
+    workstream: str
+    reason: str | None = None
+
+
+class WsRetryFailedParams(_Params):
+    workstream: str
+    reason: str | None = None
+
+
+class WsResumeParams(_Params):
+    workstream: str
+    from_task: str
+    reason: str | None = None
+
+
+class WsRollbackParams(_Params):
+    workstream: str
+    to_checkpoint: str = "latest"
+    reason: str | None = None
+
+
+class WsMarkMergedParams(_Params):
+    workstream: str
+    reason: str | None = None
+
+
+class RevalidateParams(_Params):
+    task_id: str
+    reason: str | None = None
+
+
 # The explicit dispatch table: method name -> (params type, changes state?).
 METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "status": (StatusParams, False),
@@ -145,6 +209,12 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "worker_logs": (WorkerLogsParams, False),
     "resources": (ResourcesParams, False),
     "logs": (LogsParams, False),
+    "deps": (DepsParams, False),
+    "ws_checkpoints": (WsCheckpointsParams, False),
+    "ws_analyze": (WsAnalyzeParams, False),
+    "interventions": (InterventionsParams, False),
+    "metrics": (MetricsParams, False),
+    "debug": (DebugParams, False),
     "submit": (SubmitParams, True),
     "retry": (RetryParams, True),
     "skip": (SkipParams, True),
@@ -152,6 +222,13 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "worker_restart": (WorkerRestartParams, True),
     "worker_shutdown": (WorkerShutdownParams, True),
     "resource_set_limit": (ResourceSetLimitParams, True),
+    "dep_remove": (DepRemoveParams, True),
+    "ws_retry": (WsRetryParams, True),
+    "ws_retry_failed": (WsRetryFailedParams, True),
+    "ws_resume": (WsResumeParams, True),
+    "ws_rollback": (WsRollbackParams, True),
+    "ws_mark_merged": (WsMarkMergedParams, True),
+    "revalidate": (RevalidateParams, True),
 }
 
 Params = _Params

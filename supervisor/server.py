@@ -30,6 +30,8 @@ from supervisor.scheduler import Scheduler
 
 log = structlog.get_logger("orchd.server")
 _PEERCRED = struct.Struct("iII")  # pid, uid, gid: ids unsigned
+# How often a followed log file is looked at for new output.
+FOLLOW_POLL_S = 0.2
 
 
 class Peer(msgspec.Struct, frozen=True):
@@ -183,6 +185,9 @@ class Server:
         if isinstance(params, p.EventsParams) and params.follow:
             await self._follow_events(stream, req.id, params)
             return True
+        if isinstance(params, p.LogsParams) and params.follow:
+            await self._follow_log(stream, req.id, params)
+            return True
         resp = await self._dispatch(req, params, changes, peer)
         await stream.send(p.encode_response(resp))
         return False
@@ -206,6 +211,7 @@ class Server:
         if changes:
             log.info("control_change", method=req.method, uid=peer.uid, pid=peer.pid, ok=resp.ok)
             entry = {
+                "ts": round(self.scheduler.clock(), 3),
                 "method": req.method,
                 "uid": peer.uid,
                 "pid": peer.pid,
@@ -235,3 +241,75 @@ class Server:
         finally:
             with contextlib.suppress(ValueError):
                 self.scheduler.event_listeners.remove(send)
+
+    async def _follow_log(self, stream: SocketStream, req_id: int, params: p.LogsParams) -> None:
+        """`logs -f`: the last lines, then every new complete line until the client goes."""
+        try:
+            first = await self.scheduler.call(HANDLERS["logs"], self.scheduler, params)
+        except OperatorError as exc:
+            await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
+            return
+        path = Path(first["path"])
+        lines, offset = _tail_at(path, params.lines)
+        await stream.send(
+            p.encode_response(
+                p.Response(id=req_id, ok=True, result={"path": str(path), "lines": lines})
+            )
+        )
+        async with anyio.create_task_group() as tg:
+
+            async def until_closed() -> None:
+                # The client sends nothing more; EOF (or an error) means it has gone.
+                with contextlib.suppress(Exception):
+                    while await stream.receive():
+                        pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(until_closed)
+            while True:
+                await anyio.sleep(FOLLOW_POLL_S)
+                new, offset = _read_new(path, offset)
+                if new:
+                    await stream.send(
+                        p.encode_response(p.Response(id=req_id, ok=True, result={"lines": new}))
+                    )
+
+
+def _tail_at(path: Path, lines: int) -> tuple[list[str], int]:
+    """The last `lines` lines of `path` and the offset just after them (0 when absent)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], 0
+    start = max(0, size - 1024 * 1024)  # enough for any sensible -n
+    text = _read_range(path, start, size)
+    end = text.rfind(b"\n") + 1  # a partial last line is sent once it is complete
+    got = text[:end].decode("utf-8", errors="replace").splitlines()
+    if start > 0 and got:
+        got = got[1:]  # the block began mid-line
+    return (got[-lines:] if lines > 0 else []), start + end
+
+
+def _read_new(path: Path, offset: int) -> tuple[list[str], int]:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], 0
+    if size < offset:  # truncated or replaced: start again from its beginning
+        offset = 0
+    if size == offset:
+        return [], offset
+    data = _read_range(path, offset, size)
+    end = data.rfind(b"\n") + 1
+    if end == 0:
+        return [], offset
+    return data[:end].decode("utf-8", errors="replace").splitlines(), offset + end
+
+
+def _read_range(path: Path, start: int, stop: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    except FileNotFoundError:
+        return b""
