@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ctl import render
+from ctl import completion, render
 from ctl.client import Client, DaemonUnreachable, RemoteError
 from supervisor.protocol import EXIT_CODES
 
@@ -38,6 +38,29 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("logs", help="a task's log")
     sp.add_argument("task")
     sp.add_argument("-n", "--lines", type=int, default=100)
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    sp = sub.add_parser("deps", help="a task's dependencies, dependents and why it waits")
+    sp.add_argument("task")
+    dep = sub.add_parser("dep", help="change dependencies").add_subparsers(
+        dest="dep_cmd", required=True, metavar="ACTION"
+    )
+    sp = dep.add_parser("remove", help="A no longer depends on B")
+    sp.add_argument("--from", dest="from_task", required=True, metavar="A")
+    sp.add_argument("--to", dest="to_task", required=True, metavar="B")
+    sp = sub.add_parser("revalidate", help="re-run only the validation step of a task")
+    sp.add_argument("task")
+    sp = sub.add_parser("debug", help="diagnose a task; on a terminal, pick a next action")
+    sp.add_argument("task")
+    sp.add_argument("-n", "--lines", type=int, default=20)
+    sp = sub.add_parser("dag", help="a workstream's dependency graph")
+    sp.add_argument("workstream")
+    sp.add_argument("--format", choices=["text", "dot", "mermaid"], default="text")
+    sp = sub.add_parser("interventions", help="the operator actions, newest last")
+    sp.add_argument("-n", "--limit", type=int, default=20)
+    sp = sub.add_parser("metrics", help="live metrics")
+    sp.add_argument("--prometheus", action="store_true", help="Prometheus text format")
+    sp = sub.add_parser("completion", help="shell completion script")
+    sp.add_argument("shell", choices=sorted(completion.SHELLS))
     sp = sub.add_parser("events", help="events, newest last")
     sp.add_argument("-f", "--follow", action="store_true")
     sp.add_argument("--severity", choices=["debug", "info", "warning", "error", "critical"])
@@ -57,8 +80,22 @@ def _parser() -> argparse.ArgumentParser:
         dest="ws_cmd", required=True, metavar="ACTION"
     )
     ws.add_parser("list")
-    sp = ws.add_parser("show")
-    sp.add_argument("workstream")
+    for name, text in (
+        ("show", "a workstream and its tasks"),
+        ("retry", "every task back to pending with fresh retries"),
+        ("retry-failed", "the failed tasks back to pending"),
+        ("checkpoints", "its checkpoints (seq, time, counts)"),
+        ("mark-merged", "a completed workstream becomes merged (final)"),
+        ("analyze", "the guide's decision trees, with the commands to run next"),
+        ("resume", "a task and everything downstream of it back to pending"),
+        ("rollback", "back to a checkpoint (completed tasks stay completed)"),
+    ):
+        sp = ws.add_parser(name, help=text)
+        sp.add_argument("workstream")
+        if name == "resume":
+            sp.add_argument("--from-task", required=True, metavar="TASK")
+        if name == "rollback":
+            sp.add_argument("--to-checkpoint", required=True, metavar="latest|N")
     wk = sub.add_parser("worker", help="one worker").add_subparsers(
         dest="worker_cmd", required=True, metavar="ACTION"
     )
@@ -124,7 +161,19 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         case "show":
             return "show", {"task_id": args.task, "logs": args.logs, "lines": args.lines}
         case "logs":
-            return "logs", {"task_id": args.task, "lines": args.lines}
+            return "logs", {"task_id": args.task, "lines": args.lines, "follow": args.follow}
+        case "deps" | "revalidate":
+            return args.cmd, {"task_id": args.task}
+        case "debug":
+            return "debug", {"task_id": args.task, "lines": args.lines}
+        case "dep":
+            return "dep_remove", {"from_task": args.from_task, "to_task": args.to_task}
+        case "dag":
+            return "ws_show", {"workstream": args.workstream}
+        case "interventions":
+            return "interventions", {"limit": args.limit}
+        case "metrics":
+            return "metrics", {}
         case "events":
             return "events", {"severity": args.severity, "limit": args.limit, "follow": args.follow}
         case "retry":
@@ -138,11 +187,14 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         case "cancel":
             return "cancel", {"task_id": args.task}
         case "ws":
-            return (
-                ("ws_list", {})
-                if args.ws_cmd == "list"
-                else ("ws_show", {"workstream": args.workstream})
-            )
+            if args.ws_cmd == "list":
+                return "ws_list", {}
+            params: dict[str, Any] = {"workstream": args.workstream}
+            if args.ws_cmd == "resume":
+                params["from_task"] = args.from_task
+            if args.ws_cmd == "rollback":
+                params["to_checkpoint"] = args.to_checkpoint
+            return "ws_" + args.ws_cmd.replace("-", "_"), params
         case "worker":
             if args.worker_cmd == "shutdown":
                 return "worker_shutdown", {
@@ -163,6 +215,16 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def _human(method: str, result: Any, colour: bool) -> str:
     match method:
+        case "deps":
+            return render.deps_view(result, colour)
+        case "ws_analyze":
+            return render.analysis_view(result)
+        case "ws_checkpoints":
+            return render.checkpoints_table(result) if result else "no checkpoints"
+        case "interventions":
+            return render.interventions_lines(result)
+        case "debug":
+            return render.debug_view(result)
         case "tasks":
             return render.tasks_table(result, colour)
         case "workers":
@@ -208,6 +270,10 @@ def _human(method: str, result: Any, colour: bool) -> str:
                 )
             return "\n".join(parts)
     if isinstance(result, dict) and "seq" in result:
+        if result["seq"] is None:
+            return "nothing to change: " + ", ".join(
+                f"{k}={v}" for k, v in result.items() if k != "seq"
+            )
         rest = ", ".join(f"{k}={v}" for k, v in result.items() if k != "seq")
         return f"ok (seq {result['seq']}): {rest}"
     return render.to_json(result)
@@ -259,10 +325,75 @@ def _state(args: argparse.Namespace) -> int:
     return EXIT_OK if out.get("ok", True) else EXIT_CORRUPT
 
 
+_DAG = {"text": render.dag_text, "dot": render.dag_dot, "mermaid": render.dag_mermaid}
+
+
+def _output(args: argparse.Namespace, method: str, result: Any) -> str:
+    if args.cmd == "dag":
+        return _DAG[args.format](result)
+    if args.cmd == "metrics" and args.prometheus:
+        return render.prometheus(result).rstrip("\n")
+    return render.to_json(result) if args.json else _human(method, result, _colour())
+
+
+def _menu(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    """`debug` on a terminal: a numbered menu of next actions; the chosen one is run."""
+    actions = result["actions"]
+    if not actions:
+        return EXIT_OK
+    for i, a in enumerate(actions, 1):
+        argv = " ".join("REASON" if x == "{reason}" else x for x in a["argv"])
+        print(f"  {i}. {a['label']}: orchctl {argv}")
+    choice = input(f"action [1-{len(actions)}, Enter to quit]: ").strip()
+    if not choice:
+        return EXIT_OK
+    if not choice.isdigit() or not 1 <= int(choice) <= len(actions):
+        print(f"orchctl: no action {choice!r}", file=sys.stderr)
+        return EXIT_USAGE
+    argv = list(actions[int(choice) - 1]["argv"])
+    if "{reason}" in argv:
+        reason = input("reason: ").strip()
+        if not reason:
+            print("orchctl: a reason is needed", file=sys.stderr)
+            return EXIT_USAGE
+        argv[argv.index("{reason}")] = reason
+    return main(["--socket", args.socket, *argv])
+
+
+def _debug_suggestions(result: dict[str, Any]) -> str:
+    if not result["actions"]:
+        return ""
+    lines = ["next actions:"]
+    for a in result["actions"]:
+        argv = " ".join(x if x != "{reason}" else '"REASON"' for x in a["argv"])
+        lines.append(f"    orchctl {argv}    # {a['label']}")
+    return "\n".join(lines)
+
+
+def _follow(client: Client, method: str, params: dict[str, Any], args: argparse.Namespace) -> int:
+    try:
+        for item in client.stream(method, **params):
+            if method == "events":
+                text = render.to_json(item) if args.json else render.events_lines([item], _colour())
+            elif args.json:
+                text = "\n".join(render.to_json(line) for line in item["lines"])
+            else:
+                text = "\n".join(item["lines"])
+            if text:
+                print(text, flush=True)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.cmd == "state":
         return _state(args)
+    if args.cmd == "completion":
+        print(completion.SHELLS[args.shell](completion.command_tree(parser)), end="")
+        return EXIT_OK
     try:
         method, params = _request(args)
     except OSError as exc:
@@ -281,18 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
     try:
         with Client(args.socket) as client:
-            if method == "events" and args.follow:
-                try:
-                    for ev in client.stream("events", **params):
-                        print(
-                            render.to_json(ev)
-                            if args.json
-                            else render.events_lines([ev], _colour()),
-                            flush=True,
-                        )
-                except KeyboardInterrupt:
-                    return EXIT_OK
-                return EXIT_OK
+            if method in ("events", "logs") and args.follow:
+                return _follow(client, method, params, args)
             result = client.call(method, **params)
     except DaemonUnreachable as exc:
         print(f"orchctl: {exc}", file=sys.stderr)
@@ -300,5 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as exc:
         print(f"orchctl: {exc.message}", file=sys.stderr)
         return EXIT_CODES.get(exc.code, EXIT_FAILED)
-    print(render.to_json(result) if args.json else _human(method, result, _colour()))
+    print(_output(args, method, result))
+    if method == "debug" and not args.json:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            return _menu(args, result)
+        suggestions = _debug_suggestions(result)
+        if suggestions:
+            print(suggestions)
     return EXIT_OK
