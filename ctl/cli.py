@@ -342,8 +342,8 @@ def _menu(args: argparse.Namespace, result: dict[str, Any]) -> int:
     if not actions:
         return EXIT_OK
     for i, a in enumerate(actions, 1):
-        argv = " ".join("REASON" if x == "{reason}" else x for x in a["argv"])
-        print(f"  {i}. {a['label']}: orchctl {argv}")
+        shown = " ".join("REASON" if x == "{reason}" else x for x in a["argv"])
+        print(f"  {i}. {a['label']}: orchctl {shown}")
     choice = input(f"action [1-{len(actions)}, Enter to quit]: ").strip()
     if not choice:
         return EXIT_OK
