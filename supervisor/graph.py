@@ -30,24 +30,57 @@ class Graph:
         # an ordered set here.
         self.ready: dict[str, None] = {}
 
-    def rebuild(self, tasks: Iterable[Task]) -> None:
-        """Recompute everything from scratch (on load)."""
+    def rebuild(self, tasks: Iterable[Task], index: Mapping[str, Task] | None = None) -> None:
+        """Recompute everything from scratch (on load). `index` maps every task id to its
+        task (the state's own dict; built from `tasks` when not given)."""
         self.__init__()  # type: ignore[misc]
-        all_tasks = list(tasks)
-        self.add_tasks(all_tasks, {t.id: t for t in all_tasks})
+        if index is None:
+            listed = list(tasks)
+            self.add_tasks(listed, {t.id: t for t in listed})
+        else:
+            self.add_tasks(tasks, index)
 
     def add_tasks(self, new: Iterable[Task], tasks: Mapping[str, Task]) -> None:
-        """Index newly created tasks (they may depend on each other or on existing ones)."""
-        new = list(new)
+        """Index newly created tasks (they may depend on each other or on existing ones);
+        `tasks` holds every task, the new ones included.
+
+        One pass with everything bound to locals: a start from a snapshot runs this over
+        every task before the daemon can do anything else, and a replay over every
+        workstream submitted."""
+        dependents, unmet, holders = self.dependents, self.unmet, self.holders
+        ws_counts, ready = self.ws_counts, self.ready
+        satisfying, find = _SATISFYING, tasks.get
+        last_ws: str | None = None
+        counts: dict[str, int] = {}
         for task in new:
+            tid, state, ws = task.id, task.state, task.workstream_id
+            # The tasks of a workstream are usually next to each other.
+            if ws != last_ws:
+                got = ws_counts.get(ws)
+                if got is None:
+                    got = ws_counts[ws] = {}
+                counts, last_ws = got, ws
+            counts[state] = counts.get(state, 0) + 1
+            n = 0
             for dep in task.depends_on:
-                self.dependents.setdefault(dep, []).append(task.id)
-            counts = self.ws_counts.setdefault(task.workstream_id, {})
-            counts[task.state] = counts.get(task.state, 0) + 1
-            if task.state == "running":
-                self._hold(task)
-        for task in new:
-            self._recount(task, tasks)
+                lst = dependents.get(dep)
+                if lst is None:
+                    dependents[dep] = [tid]
+                else:
+                    lst.append(tid)
+                d = find(dep)
+                if d is None or d.state not in satisfying:
+                    n += 1
+            unmet[tid] = n
+            if state == "running":
+                for r in task.resources:
+                    held = holders.get(r)
+                    if held is None:
+                        holders[r] = [tid]
+                    else:
+                        held.append(tid)
+            elif n == 0 and state == "pending":
+                ready[tid] = None
 
     def _recount(self, task: Task, tasks: Mapping[str, Task]) -> None:
         n = 0
@@ -71,22 +104,27 @@ class Graph:
 
     def on_task_state(self, task: Task, old: str, tasks: Mapping[str, Task]) -> None:
         """Account for `task` having moved from `old` to its current state."""
+        # Runs for most replayed records: locals, and no call unless there is work.
         new = task.state
         counts = self.ws_counts[task.workstream_id]
         counts[old] -= 1
         counts[new] = counts.get(new, 0) + 1
-        if old == "running":
-            self._release(task)
-        elif new == "running":
-            self._hold(task)
-        was, now = old in _SATISFYING, new in _SATISFYING
-        if was != now:
-            delta = -1 if now else 1
-            for dep_id in self.dependents.get(task.id, ()):
-                left = self.unmet[dep_id] + delta
-                self.unmet[dep_id] = left
-                if left == 0 and tasks[dep_id].state == "pending":
-                    self.ready[dep_id] = None
+        if task.resources:
+            if old == "running":
+                self._release(task)
+            elif new == "running":
+                self._hold(task)
+        now = new in _SATISFYING
+        if (old in _SATISFYING) != now:
+            dependents = self.dependents.get(task.id)
+            if dependents:
+                delta = -1 if now else 1
+                unmet, ready = self.unmet, self.ready
+                for dep_id in dependents:
+                    left = unmet[dep_id] + delta
+                    unmet[dep_id] = left
+                    if left == 0 and tasks[dep_id].state == "pending":
+                        ready[dep_id] = None
         if new == "pending" and self.unmet.get(task.id, 0) == 0:
             self.ready[task.id] = None
 

@@ -14,11 +14,12 @@ import gc
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -32,6 +33,7 @@ TMP_SUFFIX: Final = ".tmp"
 _BACKUP_PREFIX: Final = "current_"
 # Backup names sort in time order: fixed-width UTC time down to the microsecond.
 _STAMP_FORMAT: Final = "%Y-%m-%dT%H-%M-%S.%fZ"
+T = TypeVar("T")
 
 
 class SnapshotFile(StateData, kw_only=True):
@@ -104,7 +106,10 @@ def encode_snapshot(state: State, *, log_offset: int | None, log_crc: int | None
 
 
 def read_snapshot(path: Path) -> SnapshotFile | str:
-    """The snapshot in `path`, or a reason why it cannot be used."""
+    """The snapshot in `path`, or a reason why it cannot be used.
+
+    Its checksum is computed in a thread while this one decodes it (zlib lets go of the
+    GIL); a snapshot whose seal does not match is refused whatever the decoding gave."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -113,12 +118,27 @@ def read_snapshot(path: Path) -> SnapshotFile | str:
         return f"unreadable ({exc.strerror})"
     if not data:
         return "empty"
-    if not is_sealed(data):
-        return "checksum mismatch (truncated or garbled)"
+    sealed = in_thread(is_sealed, data)
     try:
-        return _snapshot_decoder.decode(data)
+        snap: SnapshotFile | str = _snapshot_decoder.decode(data)
     except msgspec.DecodeError as exc:
-        return f"does not decode ({exc})"
+        snap = f"does not decode ({exc})"
+    if not sealed():
+        return "checksum mismatch (truncated or garbled)"
+    return snap
+
+
+def in_thread(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    """Start `fn(*args)` in a thread; the function returned waits for its result (or
+    raises its exception).
+
+    For checksums over tens or hundreds of megabytes: zlib lets go of the GIL while it
+    computes, so a load decodes and indexes on one core while it checks on another."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchd-load")
+    try:
+        return pool.submit(fn, *args).result
+    finally:
+        pool.shutdown(wait=False)  # the thread ends after its one job
 
 
 def snapshot_state(snap: SnapshotFile) -> StateData:
@@ -253,17 +273,22 @@ def load(state_dir: Path, *, full: bool = False) -> Loaded:
                 repairs.append(f"{SNAPSHOT_NAME} is {got}; {how}")
         else:
             snap, source = got, SNAPSHOT_NAME
+    covered: Callable[[], bool] | None = None
+    if (
+        snap is not None
+        and snap.log_offset is not None
+        and snap.log_crc is not None
+        and log_path.exists()
+    ):
+        # Check the log's covered bytes while the graph is being built.
+        covered = in_thread(prefix_matches, log_path, snap.log_offset, snap.log_crc, snap.last_seq)
     state = State(snapshot_state(snap)) if snap is not None else State()
     scanner = Scanner(log_path, state_dir)
     if not log_path.exists():
         scan = ScanResult(end=0, crc=0, last_seq=0, line=0, size=0)
-    elif (
-        snap is not None
-        and snap.log_offset is not None
-        and snap.log_crc is not None
-        and prefix_matches(log_path, snap.log_offset, snap.log_crc, snap.last_seq)
-    ):
+    elif snap is not None and covered is not None and covered():
         # The covered part of the log is byte-for-byte what was written: check the rest.
+        assert snap.log_offset is not None and snap.log_crc is not None
         seq = snap.last_seq
         scan = scanner.scan(
             start=snap.log_offset,
@@ -294,13 +319,24 @@ def load(state_dir: Path, *, full: bool = False) -> Loaded:
 
 
 @contextmanager
-def gc_paused() -> Iterator[None]:
+def gc_paused(*, freeze: bool = False) -> Iterator[None]:
     """Loading builds millions of objects that all live on; collecting meanwhile only
-    rescans them again and again (it doubles the replay time)."""
+    rescans them again and again (it doubles the replay time).
+
+    The collections are only put off, though: the first ones after the pause would walk
+    every object loaded (a second or more for a big state). With `freeze`, for a state
+    kept for the rest of the process, a successful load ends with `gc.freeze()`, which
+    moves everything alive into a generation the collector never scans; the garbage
+    already there is collected first, so none of it is frozen. The loaded objects form
+    no reference cycles, so reference counting still frees them when they go."""
     was = gc.isenabled()
+    if freeze:
+        gc.collect()
     gc.disable()
     try:
         yield
+        if freeze:
+            gc.freeze()
     finally:
         if was:
             gc.enable()

@@ -114,7 +114,7 @@ class Store:
             for p in (self._dir / sub).glob(f"*{TMP_SUFFIX}"):
                 p.unlink(missing_ok=True)
         new_log = not self.log_path.exists()
-        with gc_paused():
+        with gc_paused(freeze=True):
             loaded = load(self._dir)
         self.repairs = list(loaded.repairs)
         scan = loaded.scan
