@@ -16,6 +16,7 @@ from supervisor import task_ops, ws_ops
 from supervisor.errors import OperatorError, WorkstreamFileError
 from supervisor.graph import find_cycles
 from supervisor.model import TaskState, Worker, WorkerState
+from supervisor.opbase import fresh_changes
 from supervisor.opbase import get_task as _task
 from supervisor.opbase import reopen_workstream as _reopen_workstream
 from supervisor.scheduler import STOP_CANCEL, STOP_REASSIGN, STOP_WORKER_LOST, Scheduler
@@ -209,15 +210,7 @@ def retry(s: Scheduler, params: p.RetryParams) -> dict[str, Any]:
         )
     if s.state.data.workstreams[task.workstream_id].state == "merged":
         raise OperatorError("wrong_state", f"workstream {task.workstream_id} is merged")
-    changes: dict[str, Any] = {
-        "retry_count": 0,
-        "not_before": None,
-        "failure_kind": None,
-        "skipped": False,
-        "skip_reason": None,
-    }
-    if task.revalidate:
-        changes["revalidate"] = False  # a retry runs the whole task again
+    changes = fresh_changes(task)  # a retry runs the whole task again, revalidate or not
     if params.timeout_s is not None:
         if params.timeout_s <= 0:
             raise OperatorError("invalid", "--timeout must be > 0")

@@ -1,4 +1,5 @@
-"""Shared test set-up, kept small: a short socket directory and the hypothesis profile."""
+"""Shared test set-up, kept small: the hypothesis profile, a short socket directory and a
+running daemon."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.harness import Daemon, assert_no_leftovers
 
 # CI machines are slow and shared: no per-example deadline, fewer examples unless asked.
 settings.register_profile("default", deadline=None)
@@ -29,3 +32,16 @@ def sock_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A real orchd on a temporary state directory with sub-second timings; stopped after
+    the test, and none of its agents or task processes may outlive it."""
+    d = Daemon(tmp_path).start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        assert_no_leftovers()

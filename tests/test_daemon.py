@@ -19,17 +19,6 @@ import pytest
 from tests.harness import ROOT, Daemon, assert_no_leftovers, to_toml
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path).start()
-    try:
-        yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        assert_no_leftovers()
-
-
 def orchd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "supervisor", *args],

@@ -9,24 +9,12 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.harness import Daemon, assert_no_leftovers, orchd_processes
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path).start()
-    try:
-        yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        assert_no_leftovers()
 
 
 def make_daemon(tmp_path: Path, **overrides: object) -> Daemon:

@@ -6,24 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.harness import ROOT, Daemon, assert_no_leftovers
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path).start()
-    try:
-        yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        assert_no_leftovers()
+from tests.harness import ROOT, Daemon
 
 
 def ws_file(ws_id: str, *tasks: dict[str, Any]) -> str:
