@@ -19,7 +19,7 @@ from supervisor.notify import Notifier
 from supervisor.pool import Pool
 from supervisor.reload import Reloader
 from supervisor.scheduler import Scheduler
-from supervisor.server import Server
+from supervisor.server import Server, SocketInUse
 from supervisor.store import Store
 
 log = structlog.get_logger("orchd")
@@ -95,6 +95,9 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                     break
             await scheduler.drain()
             tg.cancel_scope.cancel()
+    except* SocketInUse as group:
+        clean = False
+        print(f"orchd: {group.exceptions[0]}", file=sys.stderr)
     except* StoreFsyncError as group:
         # Never retried: the kernel may have dropped the dirty pages. Exit and let the
         # next start recover from what the log really holds.

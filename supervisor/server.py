@@ -23,7 +23,7 @@ from anyio.abc import SocketAttribute, SocketStream
 
 from supervisor import protocol as p
 from supervisor.config import ControlConfig
-from supervisor.errors import OperatorError, StoreError
+from supervisor.errors import OperatorError, OrchdError, StoreError
 from supervisor.model import Event
 from supervisor.operator import HANDLERS, SEVERITIES
 from supervisor.scheduler import Scheduler
@@ -32,6 +32,10 @@ log = structlog.get_logger("orchd.server")
 _PEERCRED = struct.Struct("iII")  # pid, uid, gid: ids unsigned
 # How often a followed log file is looked at for new output.
 FOLLOW_POLL_S = 0.2
+
+
+class SocketInUse(OrchdError):
+    """Raised at start when another process already listens on the control socket's path."""
 
 
 class Peer(msgspec.Struct, frozen=True):
@@ -97,12 +101,25 @@ class Server:
 
     def _prepare_path(self) -> None:
         d = Path(self.path).parent
-        d.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(d.stat().st_mode)
-        if mode & 0o001:  # world-searchable: anyone could reach the socket
-            d.chmod(mode & ~0o007)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # we hold the state lock: a socket file here is stale
+        if not d.exists():
+            # Ours to make: not world-searchable, so only owner and group reach the socket.
+            d.mkdir(mode=0o750, parents=True)
+        elif stat.S_IMODE(d.stat().st_mode) & 0o001:
+            # Not ours to change (it may be /tmp); the socket itself is still 0660.
+            log.warning("socket_directory_world_searchable", directory=str(d))
+        if os.path.exists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                os.unlink(self.path)  # nobody listens: a leftover of an earlier run
+            else:
+                raise SocketInUse(
+                    f"another process listens on {self.path}; give this daemon another "
+                    "socket_path (or stop the other one)"
+                )
+            finally:
+                probe.close()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

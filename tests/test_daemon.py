@@ -376,3 +376,16 @@ def test_full_disk_refuses_changes_then_recovers(tmp_path: Path, small_disk: Pat
         assert len(states) == 201 and set(states.values()) == {"completed"}
     finally:
         d2.stop()
+
+
+def test_socket_of_a_live_daemon_is_never_taken(daemon: Daemon, tmp_path: Path) -> None:
+    """A second daemon (own state) pointed at a live daemon's socket refuses to start and
+    leaves the first one serving."""
+    other_dir = tmp_path / "second"
+    other_dir.mkdir()
+    cfg = dict(daemon.cfg) | {"state_dir": str(other_dir / "state")}
+    path = other_dir / "orchd.toml"
+    path.write_text(to_toml(cfg))
+    r = orchd("--config", str(path), cwd=other_dir)
+    assert r.returncode == 1 and "another process listens" in r.stderr
+    assert daemon.call("status")["draining"] is False
