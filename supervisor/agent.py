@@ -83,6 +83,10 @@ class Agent:
         self._exit_code = 0
         self._exit_grace_s = kill_grace_s
         self._tg: TaskGroup | None = None
+        # The next attempt for `_attempt_loop`, which `_wake` rouses: one long-lived task
+        # runs every attempt, rather than a task started per Run.
+        self._next: _Attempt | None = None
+        self._wake = anyio.Event()
 
     async def run(self) -> int:
         """Serve until Stop, EOF, a protocol error or SIGTERM; returns the exit code."""
@@ -97,6 +101,7 @@ class Agent:
             tg.start_soon(self._read_loop)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._signal_loop)
+            tg.start_soon(self._attempt_loop)
             await self._exit.wait()
             attempt = self._attempt
             if attempt is not None:
@@ -146,8 +151,8 @@ class Agent:
             )
             self._tg.start_soon(self._channel.send, refusal)
             return
-        self._attempt = _Attempt(run)
-        self._tg.start_soon(self._run_attempt, self._attempt)
+        self._attempt = self._next = _Attempt(run)
+        self._wake.set()
 
     def _on_kill(self, kill: wire.Kill) -> None:
         attempt = self._attempt
@@ -211,6 +216,15 @@ class Agent:
                 self._shutdown(0, self._kill_grace_s)
 
     # --- attempts ------------------------------------------------------------------------
+
+    async def _attempt_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            # Replaced before `_next` is taken, so a Run that comes meanwhile is not missed.
+            self._wake = anyio.Event()
+            attempt, self._next = self._next, None
+            if attempt is not None:
+                await self._run_attempt(attempt)
 
     async def _run_attempt(self, attempt: _Attempt) -> None:
         run = attempt.run
@@ -292,55 +306,64 @@ class Agent:
         env.update(run.env)
         env[launch.TASK_ID_ENV] = run.task_id
         env[proctree.MARKER_ENV] = run.attempt_id
+        proc: subprocess.Popen[bytes] | None = None
+        pid = None
+        if status_r is None and run.cwd is None:
+            pid = launch.spawn(argv, env, stdin=self._devnull, out=out.fileno())
+        if pid is None:
+            try:
+                # No preexec_fn: it would rule out vfork, which keeps a spawn cheap.
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=self._devnull,
+                    stdout=out,
+                    stderr=out,
+                    cwd=run.cwd,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=pass_fds,
+                )
+            except (OSError, ValueError) as exc:
+                if status_r is not None:
+                    os.close(status_r)
+                launch.write_line(
+                    out, f"=== attempt {run.number} {step} could not start: {exc} ==="
+                )
+                raise SpawnFailed(str(exc)) from exc
+            finally:
+                for fd in pass_fds:
+                    os.close(fd)
+            pid = proc.pid
+        self._direct.add(pid)
+        attempt.step, attempt.pid = step, pid
         try:
-            # No preexec_fn: it would rule out vfork, which keeps a spawn cheap.
-            proc = subprocess.Popen(
-                argv,
-                stdin=self._devnull,
-                stdout=out,
-                stderr=out,
-                cwd=run.cwd,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                pass_fds=pass_fds,
-            )
-        except (OSError, ValueError) as exc:
-            if status_r is not None:
-                os.close(status_r)
-            launch.write_line(out, f"=== attempt {run.number} {step} could not start: {exc} ===")
-            raise SpawnFailed(str(exc)) from exc
-        finally:
-            for fd in pass_fds:
-                os.close(fd)
-        self._direct.add(proc.pid)
-        attempt.step, attempt.pid = step, proc.pid
-        try:
-            attempt.create_time = proctree.create_time(proc.pid)
+            attempt.create_time = proctree.create_time(pid)
         except (OSError, ValueError, IndexError):
             attempt.create_time = 0.0  # already reaped; nothing to kill
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(pid)
         try:
             exec_error = await launch.read_exec_status(status_r) if status_r is not None else ""
             exited = False
             if not exec_error and step == "command":
-                attempt.command_pid, attempt.command_create_time = proc.pid, attempt.create_time
+                attempt.command_pid, attempt.command_create_time = pid, attempt.create_time
                 with anyio.move_on_after(STARTED_DELAY_S):
                     await anyio.wait_readable(pidfd)
                     exited = True
                 if not exited:
                     attempt.started_sent = await self._channel.send(
                         wire.Started(
-                            attempt_id=run.attempt_id, pid=proc.pid, create_time=attempt.create_time
+                            attempt_id=run.attempt_id, pid=pid, create_time=attempt.create_time
                         )
                     )
             if not exited:
                 await anyio.wait_readable(pidfd)
         finally:
             os.close(pidfd)
-        code = await self._collect(proc.pid)
-        # Popen never waited itself; tell it the outcome so it does not try to later.
-        proc.returncode = code
+        code = await self._collect(pid)
+        if proc is not None:
+            # Popen never waited itself; tell it the outcome so it does not try to later.
+            proc.returncode = code
         await self._sweep(attempt)
         if exec_error:
             raise SpawnFailed(exec_error)
@@ -432,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     os.close(devnull)
+    launch.private_fds()
     _configure_logging(args.worker_id)
     agent = Agent(
         worker_id=args.worker_id,

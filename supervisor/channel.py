@@ -65,13 +65,37 @@ class FrameChannel:
 
     async def send(self, msg: wire.FromAgent) -> bool:
         """Write one frame; False once the daemon's end is gone."""
-        view = memoryview(wire.frame(msg))
-        async with self._lock:
-            while view and not self.broken:
-                try:
-                    view = view[os.write(self._wfd, view) :]
-                except BlockingIOError:
-                    await anyio.wait_writable(self._wfd)
-                except OSError:
-                    self.broken = True
+        if self.broken:
+            return False
+        data = wire.frame(msg)
+        if self._lock.locked():
+            async with self._lock:
+                await self._write_all(memoryview(data))
+            return not self.broken
+        # No send in progress, so nothing can interleave: try the whole frame at once (a
+        # frame up to PIPE_BUF goes in whole or not at all), the lock only when it did not.
+        try:
+            written = os.write(self._wfd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self.broken = True
+            return False
+        if written == len(data):
+            return True
+        # Taken without a checkpoint, so no other send can slip in after our partial write.
+        self._lock.acquire_nowait()
+        try:
+            await self._write_all(memoryview(data)[written:])
+        finally:
+            self._lock.release()
         return not self.broken
+
+    async def _write_all(self, view: memoryview) -> None:
+        while view and not self.broken:
+            try:
+                view = view[os.write(self._wfd, view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self._wfd)
+            except OSError:
+                self.broken = True

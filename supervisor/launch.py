@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,9 +39,79 @@ def task_base_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+# (PATH, name) -> the file execvp would run; see `spawn`.
+_resolved: dict[tuple[str, str], str] = {}
+
+
 def command_argv(command: list[str] | str) -> list[str]:
     """A task command as argv: a list as is, a string through /bin/sh -c."""
     return ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+
+
+def spawn(argv: list[str], env: dict[str, str], *, stdin: int, out: int) -> int | None:
+    """Start `argv` in a new session with `stdin` on fd 0 and `out` on fds 1 and 2, by
+    posix_spawn (one clone+exec, no error pipe); its pid, or None when it did not start.
+
+    The caller then starts it through subprocess.Popen instead, which gives every failure
+    (missing program, permission, bad format) the exact error it always gave. The program
+    is looked up like execvp does, on the task's PATH; lookups are kept per (PATH, name), a
+    failed spawn forgets its entry, and a program not found is never cached.
+
+    Nothing but fds 0-2 reaches the child: every fd of ours is close-on-exec (Python's
+    default, and `private_fds` at start for anything inherited)."""
+    if not argv:
+        return None
+    name = argv[0]
+    path = name
+    if "/" not in name:
+        key = (env.get("PATH", os.defpath), name)
+        found = _resolved.get(key) or _which(name, os.get_exec_path(env))
+        if found is None:
+            return None
+        path = _resolved[key] = found
+    try:
+        return os.posix_spawn(
+            path,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, stdin, 0),
+                (os.POSIX_SPAWN_DUP2, out, 1),
+                (os.POSIX_SPAWN_DUP2, out, 2),
+            ],
+            setsid=True,
+            # What Popen's restore_signals does: Python ignores these, exec would keep that.
+            setsigdef=_RESTORED_SIGNALS,
+        )
+    except (OSError, ValueError):
+        if "/" not in name:
+            _resolved.pop((env.get("PATH", os.defpath), name), None)
+        return None
+
+
+_RESTORED_SIGNALS = tuple(
+    getattr(signal, n) for n in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, n)
+)
+
+
+def _which(name: str, dirs: list[str]) -> str | None:
+    for d in dirs:
+        candidate = os.path.join(d, name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def private_fds() -> None:
+    """Make every open fd above 2 close-on-exec, so that a task started by `spawn` (which
+    closes nothing itself) gets none of them, even ones this process inherited."""
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                continue  # the listing's own fd, closed by now
 
 
 def limits_argv(rl: Rlimits, status_fd: int) -> list[str]:
@@ -132,5 +203,15 @@ def footer(run: wire.Run, result: wire.Finished) -> str:
 
 
 def utc_now() -> str:
-    """Now, as ISO 8601 UTC with milliseconds and a Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, as ISO 8601 UTC with milliseconds and a Z (`2024-05-01T12:00:00.123Z`)."""
+    global _utc_second, _utc_prefix
+    seconds, ns = divmod(time.time_ns(), 1_000_000_000)
+    # Formatting the date and time costs more than the rest of a header line; it changes
+    # once a second, so only the milliseconds are formatted each time.
+    if seconds != _utc_second:
+        _utc_second, _utc_prefix = seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{_utc_prefix}.{ns // 1_000_000:03d}Z"
+
+
+_utc_second = -1
+_utc_prefix = ""

@@ -72,13 +72,17 @@ def create_time(pid: int) -> float:
     """The process's start time in epoch seconds, computed exactly as psutil computes it.
 
     psutil.Process(pid) costs about a millisecond (it re-reads /proc/stat on every call);
-    this is on the spawn path of every task, so it reads only /proc/<pid>/stat and keeps
-    the boot time for a second. Raises OSError when there is no such process."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    # Fields after the command name, which is in parentheses and may contain anything.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return float(fields[19]) / _CLOCK_TICKS + _boot_time()
+    this is on the spawn path of every task, so it reads only /proc/<pid>/stat, with one
+    unbuffered read, and keeps the boot time for a second. Raises OSError when there is no
+    such process."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    # Fields after the command name, which is in parentheses and may contain anything;
+    # the start time is the 20th of them (field 22 of the whole line).
+    return float(data[data.rindex(b")") + 2 :].split(None, 20)[19]) / _CLOCK_TICKS + _boot_time()
 
 
 def _boot_time() -> float:

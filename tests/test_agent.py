@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -116,7 +117,11 @@ class Driver:
 
 @asynccontextmanager
 async def agent(
-    tmp_path: Path, *, heartbeat_s: float = 0.2, extra_env: dict[str, str] | None = None
+    tmp_path: Path,
+    *,
+    heartbeat_s: float = 0.2,
+    extra_env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> AsyncIterator[Driver]:
     env = agent_env({**os.environ, **(extra_env or {})})
     process = await anyio.open_process(
@@ -135,6 +140,7 @@ async def agent(
         ],
         env=env,
         start_new_session=True,
+        pass_fds=pass_fds,
     )
     try:
         driver = Driver(process, tmp_path)
@@ -384,3 +390,47 @@ async def test_quick_command_is_reported_by_finished_alone(tmp_path: Path) -> No
         assert started.attempt_id == MARK + "slow"
         done = await a.expect(wire.Finished)
         assert done.phase == "done" and done.pid is None
+
+
+async def test_a_task_gets_no_fd_but_0_1_2(tmp_path: Path) -> None:
+    """A task sees only stdin, stdout and stderr, even of fds the agent itself inherited;
+    with a working directory (the other spawn path) too."""
+    leaked_r, leaked_w = os.pipe()
+    os.set_inheritable(leaked_w, True)
+    try:
+        async with agent(tmp_path, pass_fds=(leaked_w,)) as a:
+            os.close(leaked_w)
+            for name, cwd in (("fds", None), ("fds-cwd", str(tmp_path))):
+                done = await a.outcome(a.run(name, "ls /proc/$$/fd", cwd=cwd))
+                assert done.phase == "done"
+                listed = a.log_text(name).splitlines()[1:-1]
+                assert listed == ["0", "1", "2"], (name, listed)
+    finally:
+        os.close(leaked_r)
+        with contextlib.suppress(OSError):
+            os.close(leaked_w)
+
+
+async def test_a_program_is_found_on_the_task_path(tmp_path: Path) -> None:
+    """A bare program name is looked up on the task's own PATH, as execvp would."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "orchd-test-tool"
+    tool.write_text("#!/bin/sh\necho tool ran\n")
+    tool.chmod(0o755)
+    path = f"{bin_dir}:{os.environ.get('PATH', os.defpath)}"
+    async with agent(tmp_path) as a:
+        done = await a.outcome(a.run("tool", ["orchd-test-tool"], env={"PATH": path}))
+        assert done.phase == "done" and "tool ran" in a.log_text("tool")
+        await a.send(a.run("no-tool", ["orchd-test-tool"]))
+        done = await a.expect(wire.Finished)
+        assert done.phase == "spawn" and done.message and "orchd-test-tool" in done.message
+
+
+async def test_a_task_starts_with_sigpipe_at_its_default(tmp_path: Path) -> None:
+    """SIGPIPE (ignored by Python) is back to its default in a task: a writer to a closed
+    pipe just ends."""
+    async with agent(tmp_path) as a:
+        done = await a.outcome(a.run("pipe", ["sh", "-c", "yes | head -n 1"]))
+        assert done.phase == "done"
+        assert "Broken pipe" not in a.log_text("pipe")
