@@ -44,7 +44,7 @@ class WorkerOps(Writer):
 
     # Lines for the workers' own logs, written once per batch (one per dispatch would cost
     # an open and a close each on the dispatch path).
-    _notes: dict[str, list[str]] | None = None
+    _notes: dict[str, list[tuple[float, str]]] | None = None
 
     def worker_note(self, wid: str, text: str) -> None:
         """A line in the worker's own log (logs/workers/<id>.log), stamped with the time of
@@ -52,14 +52,14 @@ class WorkerOps(Writer):
         off the dispatch path."""
         if self._notes is None:
             self._notes = {}
-        self._notes.setdefault(wid, []).append(f"{iso_utc(self.now)} {text}\n")
+        self._notes.setdefault(wid, []).append((self.now, text))
 
     def write_notes(self) -> None:
         notes, self._notes = self._notes or {}, None
         for wid, lines in notes.items():
             try:
                 with open(self.store.worker_log_path(wid), "a", encoding="utf-8") as f:
-                    f.writelines(lines)
+                    f.writelines(f"{iso_utc(ts)} {text}\n" for ts, text in lines)
             except OSError as exc:  # a full disk is no reason to stop the engine
                 log.warning("worker_log_failed", worker_id=wid, error=str(exc))
 

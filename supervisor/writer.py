@@ -159,9 +159,9 @@ class Writer:
             cause=cause,
             changes=changes,
         )
-        self.state.check(rec)
-        self.store.write(rec)
-        self.state.apply(rec)
+        obj = self.state.check_entity(rec)
+        self.store.write(rec)  # write-ahead: logged before it is applied or acted on
+        self.state.apply_checked(rec, obj)
         if not self.lazy:
             self.urgent = True
         self.counters["transitions"] = self.counters.get("transitions", 0) + 1
