@@ -266,6 +266,17 @@ def orchd_processes() -> list[psutil.Process]:
     return out
 
 
+def marker_processes(prefix: str) -> list[psutil.Process]:
+    """Live processes of this run whose attempt marker (ORCHD_ATTEMPT_ID) starts with
+    `prefix`: a task's whole tree, escapees included."""
+    out = []
+    for proc in orchd_processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.environ().get("ORCHD_ATTEMPT_ID", "").startswith(prefix):
+                out.append(proc)
+    return out
+
+
 def assert_no_leftovers(timeout: float = 5.0) -> None:
     """Fail (after killing them) if agents or task processes outlive their daemon."""
     deadline = time.monotonic() + timeout

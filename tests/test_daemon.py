@@ -10,13 +10,12 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, Daemon, assert_no_leftovers, to_toml
+from tests.harness import ROOT, Daemon, assert_no_leftovers, marker_processes, to_toml
 
 
 def orchd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -351,6 +350,8 @@ def test_full_disk_refuses_changes_then_recovers(tmp_path: Path, small_disk: Pat
     try:
         d.submit('id = "ws-before"\n[[tasks]]\nid = "before"\ncommand = "sleep 1.5"\n')
         d.wait_task("before", "running")
+        # Its command has started (the log header is written) before the disk fills up.
+        Daemon.wait_for(lambda: d.task("before").get("pid") is not None, 10, "its pid")
         filler = small_disk / "filler"
         _fill(filler)
         path = tmp_path / "late.toml"
@@ -360,7 +361,19 @@ def test_full_disk_refuses_changes_then_recovers(tmp_path: Path, small_disk: Pat
         r = d.ctl("submit", str(path))
         assert r.returncode == 1 and "space" in r.stderr.lower(), r.stderr
         assert [w["id"] for w in d.call("ws_list")] == ["ws-before"]
-        time.sleep(2.0)  # "before" ends while the disk is full; its result must wait
+        # "before" ends while the disk is full: its result is either recorded in the slack of
+        # the log's last page or has to wait for space (store_write_failed); wait for either.
+        Daemon.wait_for(
+            lambda: (
+                not marker_processes("before.")
+                and (
+                    "store_write_failed" in d.output.read_text()
+                    or d.task("before")["state"] == "completed"
+                )
+            ),
+            10,
+            "the task to end while the disk is full",
+        )
         filler.unlink()
         assert d.wait_task("before", "completed")["retry_count"] == 0
         assert d.ctl("submit", str(path)).returncode == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import Daemon, assert_no_leftovers, orchd_processes
+from tests.harness import Daemon, assert_no_leftovers, marker_processes
 
 
 def make_daemon(tmp_path: Path, **overrides: object) -> Daemon:
@@ -62,17 +62,6 @@ depends_on = ["b", "c"]
     assert "=== attempt 1" in daemon.log("d")
 
 
-def _marker_procs(prefix: str) -> list[psutil.Process]:
-    found = []
-    for proc in orchd_processes():
-        try:
-            if proc.environ().get("ORCHD_ATTEMPT_ID", "").startswith(prefix):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 @pytest.mark.parametrize(
     "command",
     [
@@ -105,7 +94,9 @@ max_retries = 3
                     # Within grace + 1 s of the attempt's end no process of its tree is left.
                     prefix = a["attempt_id"]
                     Daemon.wait_for(
-                        lambda p=prefix: not _marker_procs(p), 1.0 + 0.3, f"tree of {prefix} gone"
+                        lambda p=prefix: not marker_processes(p),
+                        1.0 + 0.3,
+                        f"tree of {prefix} gone",
                     )
             if t["state"] == "failed":
                 break
@@ -125,7 +116,7 @@ max_retries = 3
         assert (
             len(failed) == 1 and failed[0]["severity"] == "error" and failed[0]["task_id"] == "slow"
         )
-        assert not _marker_procs("slow.")
+        assert not marker_processes("slow.")
     finally:
         d.stop()
         assert_no_leftovers()
@@ -318,7 +309,7 @@ command = "trap '' TERM; sleep 300"
 """)
     d.wait_task("one", "running")
     d.wait_task("two", "running")
-    Daemon.wait_for(lambda: len(_marker_procs("")) >= 2, 10, "both tasks to run")
+    Daemon.wait_for(lambda: len(marker_processes("")) >= 2, 10, "both tasks to run")
     started = time.monotonic()
     assert d.stop(timeout=15) == 0
     assert time.monotonic() - started < 5.0 + 1.0
@@ -387,9 +378,9 @@ id = "slowish"
 command = "sleep 2; echo finished"
 """)
     d.wait_task("slowish", "running")
-    Daemon.wait_for(lambda: len(_marker_procs("slowish.")) >= 1, 10, "the task to run")
+    Daemon.wait_for(lambda: len(marker_processes("slowish.")) >= 1, 10, "the task to run")
     d.kill()
-    Daemon.wait_for(lambda: not _marker_procs("slowish."), 5, "the orphaned tree to be killed")
+    Daemon.wait_for(lambda: not marker_processes("slowish."), 5, "the orphaned tree to be killed")
     d2 = Daemon(tmp_path, d.cfg).start()
     try:
         t = d2.wait_task("slowish", "completed")
