@@ -21,10 +21,12 @@ from supervisor.reload import Reloader
 from supervisor.scheduler import Scheduler
 from supervisor.server import Server, SocketInUse
 from supervisor.store import Store
+from supervisor.views import status_line, status_view
 
 log = structlog.get_logger("orchd")
 
 EXIT_CORRUPT = 65
+STATUS_INTERVAL_S = 5.0
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another daemon owns the state directory
 
 
@@ -76,6 +78,8 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                 tg.start_soon(reloader.watch)
             if notifier.watchdog_s:
                 tg.start_soon(_watchdog, notifier, scheduler)
+            if notifier.enabled:
+                tg.start_soon(_status_lines, notifier, scheduler)
             notifier.send("READY=1", f"STATUS=running; state {cfg.state_dir}, socket {cfg.socket}")
             log.info(
                 "daemon_ready",
@@ -114,6 +118,14 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                 print(f"orchd: closing the state failed: {exc}", file=sys.stderr)
     log.info("daemon_stopped", last_seq=state.last_seq, clean=clean)
     return 0 if clean else 1
+
+
+async def _status_lines(notifier: Notifier, scheduler: Scheduler) -> None:
+    """A STATUS= line for `systemctl status`: what runs, waits and failed, and the workers."""
+    await anyio.sleep(1.0)
+    while True:
+        notifier.send("STATUS=" + status_line(status_view(scheduler.state)))
+        await anyio.sleep(STATUS_INTERVAL_S)
 
 
 async def _watchdog(notifier: Notifier, scheduler: Scheduler) -> None:

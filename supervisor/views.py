@@ -66,6 +66,18 @@ def status_view(state: State) -> dict[str, Any]:
     }
 
 
+def status_line(status: dict[str, Any]) -> str:
+    """One line for systemd's STATUS=, from `status_view`."""
+    tasks, workers = status["tasks"], status["workers"]
+    live = sum(workers.values())
+    up = workers.get("idle", 0) + workers.get("busy", 0)
+    return (
+        f"{tasks.get('running', 0)} running, {tasks.get('queued', 0)} queued, "
+        f"{tasks.get('pending', 0)} pending, {tasks.get('failed', 0)} failed; "
+        f"workers {up}/{live} up"
+    )
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The q-quantile (0..1) by nearest rank; None for no values."""
     if not values:

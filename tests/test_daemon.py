@@ -266,8 +266,8 @@ critical = false
 
 
 def test_ready_notification_and_clean_task_environment(tmp_path: Path) -> None:
-    """Under systemd the daemon sends READY=1 once it serves, and tasks inherit neither
-    NOTIFY_SOCKET nor WATCHDOG_* nor LISTEN_*."""
+    """Under systemd the daemon sends READY=1 once it serves and then STATUS= lines, and
+    tasks inherit neither NOTIFY_SOCKET nor WATCHDOG_* nor LISTEN_*."""
     notify_path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(notify_path)
@@ -310,6 +310,9 @@ def test_ready_notification_and_clean_task_environment(tmp_path: Path) -> None:
             assert "ORCHD_ATTEMPT_ID=" in out_env
             for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS"):
                 assert f"\n{name}=" not in out_env
+            # Then a STATUS= line for `systemctl status` with the live figures.
+            while not any(m.startswith("STATUS=") and "workers 2/2 up" in m for m in msgs):
+                msgs.append(ns.recv(4096).decode())
         finally:
             d.stop()
             assert_no_leftovers()
