@@ -425,5 +425,3 @@ class TaskEngine(WorkerOps):
                             "waited_s": round(self.now - (task.queued_at or self.now), 3),
                         },
                     )
-            elif self.health is not None:
-                self.health.on_timer(kind, key)

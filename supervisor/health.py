@@ -123,12 +123,6 @@ class Health:
             del self._procs[pid]
         return out
 
-    def on_heartbeat(self, wid: str) -> None:
-        """A message from the worker arrived; recovery is decided at the next check."""
-
-    def on_timer(self, kind: str, key: str) -> None:
-        """Health keeps no timers of its own: checks run on their interval."""
-
     def report(self, wid: str) -> dict[str, Any]:
         """The last probe of a worker, and how long it has been unresponsive, for display."""
         out: dict[str, Any] = {}

@@ -260,14 +260,8 @@ def cancel(s: Scheduler, params: p.CancelParams) -> dict[str, Any]:
     if task.state in (TaskState.COMPLETED, TaskState.CANCELLED):
         raise OperatorError("wrong_state", f"task {task.id} is already {task.state}")
     if task.state == TaskState.RUNNING:
-        before = s.state.last_seq
-        s.stop_task(task, STOP_CANCEL)
-        return {
-            "task_id": task.id,
-            "state": "running",
-            "stopping": True,
-            "seq": s.state.last_seq if s.state.last_seq != before else before,
-        }
+        s.stop_task(task, STOP_CANCEL)  # commits the `stopping` record (or it was already)
+        return {"task_id": task.id, "state": "running", "stopping": True, "seq": s.state.last_seq}
     rec = s.commit("task", task.id, "cancelled", "operator", not_before=None)
     s.check_workstream(task.workstream_id)
     return {"task_id": task.id, "state": "cancelled", "seq": rec.seq}

@@ -112,8 +112,6 @@ class WorkerOps(Writer):
         worker = self.state.data.workers.get(wid)
         if worker is None:
             return
-        if self.health is not None:
-            self.health.on_heartbeat(wid)
         if isinstance(msg, wire.Hello):
             if worker.state == WorkerState.STARTING:
                 self.commit(

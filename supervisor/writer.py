@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -33,6 +33,9 @@ from supervisor.model import (
 from supervisor.pool import Pool
 from supervisor.queue import DispatchQueue, Timers
 from supervisor.store import Store
+
+if TYPE_CHECKING:
+    from supervisor.health import Health
 
 log = structlog.get_logger("orchd.scheduler")
 
@@ -144,7 +147,7 @@ class Writer:
         self._snapshot_seq = state.last_seq
         self._last_metrics: tuple[float, int] = (self.now, 0)
         self._next_worker = 1
-        self.health: Any = None  # set by the daemon: health.Health
+        self.health: Health | None = None  # set by the daemon
 
     def commit(self, entity: Entity, id_: str, to: str, cause: Cause, **changes: Any) -> Transition:
         """Check, log and apply one transition; follow-up bookkeeping for tasks."""

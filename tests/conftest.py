@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, settings
 
+from supervisor import proctree
 from tests.harness import Daemon, assert_no_leftovers
 
 # CI machines are slow and shared: no per-example deadline, fewer examples unless asked.
@@ -45,3 +48,23 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
         assert_no_leftovers()
+
+
+@pytest.fixture
+def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the test: no live child of this process and no live process whose attempt
+    marker starts with the test module's MARK (leftovers are killed, then reported)."""
+    mark: str = request.module.MARK
+    yield
+
+    def live() -> list[psutil.Process]:
+        mine = psutil.Process().children(recursive=True)
+        marked = proctree.find_marked(mark, prefix=True)
+        return [p for p in [*mine, *marked] if proctree.alive(p)]
+
+    deadline = time.monotonic() + 3.0
+    while (left := live()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for proc in left:
+        proc.kill()
+    assert not left, f"processes left behind: {[p.pid for p in left]}"

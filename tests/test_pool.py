@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,21 +22,8 @@ MARK = f"test-pool-{uuid.uuid4().hex[:8]}-"
 Inbox = MemoryObjectReceiveStream[AgentMessage | AgentExited]
 
 
-def _live_leftovers() -> list[psutil.Process]:
-    mine = psutil.Process().children(recursive=True)
-    return [p for p in [*mine, *proctree.find_marked(MARK, prefix=True)] if proctree.alive(p)]
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes() -> Iterator[None]:
-    """Every test leaves no live child and no live process carrying its marker."""
-    yield
-    deadline = time.monotonic() + 3.0
-    while (left := _live_leftovers()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for proc in left:
-        proc.kill()
-    assert not left, f"processes left behind: {[p.pid for p in left]}"
+# Every test here must leave no live child and no process carrying MARK (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 @asynccontextmanager

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -17,21 +17,8 @@ from supervisor import proctree
 MARK = f"test-proctree-{uuid.uuid4().hex[:8]}-"
 
 
-def _live_leftovers() -> list[psutil.Process]:
-    mine = psutil.Process().children(recursive=True)
-    return [p for p in [*mine, *proctree.find_marked(MARK, prefix=True)] if proctree.alive(p)]
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes() -> Iterator[None]:
-    """Every test leaves no live child and no live process carrying its marker."""
-    yield
-    deadline = time.monotonic() + 3.0
-    while (left := _live_leftovers()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for proc in left:
-        proc.kill()
-    assert not left, f"processes left behind: {[p.pid for p in left]}"
+# Every test here must leave no live child and no process carrying MARK (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 def _marked(name: str) -> dict[str, str]:
