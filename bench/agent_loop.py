@@ -1,6 +1,6 @@
 """Cost of one attempt in the worker agent: wall time and CPU per no-op task.
 
-Starts a real agent (`python -m supervisor.agent`), sends it N Runs of `true` one after the
+Starts a real agent (`python -m supervisor.workers.agent`), sends it N Runs of `true` one after the
 other (each as soon as the previous Finished arrives) and reports, per task: wall time, the
 agent's own CPU, and its children's CPU (the `true` processes, which the agent reaps).
 Repeats R times and prints each run and the median.
@@ -27,8 +27,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor import wire
-from supervisor.pool import agent_env
+from supervisor.workers import wire
+from supervisor.workers.pool import agent_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,15 @@ def _recv(rfd: int) -> wire.FromAgent:
 def one_run(n: int, tmp: Path) -> tuple[float, float, float]:
     """(wall ms, agent CPU ms, children CPU ms) per task for n sequential `true` Runs."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.agent", "--worker-id", "w1", "--heartbeat-s", "1"],
+        [
+            sys.executable,
+            "-m",
+            "supervisor.workers.agent",
+            "--worker-id",
+            "w1",
+            "--heartbeat-s",
+            "1",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=open(tmp / "agent.log", "ab"),  # noqa: SIM115

@@ -27,8 +27,8 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor.model import Cause, Transition
-from supervisor.store import Store, read_state
+from supervisor.core.model import Cause, Transition
+from supervisor.store.directory import Store, read_state
 
 TASKS_PER_WS = 10_000
 WORKERS = 8

@@ -10,7 +10,7 @@ from typing import Any
 
 from ctl import completion, render
 from ctl.client import Client, DaemonUnreachable, RemoteError
-from supervisor.protocol import EXIT_CODES
+from supervisor.control.protocol import EXIT_CODES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 7
 
@@ -285,8 +285,8 @@ EXIT_WRONG_STATE, EXIT_CORRUPT = 5, 65
 def _state(args: argparse.Namespace) -> int:
     """The offline `state` commands: they take the state directory's lock themselves."""
     # Imported here: the rest of orchctl stays light and needs only the protocol.
-    from supervisor import maintenance
-    from supervisor.errors import StoreCorrupt, StoreLocked
+    from supervisor.core.errors import StoreCorrupt, StoreLocked
+    from supervisor.store import maintenance
 
     out: dict[str, Any]
     try:

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from supervisor import protocol as p
+from supervisor.control import protocol as p
 
 
 class DaemonUnreachable(Exception):

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor.graph import find_cycles
+from supervisor.core.graph import find_cycles
 
 _COLOURS = {
     "completed": "32",

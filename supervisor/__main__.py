@@ -10,9 +10,9 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from supervisor.config import load_config
-from supervisor.errors import ConfigError
-from supervisor.logs import configure_logging
+from supervisor.core.config import load_config
+from supervisor.core.errors import ConfigError
+from supervisor.service.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, log=msgspec.structs.replace(cfg.log, format=args.log_format)
         )
     configure_logging(cfg.log.level, cfg.log.format)
-    from supervisor import daemon
+    from supervisor.service import daemon
 
     return anyio.run(daemon.run, cfg, args.config)
 

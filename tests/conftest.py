@@ -14,7 +14,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, settings
 
-from supervisor import proctree
+from supervisor.workers import proctree
 from tests.harness import Daemon, assert_no_leftovers
 
 # CI machines are slow and shared: no per-example deadline, fewer examples unless asked.

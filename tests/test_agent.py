@@ -20,9 +20,9 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from supervisor import proctree, wire
-from supervisor.model import Rlimits
-from supervisor.pool import agent_env
+from supervisor.core.model import Rlimits
+from supervisor.workers import proctree, wire
+from supervisor.workers.pool import agent_env
 
 MARK = f"test-agent-{uuid.uuid4().hex[:8]}-"
 M = TypeVar("M", bound=wire.FromAgent)
@@ -114,7 +114,7 @@ async def agent(
         [
             sys.executable,
             "-m",
-            "supervisor.agent",
+            "supervisor.workers.agent",
             "--worker-id",
             "w1",
             "--heartbeat-s",

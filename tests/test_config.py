@@ -8,8 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor.config import Config, diff, load_config, parse_config
-from supervisor.errors import ConfigError
+from supervisor.core.config import Config, diff, load_config, parse_config
+from supervisor.core.errors import ConfigError
 
 BUNDLED = Path(__file__).resolve().parent.parent / "config" / "orchd.toml"
 

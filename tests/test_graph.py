@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.graph import Graph, find_cycles
-from supervisor.model import TASK_TRANSITIONS, State, Task, Transition, task_to_builtins
+from supervisor.core.graph import Graph, find_cycles
+from supervisor.core.model import TASK_TRANSITIONS, State, Task, Transition, task_to_builtins
 
 
 class Driver:

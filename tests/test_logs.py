@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from supervisor.logs import (
+from supervisor.service.logs import (
     choose_format,
     configure_logging,
     encode_journal,

@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from supervisor.errors import IllegalTransition
-from supervisor.model import (
+from supervisor.core.errors import IllegalTransition
+from supervisor.core.model import (
     TABLES,
     Attempt,
     Entity,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.model import FailureKind, Task, TaskState, WorkstreamState
-from supervisor.policy import after_failure, backoff_s, health_verdict, workstream_verdict
+from supervisor.core.model import FailureKind, Task, TaskState, WorkstreamState
+from supervisor.core.policy import after_failure, backoff_s, health_verdict, workstream_verdict
 
 NOW = 1000.0
 

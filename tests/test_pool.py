@@ -15,8 +15,8 @@ import psutil
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from supervisor import proctree, wire
-from supervisor.pool import AgentExited, AgentMessage, Pool
+from supervisor.workers import proctree, wire
+from supervisor.workers.pool import AgentExited, AgentMessage, Pool
 
 MARK = f"test-pool-{uuid.uuid4().hex[:8]}-"
 Inbox = MemoryObjectReceiveStream[AgentMessage | AgentExited]

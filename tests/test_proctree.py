@@ -12,7 +12,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from supervisor import proctree
+from supervisor.workers import proctree
 
 MARK = f"test-proctree-{uuid.uuid4().hex[:8]}-"
 
@@ -140,7 +140,7 @@ def test_child_subreaper_adopts_orphans() -> None:
     """After set_child_subreaper, an orphaned grandchild is re-parented to the caller."""
     code = (
         "import os, subprocess, time, psutil\n"
-        "from supervisor import proctree\n"
+        "from supervisor.workers import proctree\n"
         "ok = proctree.set_child_subreaper()\n"
         "subprocess.run(['sh', '-c', '(sleep 30 &)'])\n"
         "deadline = time.monotonic() + 3\n"

@@ -14,17 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # These must exist; the others are checked once they are written.
 REQUIRED = [
-    "supervisor.model",
-    "supervisor.graph",
-    "supervisor.policy",
-    "supervisor.config",
-    "supervisor.wire",
+    "supervisor.core.model",
+    "supervisor.core.graph",
+    "supervisor.core.policy",
+    "supervisor.core.config",
+    "supervisor.workers.wire",
 ]
 OPTIONAL = [
-    "supervisor.submission",
-    "supervisor.protocol",
-    "supervisor.queue",
-    "supervisor.views",
+    "supervisor.core.submission",
+    "supervisor.control.protocol",
+    "supervisor.core.queue",
+    "supervisor.core.views",
     "ctl.render",
 ]
 
@@ -39,12 +39,12 @@ FORBIDDEN = [
     "asyncio",
     "psutil",
     "watchfiles",
-    "supervisor.store",
-    "supervisor.pool",
-    "supervisor.agent",
-    "supervisor.scheduler",
-    "supervisor.server",
-    "supervisor.daemon",
+    "supervisor.store.directory",
+    "supervisor.workers.pool",
+    "supervisor.workers.agent",
+    "supervisor.engine.loop",
+    "supervisor.control.server",
+    "supervisor.service.daemon",
 ]
 
 

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from test_store_log import Driver
 
-from supervisor.logfile import seal
-from supervisor.model import WORKER_TRANSITIONS, State, Transition, equal_states
-from supervisor.store import Store, read_state
+from supervisor.core.model import WORKER_TRANSITIONS, State, Transition, equal_states
+from supervisor.store.directory import Store, read_state
+from supervisor.store.logfile import seal
 
 SIZE = int(os.environ.get("ORCHD_TORTURE_SIZE", "30"))
 RESOURCES = ["repo", "db", "gpu"]

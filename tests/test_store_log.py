@@ -12,10 +12,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from supervisor.errors import IllegalTransition, StoreCorrupt, StoreLocked
-from supervisor.logfile import TRAILER_LEN, is_sealed, seal
-from supervisor.model import State, Transition, equal_states
-from supervisor.store import Store, read_state
+from supervisor.core.errors import IllegalTransition, StoreCorrupt, StoreLocked
+from supervisor.core.model import State, Transition, equal_states
+from supervisor.store.directory import Store, read_state
+from supervisor.store.logfile import TRAILER_LEN, is_sealed, seal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -258,7 +258,7 @@ def test_lock_is_held_against_another_process(tmp_path: Path) -> None:
     """A daemon in another process sees the lock too (flock on state_dir/lock)."""
     store = Store(tmp_path, fsync=False)
     store.open()
-    code = f"from supervisor.store import Store; Store({str(tmp_path)!r}).open()"
+    code = f"from supervisor.store.directory import Store; Store({str(tmp_path)!r}).open()"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
@@ -272,9 +272,9 @@ def test_failed_write_is_cut_back_and_next_write_succeeds(tmp_path: Path) -> Non
     script = textwrap.dedent(
         f"""
         import resource, signal, sys
-        from supervisor.errors import StoreWriteError
-        from supervisor.model import Transition
-        from supervisor.store import Store
+        from supervisor.core.errors import StoreWriteError
+        from supervisor.core.model import Transition
+        from supervisor.store.directory import Store
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of a signal
         store = Store({str(tmp_path)!r}, fsync=True)
         store.open()

@@ -8,9 +8,9 @@ import msgspec
 import pytest
 from test_store_log import Driver, build, line_starts
 
-from supervisor.errors import StoreCorrupt, StoreLocked
-from supervisor.model import equal_states
-from supervisor.store import (
+from supervisor.core.errors import StoreCorrupt, StoreLocked
+from supervisor.core.model import equal_states
+from supervisor.store.directory import (
     Store,
     list_backups,
     read_state,

@@ -8,10 +8,10 @@ import msgspec
 import pytest
 from test_store_log import Driver, build
 
-from supervisor.errors import StoreCorrupt
-from supervisor.logfile import is_sealed
-from supervisor.model import Event, State, equal_states
-from supervisor.store import Store, list_backups, read_state
+from supervisor.core.errors import StoreCorrupt
+from supervisor.core.model import Event, State, equal_states
+from supervisor.store.directory import Store, list_backups, read_state
+from supervisor.store.logfile import is_sealed
 
 
 def test_open_creates_the_layout(tmp_path: Path) -> None:

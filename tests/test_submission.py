@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import TasksConfig, load_config
-from supervisor.errors import WorkstreamFileError
-from supervisor.model import State, Task, Transition
-from supervisor.submission import creation_changes, cycle_report, new_ulid, parse_workstream
+from supervisor.core.config import TasksConfig, load_config
+from supervisor.core.errors import WorkstreamFileError
+from supervisor.core.model import State, Task, Transition
+from supervisor.core.submission import creation_changes, cycle_report, new_ulid, parse_workstream
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = TasksConfig(timeout_s=120.0, max_retries=5, queue_timeout_s=0.0)

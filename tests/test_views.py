@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supervisor.views import status_line
+from supervisor.core.views import status_line
 
 
 def test_status_line_counts_tasks_and_live_workers() -> None:

@@ -1,0 +1,356 @@
+"""Operator actions and queries, run inside the scheduler (the one writer) via `Scheduler.call`.
+
+Each function takes the scheduler and typed params, reads or commits, and returns a plain
+dict for the response; a refusal raises OperatorError with the protocol's error code.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from supervisor.control import protocol as p
+from supervisor.control import task_actions as task_ops
+from supervisor.control import ws_actions as ws_ops
+from supervisor.control.lookup import fresh_changes
+from supervisor.control.lookup import get_task as _task
+from supervisor.control.lookup import reopen_workstream as _reopen_workstream
+from supervisor.core.errors import OperatorError, WorkstreamFileError
+from supervisor.core.graph import find_cycles
+from supervisor.core.model import TaskState, Worker, WorkerState
+from supervisor.core.submission import new_ulid, parse_workstream
+from supervisor.core.views import resource_views, status_view, task_view, worker_view
+from supervisor.engine.loop import STOP_CANCEL, STOP_REASSIGN, STOP_WORKER_LOST, Scheduler
+
+SEVERITIES = ("debug", "info", "warning", "error", "critical")
+
+
+def _worker(s: Scheduler, worker_id: str) -> Worker:
+    worker = s.state.data.workers.get(worker_id)
+    if worker is None:
+        raise OperatorError("not_found", f"no worker {worker_id!r} (see `orchctl workers`)")
+    return worker
+
+
+# --- queries ----------------------------------------------------------------------------
+
+
+def status(s: Scheduler, _: p.StatusParams) -> dict[str, Any]:
+    out = status_view(s.state)
+    out |= {
+        "uptime_s": round(s.now - s.started_at, 3),
+        "draining": s.draining,
+        "queued_ready": len(s.queue),
+        "state_dir": str(s.store.state_dir),
+    }
+    return out
+
+
+def show(s: Scheduler, params: p.ShowParams) -> dict[str, Any]:
+    task = _task(s, params.task_id)
+    out = task_view(task)
+    out["dependencies"] = {
+        d: str(s.state.data.tasks[d].state) for d in task.depends_on if d in s.state.data.tasks
+    }
+    out["log_path"] = str(s.store.task_log_path(task.id))
+    if params.logs:
+        out["log_tail"] = s.store.tail(s.store.task_log_path(task.id), params.lines)
+    return out
+
+
+def tasks(s: Scheduler, params: p.TasksParams) -> list[dict[str, Any]]:
+    if params.workstream is not None:
+        ws = s.state.data.workstreams.get(params.workstream)
+        if ws is None:
+            raise OperatorError("not_found", f"no workstream {params.workstream!r}")
+        chosen = [s.state.data.tasks[t] for t in ws.task_ids]
+    else:
+        chosen = list(s.state.data.tasks.values())
+    if params.state is not None:
+        if params.state not in TaskState.__members__.values():
+            raise OperatorError(
+                "invalid", f"unknown task state {params.state!r}; one of {', '.join(TaskState)}"
+            )
+        chosen = [t for t in chosen if t.state == params.state]
+    return [task_view(t) for t in chosen]
+
+
+def _heartbeat_age(s: Scheduler, wid: str) -> float | None:
+    seen = s.heartbeat.get(wid)
+    return None if seen is None else max(0.0, s.now - seen)
+
+
+def workers(s: Scheduler, _: p.WorkersParams) -> list[dict[str, Any]]:
+    out = []
+    for w in s.state.data.workers.values():
+        if w.state == WorkerState.SHUTDOWN and w.id not in s.heartbeat:
+            continue
+        health = s.health.report(w.id) if s.health is not None else None
+        out.append(worker_view(w, _heartbeat_age(s, w.id), health))
+    return out
+
+
+def worker_check(s: Scheduler, params: p.WorkerCheckParams) -> dict[str, Any]:
+    w = _worker(s, params.worker_id)
+    health = s.health.report(w.id) if s.health is not None else None
+    out = worker_view(w, _heartbeat_age(s, w.id), health)
+    out["log_tail"] = s.store.tail(s.store.worker_log_path(w.id), 20)
+    return out
+
+
+def worker_logs(s: Scheduler, params: p.WorkerLogsParams) -> dict[str, Any]:
+    w = _worker(s, params.worker_id)
+    path = s.store.worker_log_path(w.id)
+    return {"worker_id": w.id, "path": str(path), "lines": s.store.tail(path, params.lines)}
+
+
+def logs(s: Scheduler, params: p.LogsParams) -> dict[str, Any]:
+    task = _task(s, params.task_id)
+    path = s.store.task_log_path(task.id)
+    return {"task_id": task.id, "path": str(path), "lines": s.store.tail(path, params.lines)}
+
+
+def events(s: Scheduler, params: p.EventsParams) -> list[dict[str, Any]]:
+    if params.severity is not None and params.severity not in SEVERITIES:
+        raise OperatorError(
+            "invalid", f"unknown severity {params.severity!r}; one of {', '.join(SEVERITIES)}"
+        )
+    floor = SEVERITIES.index(params.severity) if params.severity else 0
+    evs = [e for e in s.store.read_events() if SEVERITIES.index(e.severity) >= floor]
+    return [msgspec.to_builtins(e) for e in evs[-params.limit :]] if params.limit > 0 else []
+
+
+def ws_list(s: Scheduler, _: p.WsListParams) -> list[dict[str, Any]]:
+    out = []
+    for ws in s.state.data.workstreams.values():
+        counts = {str(k): v for k, v in s.state.graph.ws_counts.get(ws.id, {}).items() if v}
+        out.append(
+            {
+                "id": ws.id,
+                "state": str(ws.state),
+                "tasks": len(ws.task_ids),
+                "counts": counts,
+                "submitted_at": ws.submitted_at,
+                "ended_at": ws.ended_at,
+            }
+        )
+    return out
+
+
+def ws_show(s: Scheduler, params: p.WsShowParams) -> dict[str, Any]:
+    ws = s.state.data.workstreams.get(params.workstream)
+    if ws is None:
+        raise OperatorError(
+            "not_found", f"no workstream {params.workstream!r} (see `orchctl ws list`)"
+        )
+    out: dict[str, Any] = msgspec.to_builtins(ws)
+    out["state"] = str(ws.state)
+    out["tasks"] = [task_view(s.state.data.tasks[t]) for t in ws.task_ids]
+    return out
+
+
+def resources(s: Scheduler, _: p.ResourcesParams) -> list[dict[str, Any]]:
+    waiting = {r: s.queue.waiting_on(r) for r in s.queue.parked_resources()}
+    return resource_views(s.state, waiting)
+
+
+# --- changes ----------------------------------------------------------------------------
+
+
+def submit(s: Scheduler, params: p.SubmitParams) -> dict[str, Any]:
+    try:
+        ws, new_tasks = parse_workstream(
+            params.text.encode(),
+            source=params.source or "<submitted>",
+            defaults=s.cfg.tasks,
+            known_resources=set(s.state.data.resources),
+            existing_task_ids=set(s.state.data.tasks),
+            new_id=lambda: new_ulid(time.time(), __import__("os").urandom(10)),
+        )
+    except WorkstreamFileError as exc:
+        raise OperatorError("invalid", str(exc)) from None
+    if ws.id in s.state.data.workstreams:
+        raise OperatorError(
+            "invalid", f"workstream {ws.id!r} exists already; give the file another id"
+        )
+    base = len(s.state.data.tasks)
+    for i, t in enumerate(new_tasks):
+        t.order = base + i
+    ws.submitted_at = s.now
+    rec = s.commit(
+        "workstream",
+        ws.id,
+        "pending",
+        "submit",
+        workstream=msgspec.to_builtins(ws),
+        tasks=[msgspec.to_builtins(t) for t in new_tasks],
+    )
+    s.dirty_ws.add(ws.id)
+    cycles = find_cycles([t.id for t in new_tasks], {t.id: t.depends_on for t in new_tasks})
+    for cycle in cycles:
+        s.emit(
+            "dependency_cycle_detected",
+            "critical",
+            workstream_id=ws.id,
+            tasks=cycle,
+            message="these tasks wait on each other; break the cycle with "
+            "`orchctl dep remove` or `orchctl cancel`",
+        )
+    s.emit("workstream_submitted", "info", workstream_id=ws.id, data={"tasks": len(new_tasks)})
+    return {"workstream_id": ws.id, "tasks": len(new_tasks), "seq": rec.seq, "cycles": cycles}
+
+
+def retry(s: Scheduler, params: p.RetryParams) -> dict[str, Any]:
+    task = _task(s, params.task_id)
+    if task.state in (TaskState.RUNNING, TaskState.QUEUED):
+        raise OperatorError(
+            "wrong_state",
+            f"task {task.id} is {task.state}; only a finished or pending task can be retried",
+        )
+    if s.state.data.workstreams[task.workstream_id].state == "merged":
+        raise OperatorError("wrong_state", f"workstream {task.workstream_id} is merged")
+    changes = fresh_changes(task)  # a retry runs the whole task again, revalidate or not
+    if params.timeout_s is not None:
+        if params.timeout_s <= 0:
+            raise OperatorError("invalid", "--timeout must be > 0")
+        changes["timeout_s"] = params.timeout_s
+    if params.max_retries is not None:
+        if params.max_retries < 1:
+            raise OperatorError("invalid", "--max-retries must be >= 1")
+        changes["max_retries"] = params.max_retries
+    rec = s.commit("task", task.id, "pending", "operator", **changes)
+    _reopen_workstream(s, task.workstream_id)
+    s.state.graph.ready[task.id] = None
+    return {"task_id": task.id, "state": str(task.state), "seq": rec.seq}
+
+
+def skip(s: Scheduler, params: p.SkipParams) -> dict[str, Any]:
+    task = _task(s, params.task_id)
+    if not params.reason.strip():
+        raise OperatorError("invalid", "a skip needs a --reason")
+    if task.state in (TaskState.RUNNING, TaskState.COMPLETED, TaskState.CANCELLED):
+        raise OperatorError(
+            "wrong_state", f"task {task.id} is {task.state}; cancel a running task first"
+        )
+    rec = s.commit(
+        "task",
+        task.id,
+        "completed",
+        "operator",
+        skipped=True,
+        skip_reason=params.reason,
+        not_before=None,
+    )
+    s.emit(
+        "task_skipped",
+        "warning",
+        task_id=task.id,
+        workstream_id=task.workstream_id,
+        message=params.reason,
+    )
+    if task.workstream_id in s.blocked_ws:
+        _reopen_workstream(s, task.workstream_id)
+    s.check_workstream(task.workstream_id)
+    return {"task_id": task.id, "state": "completed", "skipped": True, "seq": rec.seq}
+
+
+def cancel(s: Scheduler, params: p.CancelParams) -> dict[str, Any]:
+    task = _task(s, params.task_id)
+    if task.state in (TaskState.COMPLETED, TaskState.CANCELLED):
+        raise OperatorError("wrong_state", f"task {task.id} is already {task.state}")
+    if task.state == TaskState.RUNNING:
+        s.stop_task(task, STOP_CANCEL)  # commits the `stopping` record (or it was already)
+        return {"task_id": task.id, "state": "running", "stopping": True, "seq": s.state.last_seq}
+    rec = s.commit("task", task.id, "cancelled", "operator", not_before=None)
+    s.check_workstream(task.workstream_id)
+    return {"task_id": task.id, "state": "cancelled", "seq": rec.seq}
+
+
+def _live_worker(s: Scheduler, worker_id: str) -> Worker:
+    w = _worker(s, worker_id)
+    if w.state == WorkerState.SHUTDOWN:
+        raise OperatorError("wrong_state", f"worker {w.id} is shut down")
+    return w
+
+
+def worker_restart(s: Scheduler, params: p.WorkerRestartParams) -> dict[str, Any]:
+    w = _live_worker(s, params.worker_id)
+    task_id = w.task_id
+    seq = s.retire_worker(w.id, task_reason=STOP_REASSIGN, restart_same=True, graceful=True)
+    s.emit("worker_restarted", "warning", worker_id=w.id, task_id=task_id, message=params.reason)
+    return {"worker_id": w.id, "reassigned_task": task_id, "seq": seq}
+
+
+def worker_shutdown(s: Scheduler, params: p.WorkerShutdownParams) -> dict[str, Any]:
+    w = _live_worker(s, params.worker_id)
+    if w.task_id is not None and not params.force:
+        raise OperatorError(
+            "wrong_state", f"worker {w.id} is running {w.task_id}; add --force (and --reassign)"
+        )
+    task_id = w.task_id
+    reason = STOP_REASSIGN if params.reassign else STOP_WORKER_LOST
+    seq = s.retire_worker(w.id, task_reason=reason, restart_same=False, graceful=not params.force)
+    s.emit(
+        "worker_shutdown",
+        "error",
+        worker_id=w.id,
+        task_id=task_id,
+        message=f"operator shutdown{' with reassign' if params.reassign else ''}",
+    )
+    return {
+        "worker_id": w.id,
+        "task_id": task_id,
+        "reassigned": bool(params.reassign and task_id),
+        "seq": seq,
+    }
+
+
+def resource_set_limit(s: Scheduler, params: p.ResourceSetLimitParams) -> dict[str, Any]:
+    res = s.state.data.resources.get(params.resource_id)
+    if res is None:
+        raise OperatorError(
+            "not_found", f"no resource {params.resource_id!r} (see `orchctl resources`)"
+        )
+    if params.max_holders < 1:
+        raise OperatorError("invalid", "max_holders must be >= 1")
+    rec = s.commit("resource", res.id, "defined", "operator", max_holders=params.max_holders)
+    s.queue.unpark(res.id)
+    return {"resource_id": res.id, "max_holders": params.max_holders, "seq": rec.seq}
+
+
+HANDLERS: dict[str, Any] = {
+    "status": status,
+    "show": show,
+    "tasks": tasks,
+    "workers": workers,
+    "events": events,
+    "ws_list": ws_list,
+    "ws_show": ws_show,
+    "worker_check": worker_check,
+    "worker_logs": worker_logs,
+    "resources": resources,
+    "logs": logs,
+    "submit": submit,
+    "retry": retry,
+    "skip": skip,
+    "cancel": cancel,
+    "worker_restart": worker_restart,
+    "worker_shutdown": worker_shutdown,
+    "resource_set_limit": resource_set_limit,
+    "deps": task_ops.deps,
+    "dep_remove": task_ops.dep_remove,
+    "revalidate": task_ops.revalidate,
+    "debug": task_ops.debug,
+    "interventions": task_ops.interventions,
+    "metrics": task_ops.metrics,
+    "ws_retry": ws_ops.ws_retry,
+    "ws_retry_failed": ws_ops.ws_retry_failed,
+    "ws_resume": ws_ops.ws_resume,
+    "ws_checkpoints": ws_ops.ws_checkpoints,
+    "ws_rollback": ws_ops.ws_rollback,
+    "ws_mark_merged": ws_ops.ws_mark_merged,
+    "ws_analyze": ws_ops.ws_analyze,
+}
+assert set(HANDLERS) == set(p.METHODS), "every protocol method has a handler"

@@ -1,0 +1,332 @@
+"""The control socket: framing, peer credentials, access checks, dispatch to the scheduler.
+
+Errors become error responses here and nowhere else: a malformed, oversized or unknown
+request gets a clear `{code, message}` and never disturbs the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import SocketAttribute, SocketStream
+
+from supervisor.control import protocol as p
+from supervisor.control.actions import HANDLERS, SEVERITIES
+from supervisor.core.config import ControlConfig
+from supervisor.core.errors import OperatorError, OrchdError, StoreError
+from supervisor.core.model import Event
+from supervisor.engine.loop import Scheduler
+
+log = structlog.get_logger("orchd.server")
+_PEERCRED = struct.Struct("iII")  # pid, uid, gid: ids unsigned
+# How often a followed log file is looked at for new output.
+FOLLOW_POLL_S = 0.2
+
+
+class SocketInUse(OrchdError):
+    """Raised at start when another process already listens on the control socket's path."""
+
+
+class Peer(msgspec.Struct, frozen=True):
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def groups(self) -> set[int]:
+        gids = {self.gid}
+        try:
+            name = pwd.getpwuid(self.uid).pw_name
+            gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
+        except KeyError:
+            pass
+        return gids
+
+
+def peer_of(stream: SocketStream) -> Peer:
+    sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def _ids(names: list[str], lookup: Any) -> set[int]:
+    out: set[int] = set()
+    for n in names:
+        if n.isdigit():
+            out.add(int(n))
+        else:
+            with contextlib.suppress(KeyError):
+                out.add(lookup(n)[2])
+    return out
+
+
+class Access:
+    """Who may read and who may change, from the control config."""
+
+    def __init__(self, cfg: ControlConfig) -> None:
+        owner = os.getuid()
+        self.write_users = _ids(cfg.users, pwd.getpwnam) | {0, owner}
+        self.write_groups = _ids(cfg.groups, grp.getgrnam)
+        self.read_users = _ids(cfg.read_users, pwd.getpwnam) | self.write_users
+        self.read_groups = _ids(cfg.read_groups, grp.getgrnam) | self.write_groups
+
+    def allows(self, peer: Peer, changes: bool) -> bool:
+        users, groups = (
+            (self.write_users, self.write_groups)
+            if changes
+            else (self.read_users, self.read_groups)
+        )
+        if peer.uid in users:
+            return True
+        return bool(groups & peer.groups) if groups else False
+
+
+class Server:
+    def __init__(self, path: str, scheduler: Scheduler, cfg: ControlConfig) -> None:
+        self.path, self.scheduler, self.cfg = path, scheduler, cfg
+        self.access = Access(cfg)
+        self.connections = 0
+
+    def _prepare_path(self) -> None:
+        d = Path(self.path).parent
+        if not d.exists():
+            # Ours to make: not world-searchable, so only owner and group reach the socket.
+            d.mkdir(mode=0o750, parents=True)
+        elif stat.S_IMODE(d.stat().st_mode) & 0o001:
+            # Not ours to change (it may be /tmp); the socket itself is still 0660.
+            log.warning("socket_directory_world_searchable", directory=str(d))
+        if os.path.exists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                os.unlink(self.path)  # nobody listens: a leftover of an earlier run
+            else:
+                raise SocketInUse(
+                    f"another process listens on {self.path}; give this daemon another "
+                    "socket_path (or stop the other one)"
+                )
+            finally:
+                probe.close()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._prepare_path()
+        old = os.umask(0o117)  # the socket is created 0660
+        try:
+            listener = await anyio.create_unix_listener(self.path)
+        finally:
+            os.umask(old)
+        log.info("control_socket_listening", path=self.path)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._serve)
+
+    async def _serve(self, stream: SocketStream) -> None:
+        async with stream:
+            if self.connections >= self.cfg.max_connections:
+                await stream.send(
+                    p.encode_response(p.error_response(0, "unavailable", "too many connections"))
+                )
+                return
+            self.connections += 1
+            try:
+                peer = peer_of(stream)
+                await self._session(stream, peer)
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                ConnectionError,
+            ):
+                pass
+            finally:
+                self.connections -= 1
+
+    async def _read_exact(self, stream: SocketStream, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            buf += await stream.receive(n - len(buf))
+        return bytes(buf)
+
+    async def _session(self, stream: SocketStream, peer: Peer) -> None:
+        while True:
+            with anyio.move_on_after(self.cfg.idle_timeout_s) as idle:
+                header = await self._read_exact(stream, 4)
+            if idle.cancelled_caught:
+                return
+            try:
+                n = p.frame_length(header, p.MAX_REQUEST)
+            except p.ProtocolError as exc:
+                await stream.send(p.encode_response(p.error_response(0, exc.code, exc.message)))
+                return  # the body would be unread garbage: close the connection
+            with anyio.fail_after(self.cfg.request_timeout_s):
+                body = await self._read_exact(stream, n)
+            streaming = await self._request(stream, peer, body)
+            if streaming:
+                return
+
+    async def _request(self, stream: SocketStream, peer: Peer, body: bytes) -> bool:
+        try:
+            req, params, changes = p.decode_request(body)
+        except p.ProtocolError as exc:
+            await stream.send(
+                p.encode_response(p.error_response(exc.request_id, exc.code, exc.message))
+            )
+            return False
+        if not self.access.allows(peer, changes):
+            kind = "change state" if changes else "read state"
+            await stream.send(
+                p.encode_response(
+                    p.error_response(
+                        req.id,
+                        "permission_denied",
+                        f"uid {peer.uid} may not {kind} (control.users/groups in the config)",
+                    )
+                )
+            )
+            return False
+        if isinstance(params, p.EventsParams) and params.follow:
+            await self._follow_events(stream, req.id, params)
+            return True
+        if isinstance(params, p.LogsParams) and params.follow:
+            await self._follow_log(stream, req.id, params)
+            return True
+        resp = await self._dispatch(req, params, changes, peer)
+        await stream.send(p.encode_response(resp))
+        return False
+
+    async def _dispatch(
+        self, req: p.Request, params: p.Params, changes: bool, peer: Peer
+    ) -> p.Response:
+        handler = HANDLERS[req.method]
+        try:
+            result = await self.scheduler.call(handler, self.scheduler, params)
+            resp = p.Response(id=req.id, ok=True, result=result)
+        except OperatorError as exc:
+            resp = p.error_response(req.id, exc.code, str(exc))
+        except StoreError as exc:
+            resp = p.error_response(
+                req.id, "unavailable", f"{exc} — state is unchanged; fix the disk and retry"
+            )
+        except Exception as exc:  # a bug must not kill the daemon; the caller gets a message
+            log.exception("request_failed", method=req.method)
+            resp = p.error_response(req.id, "failed", f"internal error in {req.method}: {exc}")
+        if changes:
+            log.info("control_change", method=req.method, uid=peer.uid, pid=peer.pid, ok=resp.ok)
+            entry = {
+                "ts": round(self.scheduler.clock(), 3),
+                "method": req.method,
+                "uid": peer.uid,
+                "pid": peer.pid,
+                "params": msgspec.to_builtins(params),
+                "ok": resp.ok,
+                "result": resp.result if resp.ok else msgspec.to_builtins(resp.error),
+            }
+            with contextlib.suppress(OSError):
+                self.scheduler.store.append_intervention(entry)
+        return resp
+
+    async def _follow_events(
+        self, stream: SocketStream, req_id: int, params: p.EventsParams
+    ) -> None:
+        send, recv = anyio.create_memory_object_stream[Event](1000)
+        floor = SEVERITIES.index(params.severity) if params.severity in SEVERITIES else 0
+        self.scheduler.event_listeners.append(send)
+        try:
+            async with recv:
+                async for ev in recv:
+                    if SEVERITIES.index(ev.severity) >= floor:
+                        await stream.send(
+                            p.encode_response(
+                                p.Response(id=req_id, ok=True, result=msgspec.to_builtins(ev))
+                            )
+                        )
+        finally:
+            with contextlib.suppress(ValueError):
+                self.scheduler.event_listeners.remove(send)
+
+    async def _follow_log(self, stream: SocketStream, req_id: int, params: p.LogsParams) -> None:
+        """`logs -f`: the last lines, then every new complete line until the client goes."""
+        try:
+            first = await self.scheduler.call(HANDLERS["logs"], self.scheduler, params)
+        except OperatorError as exc:
+            await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
+            return
+        path = Path(first["path"])
+        lines, offset = _tail_at(path, params.lines)
+        await stream.send(
+            p.encode_response(
+                p.Response(id=req_id, ok=True, result={"path": str(path), "lines": lines})
+            )
+        )
+        async with anyio.create_task_group() as tg:
+
+            async def until_closed() -> None:
+                # The client sends nothing more; EOF (or an error) means it has gone.
+                with contextlib.suppress(Exception):
+                    while await stream.receive():
+                        pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(until_closed)
+            while True:
+                await anyio.sleep(FOLLOW_POLL_S)
+                new, offset = _read_new(path, offset)
+                if new:
+                    await stream.send(
+                        p.encode_response(p.Response(id=req_id, ok=True, result={"lines": new}))
+                    )
+
+
+def _tail_at(path: Path, lines: int) -> tuple[list[str], int]:
+    """The last `lines` lines of `path` and the offset just after them (0 when absent)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], 0
+    start = max(0, size - 1024 * 1024)  # enough for any sensible -n
+    text = _read_range(path, start, size)
+    end = text.rfind(b"\n") + 1  # a partial last line is sent once it is complete
+    got = text[:end].decode("utf-8", errors="replace").splitlines()
+    if start > 0 and got:
+        got = got[1:]  # the block began mid-line
+    return (got[-lines:] if lines > 0 else []), start + end
+
+
+def _read_new(path: Path, offset: int) -> tuple[list[str], int]:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], 0
+    if size < offset:  # truncated or replaced: start again from its beginning
+        offset = 0
+    if size == offset:
+        return [], offset
+    data = _read_range(path, offset, size)
+    end = data.rfind(b"\n") + 1
+    if end == 0:
+        return [], offset
+    return data[:end].decode("utf-8", errors="replace").splitlines(), offset + end
+
+
+def _read_range(path: Path, start: int, stop: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    except FileNotFoundError:
+        return b""

@@ -1,0 +1,186 @@
+"""The daemon's settings: TOML decoded into typed Structs, validated, diffed. Pure: no I/O
+beyond the `load_config` helper reading the one file it is given.
+
+Every setting and its default is documented in config/orchd.toml; the names are those of
+DESIGN.md §9, grouped into tables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from supervisor.core.errors import ConfigError
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class WorkersConfig(_Section):
+    count: int = 0  # 0 = one per CPU
+    python: str = ""  # interpreter that runs the agents; "" = the daemon's own
+
+
+class HealthConfig(_Section):
+    heartbeat_interval_s: float = 5.0
+    health_check_interval_s: float = 5.0
+    unresponsive_after_s: float = 30.0
+    shutdown_after_s: float = 180.0
+    restart_backoff_base_s: float = 1.0
+    restart_backoff_max_s: float = 60.0
+
+
+class TasksConfig(_Section):
+    timeout_s: float = 600.0
+    max_retries: int = 3
+    kill_grace_s: float = 10.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    backoff_jitter: float = 0.0
+    resource_wait_alert_s: float = 60.0
+    queue_timeout_s: float = 0.0  # 0 = no queue-wait report unless a task sets one
+
+
+class StoreConfig(_Section):
+    snapshot_interval_s: float = 60.0
+    backups_keep: int = 100
+    checkpoint_interval_s: float = 1.0
+    checkpoints_keep: int = 20
+    metrics_interval_s: float = 10.0
+
+
+class ControlConfig(_Section):
+    # Who may use the socket, by user name/uid and group name/gid. root and the daemon's
+    # own user may always do everything.
+    users: list[str] = []
+    groups: list[str] = []
+    read_users: list[str] = []
+    read_groups: list[str] = []
+    max_connections: int = 64
+    idle_timeout_s: float = 300.0
+    request_timeout_s: float = 30.0
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json", "journald"] = "auto"
+
+
+class ResourceConfig(_Section):
+    max_holders: int = 1
+
+
+class Config(_Section):
+    state_dir: str = ".state"
+    socket_path: str = ""  # "" = <state_dir>/orchd.sock
+    shutdown_grace_s: float = 30.0
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    resources: dict[str, ResourceConfig] = {}
+
+    @property
+    def socket(self) -> str:
+        return self.socket_path or os.path.join(self.state_dir, "orchd.sock")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers.count or (os.cpu_count() or 1)
+
+
+def _check_ranges(cfg: Config, where: str) -> None:
+    problems: list[str] = []
+
+    def positive(name: str, value: float, *, zero_ok: bool = False) -> None:
+        if value < 0 or (value == 0 and not zero_ok):
+            problems.append(
+                f"{where}: `{name}` must be {'>= 0' if zero_ok else '> 0'}, got {value}"
+            )
+
+    positive("workers.count", cfg.workers.count, zero_ok=True)
+    for section in ("health", "tasks", "store"):
+        sub = getattr(cfg, section)
+        for name in sub.__struct_fields__:
+            value = getattr(sub, name)
+            zero_ok = name in {
+                "backoff_jitter",
+                "queue_timeout_s",
+                "kill_grace_s",
+                "backoff_base_s",
+            }
+            positive(f"{section}.{name}", value, zero_ok=zero_ok)
+    if cfg.tasks.backoff_jitter > 1:
+        problems.append(f"{where}: `tasks.backoff_jitter` must be between 0 and 1")
+    if cfg.health.shutdown_after_s < cfg.health.unresponsive_after_s:
+        problems.append(
+            f"{where}: `health.shutdown_after_s` must be >= `health.unresponsive_after_s`"
+        )
+    for rid, res in cfg.resources.items():
+        if res.max_holders < 1:
+            problems.append(f"{where}: `resources.{rid}.max_holders` must be >= 1")
+    positive("shutdown_grace_s", cfg.shutdown_grace_s)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def parse_config(text: bytes | str, where: str = "<config>") -> Config:
+    """Decode and validate a config; an unknown key or a wrong type names the key and file."""
+    try:
+        cfg = msgspec.toml.decode(text, type=Config)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Object contains unknown field `x` - at `$.tasks`".
+        message = str(exc).replace("$.", "")
+        if "resources[...]" in message:
+            message = message.replace("resources[...]", f"resources.{_bad_resource(text)}")
+        raise ConfigError(f"{where}: {message}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    _check_ranges(cfg, where)
+    return cfg
+
+
+def _bad_resource(text: bytes | str) -> str:
+    """The id of the first [resources.<id>] table that does not decode (msgspec's error
+    path shows a dict key only as `[...]`)."""
+    raw = msgspec.toml.decode(text).get("resources", {})
+    for rid, table in raw.items():
+        try:
+            msgspec.convert(table, ResourceConfig)
+        except msgspec.ValidationError:
+            return str(rid)
+    return "[...]"
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and parse a config file (None = all defaults)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    return parse_config(data, str(p))
+
+
+def diff(old: Config, new: Config) -> list[str]:
+    """Dotted names of the settings that differ between two configs."""
+    a, b = msgspec.to_builtins(old), msgspec.to_builtins(new)
+    out: list[str] = []
+
+    def walk(x: object, y: object, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix.rstrip("."))
+
+    walk(a, b, "")
+    return out

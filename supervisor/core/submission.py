@@ -1,0 +1,292 @@
+"""A workstream file (DESIGN.md §7) turned into the payload of its creation record. Pure: no
+I/O, no clock reads; the caller passes the time, the id generator and what already exists.
+
+A bad file is refused as a whole: every problem in it is collected and raised together in
+one `WorkstreamFileError`, so an operator fixes the file in one pass and nothing is ever
+half-submitted. A dependency cycle is *not* a refusal: the workstream is accepted, the
+daemon reports the cycle (`cycle_report`) and the tasks in it wait for an operator.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, Final
+
+import msgspec
+
+from supervisor.core.config import TasksConfig
+from supervisor.core.errors import WorkstreamFileError
+from supervisor.core.graph import find_cycles
+from supervisor.core.model import Rlimits, Task, Workstream, task_to_builtins
+
+# Ids become file names (logs/<task>.log, checkpoints/<ws>_latest.json), so they are kept
+# to a safe alphabet: no path separators, no leading dot, bounded length.
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TOP_LEVEL_KEYS: Final = frozenset({"id", "tasks"})
+
+
+class TaskSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One `[[tasks]]` table as written by the operator; None means "use the default"."""
+
+    id: str
+    command: list[str] | str
+    cwd: str | None = None
+    env: dict[str, str] = {}
+    timeout_s: float | None = None
+    max_retries: int | None = None
+    depends_on: list[str] = []
+    resources: list[str] = []
+    critical: bool = True
+    validate: list[str] | str | None = None
+    priority: int = 0
+    no_retry_exit_codes: list[int] = []
+    queue_timeout_s: float | None = None
+    rlimits: Rlimits | None = None
+
+
+_SPEC_FIELDS: Final = {f.name: f for f in msgspec.structs.fields(TaskSpec)}
+_REQUIRED: Final = tuple(
+    f.name
+    for f in _SPEC_FIELDS.values()
+    if f.default is msgspec.NODEFAULT and f.default_factory is msgspec.NODEFAULT
+)
+
+
+def new_ulid(now: float, rand: bytes) -> str:
+    """A workstream id: "ws-" + a 26-character ULID (48-bit milliseconds, 80 random bits),
+    in Crockford base 32 so ids sort by submission time."""
+    if len(rand) != 10:
+        raise ValueError("a ULID needs exactly 10 random bytes")
+    ms = int(now * 1000) & ((1 << 48) - 1)
+    value = (ms << 80) | int.from_bytes(rand, "big")
+    chars = [_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5)]
+    return "ws-" + "".join(chars)
+
+
+def cycle_report(tasks: Iterable[Task]) -> list[list[str]]:
+    """The dependency cycles among `tasks` (each a sorted list of task ids); [] for a DAG."""
+    task_list = list(tasks)
+    return find_cycles([t.id for t in task_list], {t.id: list(t.depends_on) for t in task_list})
+
+
+def creation_changes(ws: Workstream, tasks: Iterable[Task]) -> dict[str, Any]:
+    """The `changes` of the one record that creates a workstream and its tasks."""
+    return {
+        "workstream": msgspec.to_builtins(ws),
+        "tasks": [task_to_builtins(t) for t in tasks],
+    }
+
+
+def parse_workstream(
+    text: bytes,
+    *,
+    source: str,
+    defaults: TasksConfig,
+    known_resources: set[str],
+    existing_task_ids: set[str],
+    new_id: Callable[[], str],
+    existing_workstream_ids: Collection[str] = (),
+    now: float = 0.0,
+) -> tuple[Workstream, list[Task]]:
+    """Decode and check a workstream file; return the workstream and its tasks, ready for
+    `creation_changes`. Raises WorkstreamFileError naming every problem, each prefixed with
+    `source`. A dependency may name a task of this file or one the daemon already has."""
+    problems: list[str] = []
+
+    def problem(msg: str) -> None:
+        problems.append(f"{source}: {msg}")
+
+    try:
+        doc = msgspec.toml.decode(text)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise WorkstreamFileError([f"{source}: not valid TOML: {exc}"]) from None
+
+    for key in sorted(set(doc) - _TOP_LEVEL_KEYS):
+        problem(f"unknown top-level field `{key}` (allowed: id, tasks)")
+
+    ws_id: str | None = None
+    if "id" in doc:
+        raw_id = doc["id"]
+        if not isinstance(raw_id, str):
+            problem(f"`id` must be a string, got {_type_name(raw_id)}")
+        elif not ID_PATTERN.fullmatch(raw_id):
+            problem(f"`id` {raw_id!r} {_ID_RULE}")
+        elif raw_id in existing_workstream_ids:
+            problem(f"workstream {raw_id!r} already exists")
+        else:
+            ws_id = raw_id
+
+    raw_tasks = doc.get("tasks")
+    decoded: list[tuple[int, str, dict[str, Any]]] = []
+    if raw_tasks is None or raw_tasks == []:
+        problem("no tasks: a workstream needs at least one [[tasks]] table")
+    elif not isinstance(raw_tasks, list):
+        problem(f"`tasks` must be an array of tables ([[tasks]]), got {_type_name(raw_tasks)}")
+    else:
+        for index, table in enumerate(raw_tasks):
+            values = _decode_fields(index, table, problem)
+            if values is not None:
+                decoded.append((index, _where(index, table), values))
+
+    file_ids = _check_ids(decoded, existing_task_ids, problem)
+    for _, where, values in decoded:
+        _check_values(where, values, file_ids, existing_task_ids, known_resources, problem)
+
+    if problems:
+        raise WorkstreamFileError(problems)
+
+    # Only a file without a single problem gets an id: a refusal spends nothing.
+    if ws_id is None:
+        ws_id = new_id()
+    tasks = [
+        _build_task(index, msgspec.convert(values, TaskSpec), ws_id, defaults)
+        for index, _, values in decoded
+    ]
+    ws = Workstream(id=ws_id, task_ids=[t.id for t in tasks], submitted_at=now, source=source)
+    return ws, tasks
+
+
+_ID_RULE: Final = "is not a valid id (letters, digits, '.', '_', '-'; 1-128 characters)"
+
+
+def _type_name(value: object) -> str:
+    names = {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        list: "an array",
+        dict: "a table",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _where(index: int, table: object) -> str:
+    tid = table.get("id") if isinstance(table, dict) else None
+    return f"task {tid!r}" if isinstance(tid, str) and tid else f"tasks[{index}]"
+
+
+def _decode_fields(
+    index: int, table: object, problem: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The fields of one task table that decode to their declared type, each checked on its
+    own: msgspec stops at the first error of a struct, and every bad field of every task is
+    to be named. None when the entry is not a table at all."""
+    where = _where(index, table)
+    if not isinstance(table, dict):
+        problem(f"{where}: must be a table ([[tasks]]), got {_type_name(table)}")
+        return None
+    values: dict[str, Any] = {}
+    for name in _REQUIRED:
+        if name not in table:
+            problem(f"{where}: missing required field `{name}`")
+    for key, value in table.items():
+        field = _SPEC_FIELDS.get(key)
+        if field is None:
+            problem(f"{where}: unknown field `{key}`")
+            continue
+        try:
+            values[key] = msgspec.convert(value, field.type)
+        except msgspec.ValidationError as exc:
+            detail = str(exc).replace(" - at `$", f" - at `{key}").replace("$.", "")
+            problem(f"{where}: field `{key}`: {detail}")
+    return values
+
+
+def _check_ids(
+    decoded: list[tuple[int, str, dict[str, Any]]],
+    existing: set[str],
+    problem: Callable[[str], None],
+) -> set[str]:
+    seen: dict[str, list[int]] = {}
+    for index, _, values in decoded:
+        if "id" in values:
+            seen.setdefault(values["id"], []).append(index)
+    for tid, indexes in seen.items():
+        if not ID_PATTERN.fullmatch(tid):
+            problem(f"task {tid!r}: id {_ID_RULE}")
+        if len(indexes) > 1:
+            places = ", ".join(f"tasks[{i}]" for i in indexes)
+            problem(f"task {tid!r}: duplicate task id ({places})")
+        if tid in existing:
+            problem(f"task {tid!r}: a task with this id already exists in the daemon")
+    return set(seen)
+
+
+def _empty_command(cmd: list[str] | str) -> bool:
+    if isinstance(cmd, str):
+        return not cmd.strip()
+    return not cmd or not cmd[0].strip()
+
+
+def _check_values(
+    where: str,
+    values: dict[str, Any],
+    file_ids: set[str],
+    existing: set[str],
+    known_resources: set[str],
+    problem: Callable[[str], None],
+) -> None:
+    """Range and reference checks on the fields that decoded (a bad one was named already)."""
+    if "command" in values and _empty_command(values["command"]):
+        problem(f"{where}: `command` is empty")
+    if values.get("validate") is not None and _empty_command(values["validate"]):
+        problem(f"{where}: `validate` is empty (leave it out to skip validation)")
+    for name in ("timeout_s", "queue_timeout_s"):
+        value = values.get(name)
+        if value is not None and value <= 0:
+            problem(f"{where}: `{name}` must be > 0, got {value}")
+    max_retries = values.get("max_retries")
+    if max_retries is not None and max_retries < 0:
+        problem(f"{where}: `max_retries` must be >= 0, got {max_retries}")
+    cwd = values.get("cwd")
+    if cwd is not None and not cwd.startswith("/"):
+        # Relative to what? The daemon's directory is not the submitter's: refuse.
+        problem(f"{where}: `cwd` must be an absolute path, got {cwd!r}")
+    for key in values.get("env", {}):
+        if not key or "=" in key or "\0" in key:
+            problem(f"{where}: `env` has an invalid variable name {key!r}")
+    for code in values.get("no_retry_exit_codes", []):
+        if not 0 < code < 256:
+            problem(f"{where}: `no_retry_exit_codes` holds {code}, not an exit code (1-255)")
+    rlimits = values.get("rlimits")
+    if rlimits is not None:
+        for name in Rlimits.__struct_fields__:
+            value = getattr(rlimits, name)
+            if value is not None and value <= 0:
+                problem(f"{where}: `rlimits.{name}` must be > 0, got {value}")
+    for dep in values.get("depends_on", []):
+        if dep not in file_ids and dep not in existing:
+            problem(f"{where}: unknown dependency {dep!r}")
+    for res in values.get("resources", []):
+        if res not in known_resources:
+            known = ", ".join(sorted(known_resources)) or "none configured"
+            problem(f"{where}: unknown resource {res!r} (known: {known})")
+
+
+def _build_task(index: int, spec: TaskSpec, ws_id: str, defaults: TasksConfig) -> Task:
+    queue_timeout = spec.queue_timeout_s
+    if queue_timeout is None and defaults.queue_timeout_s > 0:
+        queue_timeout = defaults.queue_timeout_s
+    return Task(
+        id=spec.id,
+        workstream_id=ws_id,
+        command=spec.command,
+        cwd=spec.cwd,
+        env=dict(spec.env),
+        timeout_s=spec.timeout_s if spec.timeout_s is not None else defaults.timeout_s,
+        max_retries=spec.max_retries if spec.max_retries is not None else defaults.max_retries,
+        # A repeated entry would count twice in the graph and, for a resource, make the
+        # task wait on itself: keep the first of each, in the operator's order.
+        depends_on=list(dict.fromkeys(spec.depends_on)),
+        resources=list(dict.fromkeys(spec.resources)),
+        critical=spec.critical,
+        validate=spec.validate,
+        priority=spec.priority,
+        no_retry_exit_codes=list(spec.no_retry_exit_codes),
+        queue_timeout_s=queue_timeout,
+        rlimits=spec.rlimits,
+        order=index,
+    )

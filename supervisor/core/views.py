@@ -1,0 +1,121 @@
+"""What the control socket shows: tasks, workers, resources, status and metrics as plain
+JSON-able dicts. Pure: no I/O; `now` is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import msgspec
+
+from supervisor.core.model import State, Task, Worker
+
+
+def task_view(task: Task) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(task)
+    # Fields that omit_defaults drops but that the contract always shows.
+    out["state"] = str(task.state)
+    for key in ("worker_id", "failure_kind", "pid", "not_before"):
+        out.setdefault(key, None)
+    out.setdefault("retry_count", 0)
+    out.setdefault("skipped", False)
+    out.setdefault("depends_on", [])
+    out.setdefault("attempts", [])
+    out.setdefault("max_retries", task.max_retries)
+    out.setdefault("timeout_s", task.timeout_s)
+    return out
+
+
+def worker_view(
+    worker: Worker, heartbeat_age_s: float | None, health: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(worker)
+    out["state"] = str(worker.state)
+    for key in ("pid", "task_id", "attempt_id"):
+        out.setdefault(key, None)
+    out["last_heartbeat_age_s"] = None if heartbeat_age_s is None else round(heartbeat_age_s, 3)
+    if health:
+        out["health"] = health
+    return out
+
+
+def resource_views(state: State, waiting: dict[str, list[str]]) -> list[dict[str, Any]]:
+    out = []
+    for res in state.data.resources.values():
+        out.append(
+            {
+                "id": res.id,
+                "max_holders": res.max_holders,
+                "holders": list(state.graph.holders_of(res.id)),
+                "waiting": waiting.get(res.id, []),
+            }
+        )
+    return out
+
+
+def status_view(state: State) -> dict[str, Any]:
+    tasks = Counter(str(t.state) for t in state.data.tasks.values())
+    ws = Counter(str(w.state) for w in state.data.workstreams.values())
+    workers = Counter(str(w.state) for w in state.data.workers.values() if w.state != "shutdown")
+    return {
+        "last_seq": state.last_seq,
+        "tasks": dict(tasks),
+        "workstreams": dict(ws),
+        "workers": dict(workers),
+    }
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """One line for systemd's STATUS=, from `status_view`."""
+    tasks, workers = status["tasks"], status["workers"]
+    live = sum(workers.values())
+    up = workers.get("idle", 0) + workers.get("busy", 0)
+    return (
+        f"{tasks.get('running', 0)} running, {tasks.get('queued', 0)} queued, "
+        f"{tasks.get('pending', 0)} pending, {tasks.get('failed', 0)} failed; "
+        f"workers {up}/{live} up"
+    )
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) by nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def metrics_view(
+    state: State,
+    counters: dict[str, int],
+    queue_waits: list[float],
+    *,
+    now: float,
+    transitions_per_s: float,
+) -> dict[str, Any]:
+    """The figures written to metrics.json."""
+    failures = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("failure.")}
+    events = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("event.")}
+    return {
+        "ts": now,
+        "last_seq": state.last_seq,
+        "tasks_by_state": dict(Counter(str(t.state) for t in state.data.tasks.values())),
+        "workstreams_by_state": dict(
+            Counter(str(w.state) for w in state.data.workstreams.values())
+        ),
+        "workers_by_state": dict(Counter(str(w.state) for w in state.data.workers.values())),
+        "attempts": counters.get("attempts", 0),
+        "retries": counters.get("retries", 0),
+        "timeouts": counters.get("timeouts", 0),
+        "completed": counters.get("completed", 0),
+        "failures_by_kind": failures,
+        "events": events,
+        "queue_wait_s": {
+            "p50": percentile(queue_waits, 0.5),
+            "p95": percentile(queue_waits, 0.95),
+            "samples": len(queue_waits),
+        },
+        "transitions_per_s": round(transitions_per_s, 3),
+    }

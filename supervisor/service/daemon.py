@@ -1,0 +1,139 @@
+"""Wiring only: open the store, start the pool, scheduler and control socket in one task
+group, notify systemd, turn signals into a clean stop or a config reload.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from supervisor.control.server import Server, SocketInUse
+from supervisor.core.config import Config
+from supervisor.core.errors import StoreCorrupt, StoreError, StoreFsyncError, StoreLocked
+from supervisor.core.views import status_line, status_view
+from supervisor.engine.loop import Scheduler
+from supervisor.engine.reload import Reloader
+from supervisor.service.notify import Notifier
+from supervisor.store.directory import Store
+from supervisor.workers.health import Health
+from supervisor.workers.pool import Pool
+
+log = structlog.get_logger("orchd")
+
+EXIT_CORRUPT = 65
+STATUS_INTERVAL_S = 5.0
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another daemon owns the state directory
+
+
+async def run(cfg: Config, config_path: Path | None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the process exit code."""
+    notifier = Notifier()
+    store = Store(
+        cfg.state_dir,
+        backups_keep=cfg.store.backups_keep,
+        checkpoints_keep=cfg.store.checkpoints_keep,
+    )
+    try:
+        state = await anyio.to_thread.run_sync(store.open)
+    except StoreLocked as exc:
+        print(f"orchd: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except StoreCorrupt as exc:
+        print(f"orchd: {exc}", file=sys.stderr)
+        notifier.send(f"STATUS=state corrupt: {exc}")
+        return EXIT_CORRUPT
+    except StoreError as exc:
+        print(f"orchd: {exc}", file=sys.stderr)
+        return 1
+    log.info(
+        "state_loaded",
+        state_dir=cfg.state_dir,
+        last_seq=state.last_seq,
+        tasks=len(state.data.tasks),
+    )
+    send, recv = anyio.create_memory_object_stream[Any](100_000)
+    pool = Pool(
+        python=cfg.workers.python or sys.executable,
+        log_dir=store.state_dir / "logs",
+        heartbeat_s=cfg.health.heartbeat_interval_s,
+        inbox=send,
+        kill_grace_s=cfg.tasks.kill_grace_s,
+    )
+    scheduler = Scheduler(cfg, store, state, pool, recv, send)
+    scheduler.health = Health(scheduler)
+    clean = True
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pool.run)
+            await tg.start(scheduler.run)
+            await tg.start(Server(cfg.socket, scheduler, cfg.control).run)
+            tg.start_soon(scheduler.health.run)
+            reloader = Reloader(config_path, scheduler)
+            if config_path is not None:
+                tg.start_soon(reloader.watch)
+            if notifier.watchdog_s:
+                tg.start_soon(_watchdog, notifier, scheduler)
+            if notifier.enabled:
+                tg.start_soon(_status_lines, notifier, scheduler)
+            notifier.send("READY=1", f"STATUS=running; state {cfg.state_dir}, socket {cfg.socket}")
+            log.info(
+                "daemon_ready",
+                pid=__import__("os").getpid(),
+                socket=cfg.socket,
+                workers=cfg.worker_count,
+            )
+            with anyio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+            ) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await reloader.reload("SIGHUP")
+                        continue
+                    log.info("daemon_stopping", signal=signal.Signals(signum).name)
+                    notifier.send("STOPPING=1", "STATUS=draining: stopping running tasks")
+                    break
+            await scheduler.drain()
+            tg.cancel_scope.cancel()
+    except* SocketInUse as group:
+        clean = False
+        print(f"orchd: {group.exceptions[0]}", file=sys.stderr)
+    except* StoreFsyncError as group:
+        # Never retried: the kernel may have dropped the dirty pages. Exit and let the
+        # next start recover from what the log really holds.
+        clean = False
+        first = group.exceptions[0]
+        log.critical("fsync_failed", error=str(first))
+        print(f"orchd: {first}; exiting, the next start recovers from the log", file=sys.stderr)
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(store.close, state if clean else None)
+            except StoreError as exc:
+                clean = False
+                print(f"orchd: closing the state failed: {exc}", file=sys.stderr)
+    log.info("daemon_stopped", last_seq=state.last_seq, clean=clean)
+    return 0 if clean else 1
+
+
+async def _status_lines(notifier: Notifier, scheduler: Scheduler) -> None:
+    """A STATUS= line for `systemctl status`: what runs, waits and failed, and the workers."""
+    await anyio.sleep(1.0)
+    while True:
+        notifier.send("STATUS=" + status_line(status_view(scheduler.state)))
+        await anyio.sleep(STATUS_INTERVAL_S)
+
+
+async def _watchdog(notifier: Notifier, scheduler: Scheduler) -> None:
+    """WATCHDOG=1 from the event loop, only while the scheduler keeps stepping."""
+    interval = notifier.watchdog_s / 2
+    while True:
+        await anyio.sleep(interval)
+        if scheduler.healthy(notifier.watchdog_s):
+            notifier.send("WATCHDOG=1")
+        else:
+            log.error("watchdog_withheld", reason="scheduler loop is stuck")

@@ -1,0 +1,335 @@
+"""The only module that touches the state directory: log, snapshot, backups, checkpoints,
+events, interventions, metrics and archive files (the offline `orchctl state` helpers are
+in supervisor/maintenance.py and re-exported here).
+
+The transitions log is the source of truth; everything else is derived from it and is
+rebuilt when missing or damaged. `Store.open` takes the directory's lock and returns the
+recovered State; whatever it had to repair on the way is in `Store.repairs`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+import structlog
+
+from supervisor.core.errors import StoreCorrupt
+from supervisor.core.model import Event, State, Transition
+from supervisor.store.logfile import LogWriter, is_sealed, seal
+from supervisor.store.maintenance import (
+    list_backups,
+    repair_state,
+    restore_from_backup,
+    restore_from_transitions,
+    validate_state,
+)
+from supervisor.store.snapshot import (
+    LOG_NAME,
+    SNAPSHOT_NAME,
+    TMP_SUFFIX,
+    checkpoint_doc,
+    cut_torn_tail,
+    cut_torn_text,
+    encode_snapshot,
+    fsync_dir,
+    gc_paused,
+    iso_utc,
+    list_backup_files,
+    load,
+    lock_dir,
+    next_backup_path,
+    prune_oldest,
+    write_atomic,
+)
+
+log = structlog.get_logger("orchd.store")
+
+_DIRS: Final = ("backups", "checkpoints", "archive", "logs", "logs/workers")
+_event_decoder = msgspec.json.Decoder(Event)
+_json_encoder = msgspec.json.Encoder()
+
+
+class Store:
+    """The state directory of one running daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        backups_keep: int = 100,
+        checkpoints_keep: int = 20,
+        fsync: bool = True,
+    ) -> None:
+        self._dir = Path(state_dir)
+        self.backups_keep, self.checkpoints_keep, self._fsync = (
+            backups_keep,
+            checkpoints_keep,
+            fsync,
+        )
+        self.repairs: list[str] = []
+        self._lock_fd = -1
+        self._log: LogWriter | None = None
+        self._side_fds: dict[str, int] = {}
+        self._last_backup: Path | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self._dir
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / LOG_NAME
+
+    @property
+    def written_seq(self) -> int:
+        return self._writer.written_seq
+
+    @property
+    def synced_seq(self) -> int:
+        return self._writer.synced_seq
+
+    @property
+    def _writer(self) -> LogWriter:
+        if self._log is None:
+            raise RuntimeError("the store is not open")
+        return self._log
+
+    def open(self) -> State:
+        """Lock the directory, create what is missing, clean up, load and return the state."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_dir(self._dir)
+        try:
+            return self._open_locked()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_locked(self) -> State:
+        for sub in _DIRS:
+            (self._dir / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("", "backups", "checkpoints", "archive"):
+            for p in (self._dir / sub).glob(f"*{TMP_SUFFIX}"):
+                p.unlink(missing_ok=True)
+        new_log = not self.log_path.exists()
+        with gc_paused(freeze=True):
+            loaded = load(self._dir)
+        self.repairs = list(loaded.repairs)
+        scan = loaded.scan
+        if scan.torn_line is not None:
+            self.repairs[-1] += "; " + cut_torn_tail(self._dir, scan, fsync=self._fsync)
+        for name in ("events.jsonl", "interventions.log"):
+            cut_torn_text(self._dir / name)
+        self._log = LogWriter(
+            self.log_path, end=scan.end, crc=scan.crc, seq=scan.last_seq, fsync=self._fsync
+        )
+        self._writer.sync()
+        if new_log and self._fsync:
+            fsync_dir(self._dir)
+        backups = list_backup_files(self._dir / "backups")
+        self._last_backup = backups[-1] if backups else None
+        return loaded.state
+
+    # -- the log ---------------------------------------------------------------------
+
+    def write(self, rec: Transition) -> None:
+        """Append `rec`'s line now (not yet durable: call `sync`). Raises StoreWriteError."""
+        self._writer.write(rec)
+
+    def sync(self) -> None:
+        """Make every record written so far durable (one fdatasync). Raises StoreFsyncError."""
+        self._writer.sync()
+
+    # -- snapshot, backups, checkpoints ----------------------------------------------
+
+    def write_snapshot(self, state: State) -> Path:
+        """Replace current.json by `state`, keeping the old one in backups/."""
+        w = self._writer
+        if state.last_seq > w.written_seq:
+            raise ValueError(f"state at seq {state.last_seq} is ahead of the log ({w.written_seq})")
+        # Never let a snapshot cover records that are not durable yet.
+        w.sync()
+        at_end = state.last_seq == w.written_seq
+        data = encode_snapshot(
+            state, log_offset=w.end if at_end else None, log_crc=w.crc if at_end else None
+        )
+        path = self._dir / SNAPSHOT_NAME
+        backups = self._dir / "backups"
+        keep = next_backup_path(backups, self._last_backup) if path.exists() else None
+        write_atomic(path, data, fsync=self._fsync, keep_as=keep)
+        if keep is not None:
+            self._last_backup = keep
+            prune_oldest(list_backup_files(backups), self.backups_keep)
+        return path
+
+    def write_checkpoint(self, ws_id: str, state: State) -> Path:
+        """Write checkpoints/<ws>_<seq>.json and <ws>_latest.json; keep the newest N."""
+        _check_name(ws_id)
+        doc = checkpoint_doc(ws_id, state)
+        cdir = self._dir / "checkpoints"
+        path = cdir / f"{ws_id}_{state.last_seq}.json"
+        write_atomic(path, seal(_json_encoder.encode(doc)), fsync=self._fsync)
+        # `latest` is a second name for the same file, switched atomically.
+        tmp = cdir / f"{ws_id}_latest.json.{os.getpid()}{TMP_SUFFIX}"
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+        os.replace(tmp, cdir / f"{ws_id}_latest.json")
+        numbered = [cdir / f"{ws_id}_{n}.json" for n in self.list_checkpoints(ws_id)]
+        prune_oldest(numbered, self.checkpoints_keep)
+        return path
+
+    def list_checkpoints(self, ws_id: str) -> list[int]:
+        """The seqs of the numbered checkpoints of `ws_id`, oldest first."""
+        prefix = f"{ws_id}_"
+        out = []
+        for name in os.listdir(self._dir / "checkpoints"):
+            if name.startswith(prefix) and name.endswith(".json"):
+                mid = name[len(prefix) : -len(".json")]
+                if mid.isdigit():
+                    out.append(int(mid))
+        return sorted(out)
+
+    def read_checkpoint(self, ws_id: str, which: int | Literal["latest"]) -> dict[str, Any]:
+        """A checkpoint's content. Raises FileNotFoundError, or StoreCorrupt if damaged."""
+        _check_name(ws_id)
+        path = self._dir / "checkpoints" / f"{ws_id}_{which}.json"
+        data = path.read_bytes()
+        if not is_sealed(data):
+            raise StoreCorrupt(
+                f"{path}: checksum mismatch; it is regenerated by the next checkpoint",
+                path=str(path),
+            )
+        doc: dict[str, Any] = msgspec.json.decode(data)
+        doc.pop("crc", None)
+        return doc
+
+    # -- side files --------------------------------------------------------------------
+
+    def _append_line(self, name: str, line: bytes) -> None:
+        fd = self._side_fds.get(name)
+        if fd is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = self._side_fds[name] = os.open(self._dir / name, flags, 0o640)
+        os.write(fd, line)
+
+    def append_event(self, event: Event) -> None:
+        """Append one event to events.jsonl (written at once; not fsynced)."""
+        self._append_line("events.jsonl", _json_encoder.encode(event) + b"\n")
+
+    def append_intervention(self, line: dict[str, Any]) -> None:
+        """Append one manual action to interventions.log (one JSON object a line)."""
+        self._append_line("interventions.log", _json_encoder.encode(line) + b"\n")
+
+    def read_events(self, *, after_line: int = 0) -> list[Event]:
+        """The events after the first `after_line` lines of events.jsonl."""
+        return self.read_events_from(after_line)[0]
+
+    def read_events_from(self, after_line: int = 0) -> tuple[list[Event], int]:
+        """The events after line `after_line`, and the line to continue after next time
+        (unreadable lines are skipped but counted; a partial last line is left for later)."""
+        try:
+            data = (self._dir / "events.jsonl").read_bytes()
+        except FileNotFoundError:
+            return [], after_line
+        lines = data.split(b"\n")
+        lines.pop()  # empty, or a line still being written
+        out = []
+        for raw in lines[after_line:]:
+            try:
+                out.append(_event_decoder.decode(raw))
+            except msgspec.DecodeError:
+                continue
+        return out, max(after_line, len(lines))
+
+    def task_log_path(self, task_id: str) -> Path:
+        """logs/<task>.log, written by the agents (every attempt, with a header each)."""
+        _check_name(task_id)
+        return self._dir / "logs" / f"{task_id}.log"
+
+    def worker_log_path(self, worker_id: str) -> Path:
+        _check_name(worker_id)
+        return self._dir / "logs" / "workers" / f"{worker_id}.log"
+
+    def worker_log(self, worker_id: str, text: str) -> None:
+        """Append a timestamped line to logs/workers/<worker>.log."""
+        try:
+            with open(self.worker_log_path(worker_id), "a", encoding="utf-8") as f:
+                f.write(f"{iso_utc()} {text}\n")
+        except OSError as exc:  # a full disk loses this line, never the daemon
+            log.warning("worker_log_not_written", worker_id=worker_id, error=str(exc))
+
+    @staticmethod
+    def tail(path: Path, lines: int) -> list[str]:
+        """The last `lines` lines of a text file ([] when it does not exist)."""
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                block, data = 8192, b""
+                while True:
+                    start = max(0, size - block)
+                    f.seek(start)
+                    data = f.read(size - start)
+                    if start == 0 or data.count(b"\n") > lines:
+                        break
+                    block *= 4
+        except FileNotFoundError:
+            return []
+        text = data.decode("utf-8", errors="replace").splitlines()
+        return text[-lines:] if lines > 0 else []
+
+    def write_json(self, relpath: str, obj: object) -> None:
+        """Atomically write a derived JSON file (metrics.json, archive/<ws>.json)."""
+        rel = Path(relpath)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"{relpath!r} is not a path inside the state directory")
+        path = self._dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(
+            path,
+            msgspec.json.format(_json_encoder.encode(obj), indent=2) + b"\n",
+            fsync=self._fsync,
+        )
+
+    def close(self, state: State | None = None) -> None:
+        """Final sync, a snapshot of `state` if given, then release everything."""
+        try:
+            if self._log is not None:
+                self._log.sync()
+                if state is not None:
+                    self.write_snapshot(state)
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            for fd in self._side_fds.values():
+                os.close(fd)
+            self._side_fds.clear()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = -1
+
+
+def _check_name(ws_id: str) -> None:
+    if not ws_id or "/" in ws_id or ws_id.startswith(".") or "\0" in ws_id:
+        raise ValueError(f"{ws_id!r} cannot name a file")
+
+
+def read_state(state_dir: str | Path, *, full: bool = False) -> State:
+    """The state on disk, read-only: no lock taken, nothing repaired (a torn tail is
+    ignored). For tools and tests that look at a directory; `full` ignores snapshots."""
+    with gc_paused():
+        return load(Path(state_dir), full=full).state
+
+
+__all__ = [
+    "Store",
+    "list_backups",
+    "lock_dir",
+    "read_state",
+    "repair_state",
+    "restore_from_backup",
+    "restore_from_transitions",
+    "validate_state",
+]

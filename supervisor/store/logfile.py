@@ -1,0 +1,293 @@
+"""The transitions log on disk: line framing, the appender, and the verifying scanner.
+
+One record a line: the Transition encoded as a JSON object, with a fixed-width trailer
+`,"crc":"xxxxxxxx"}` + newline spliced in before the closing brace. The CRC32 covers the
+line's bytes before the trailer, so a line is checked by slicing, without re-encoding,
+and it stays a valid JSON object that any JSON tool can read (decoders ignore `crc`).
+The same seal is put on snapshots and checkpoints, so a garbled one is detected.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from supervisor.core.errors import IllegalTransition, StoreCorrupt, StoreFsyncError, StoreWriteError
+from supervisor.core.model import Transition
+
+TRAILER_LEN: Final = 19  # len(b',"crc":"xxxxxxxx"}\n')
+_TRAILER: Final = b',"crc":"%08x"}'  # without the newline: lines are split on it
+_CHUNK: Final = 8 << 20
+_WINDOW: Final = 1 << 16
+# Big reads: the check runs in a thread, and each chunk has to win the GIL back.
+_CRC_BUF: Final = 16 << 20
+_crc32 = zlib.crc32
+
+
+def seal(body: bytes) -> bytes:
+    """Put the checksum trailer (and a newline) on an encoded JSON object."""
+    head = body[:-1]
+    return head + b',"crc":"%08x"}\n' % _crc32(head)
+
+
+def is_sealed(data: bytes | memoryview) -> bool:
+    """True when `data` ends with a trailer whose CRC matches the bytes before it."""
+    if len(data) <= TRAILER_LEN or bytes(data[-1:]) != b"\n":
+        return False
+    # A view, not a slice: a snapshot is tens of megabytes, and a slice would copy it.
+    with memoryview(data) as view:
+        return bytes(view[-TRAILER_LEN:-1]) == _TRAILER % _crc32(view[:-TRAILER_LEN])
+
+
+def corrupt_hint(state_dir: Path) -> str:
+    """The commands an operator runs next when the state cannot be trusted."""
+    d = str(state_dir)
+    return (
+        f"inspect with `orchctl state validate --state-dir {d}`; then "
+        f"`orchctl state restore --from-backup latest --state-dir {d}` "
+        f"or `orchctl state repair --state-dir {d}`"
+    )
+
+
+class ScanResult(msgspec.Struct):
+    """Where the good records of a log end, and what follows them."""
+
+    end: int  # byte offset just past the last good record
+    crc: int  # CRC32 of bytes [0, end)
+    last_seq: int
+    line: int  # line number of the last good record
+    size: int  # file size seen
+    torn_line: int | None = None  # first line of a bad final stretch, if any
+    torn_why: str | None = None
+
+
+class Scanner:
+    """Reads a log from a known-good position, checking every line after it.
+
+    Records with seq <= `apply_after` are only checked (checksum, seq); later ones are
+    decoded and handed to `apply`. A bad stretch that runs to the end of the file is a
+    torn tail and is reported in the result; a bad line followed by a good one, a seq
+    gap, or a record `apply` refuses raises StoreCorrupt naming the line.
+    """
+
+    def __init__(self, path: Path, state_dir: Path) -> None:
+        self.path, self.state_dir = path, state_dir
+        self._decode = msgspec.json.Decoder(Transition).decode
+
+    def _corrupt(self, line: int, why: str) -> StoreCorrupt:
+        return StoreCorrupt(
+            f"{self.path}: line {line}: {why}; {corrupt_hint(self.state_dir)}",
+            path=str(self.path),
+            line=line,
+        )
+
+    def scan(
+        self,
+        *,
+        start: int = 0,
+        crc: int = 0,
+        seq: int = 0,
+        line: int = 0,
+        apply_after: int = 0,
+        apply: Callable[[Transition], None] | None = None,
+    ) -> ScanResult:
+        decode, trailer, crc32 = self._decode, _TRAILER, _crc32
+        expected = seq + 1
+        # While every line is good, record s sits on line s + shift.
+        shift = line - seq
+        end = start
+        bad: tuple[int, str] | None = None
+        lines_after_bad = 0
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            carry = b""
+            while chunk := f.read(_CHUNK):
+                buf = carry + chunk if carry else chunk
+                parts = buf.split(b"\n")
+                carry = parts.pop()
+                rest = parts
+                if bad is None:
+                    first = expected
+                    # The hot loop of every replay: keep it lean.
+                    for raw in parts:
+                        if len(raw) <= 18 or raw[-18:] != trailer % crc32(raw[:-18]):
+                            break
+                        if expected <= apply_after:
+                            if not raw.startswith(b'{"seq":%d,' % expected):
+                                raise self._corrupt(
+                                    expected + shift, f"seq is not {expected} (gap)"
+                                )
+                        else:
+                            try:
+                                rec = decode(raw)
+                            except msgspec.DecodeError as exc:
+                                why = f"record does not decode ({exc})"
+                                raise self._corrupt(expected + shift, why) from None
+                            if rec.seq != expected:
+                                why = f"seq {rec.seq} where {expected} was due (gap)"
+                                raise self._corrupt(expected + shift, why)
+                            if apply is not None:
+                                try:
+                                    apply(rec)
+                                except IllegalTransition as exc:
+                                    why = f"record cannot be replayed ({exc})"
+                                    raise self._corrupt(expected + shift, why) from None
+                        expected += 1
+                    ngood = expected - first
+                    if ngood == len(parts):
+                        good_bytes = len(buf) - len(carry)
+                    else:
+                        good_bytes = sum(map(len, parts[:ngood])) + ngood
+                        raw = parts[ngood]
+                        bad = (
+                            expected + shift,
+                            "checksum mismatch" if len(raw) > 18 else "not a record",
+                        )
+                        rest = parts[ngood + 1 :]
+                    # Good lines are contiguous from the start of buf.
+                    crc = crc32(memoryview(buf)[:good_bytes], crc)
+                    end += good_bytes
+                    if bad is None:
+                        continue
+                for raw in rest:
+                    # After a bad line, a good one means damage inside the log, not a torn end.
+                    lines_after_bad += 1
+                    if len(raw) > 18 and raw[-18:] == trailer % crc32(raw[:-18]):
+                        assert bad is not None
+                        where = bad[0] + lines_after_bad
+                        why = f"{bad[1]}, and good records follow it (line {where})"
+                        raise self._corrupt(bad[0], why)
+            size = f.tell()
+        if carry and bad is None:
+            bad = (expected + shift, "incomplete last line (no newline)")
+        result = ScanResult(
+            end=end, crc=crc, last_seq=expected - 1, line=expected - 1 + shift, size=size
+        )
+        if bad is not None:
+            result.torn_line, result.torn_why = bad
+        return result
+
+
+def prefix_matches(path: Path, end: int, crc: int, last_seq: int) -> bool:
+    """True when the first `end` bytes of the log have CRC `crc` and end with record `last_seq`.
+
+    This is how a snapshot's recorded log position is trusted without re-checking every
+    line it covers: one CRC pass over the bytes, at memory speed (read into one reused
+    buffer, so no chunk is allocated or copied twice)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            if os.fstat(fd).st_size < end:
+                return False
+            buf = bytearray(min(_CRC_BUF, end))
+            got, left = 0, end
+            with memoryview(buf) as view:
+                while left:
+                    n = f.readinto(view[: min(len(buf), left)])
+                    if not n:
+                        return False
+                    got = _crc32(view[:n], got)
+                    left -= n
+            if got != crc:
+                return False
+            if end == 0:
+                return last_seq == 0
+            tail = os.pread(fd, min(_WINDOW, end), end - min(_WINDOW, end))
+    except OSError:
+        return False
+    if not tail.endswith(b"\n"):
+        return False
+    idx = tail.rfind(b"\n", 0, len(tail) - 1)
+    if idx < 0 and end > len(tail):
+        return True  # a record longer than the window: the CRC alone vouches for it
+    return tail.startswith(b'{"seq":%d,' % last_seq, idx + 1)
+
+
+class LogWriter:
+    """Appends framed records to the log and makes them durable in groups.
+
+    `write` puts a record's line in the file at once (one os.write, no fsync) and `sync`
+    fdatasyncs everything written so far, so a batch costs one fsync. A failed write is
+    cut back to the last good record; a failed fdatasync kills the writer for good,
+    because after one the kernel may have dropped the dirty pages it failed to write.
+    """
+
+    def __init__(self, path: Path, *, end: int, crc: int, seq: int, fsync: bool) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._fsync = fsync
+        self._encode = msgspec.json.Encoder().encode
+        self.end, self.crc = end, crc
+        self._written = self._synced = seq
+        self._dirty = os.fstat(self._fd).st_size != end
+        self._dead: StoreFsyncError | None = None
+
+    @property
+    def written_seq(self) -> int:
+        return self._written
+
+    @property
+    def synced_seq(self) -> int:
+        return self._synced
+
+    def write(self, rec: Transition) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if rec.seq != self._written + 1:
+            raise ValueError(f"record seq {rec.seq} does not follow {self._written}")
+        line = seal(self._encode(rec))
+        try:
+            if self._dirty:
+                # A previous failed write may have left bytes behind; cut them first.
+                os.ftruncate(self._fd, self.end)
+                self._dirty = False
+            view = memoryview(line)
+            while view:
+                n = os.write(self._fd, view)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, "short write")
+                view = view[n:]
+        except OSError as exc:
+            self._cut_back()
+            raise StoreWriteError(
+                f"cannot append record {rec.seq} to {self.path}: {exc.strerror or exc}; the log "
+                f"was cut back to record {self._written}. Free space (or fix the error) and the "
+                f"next change will be written; nothing was lost."
+            ) from exc
+        self.end += len(line)
+        self.crc = _crc32(line, self.crc)
+        self._written = rec.seq
+
+    def _cut_back(self) -> None:
+        try:
+            os.ftruncate(self._fd, self.end)
+            self._dirty = False
+        except OSError:
+            self._dirty = True  # the next write tries again before appending
+
+    def sync(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        target = self._written  # read first: writes may go on while we wait
+        if self._fsync and target > self._synced:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._dead = StoreFsyncError(
+                    f"fdatasync of {self.path} failed: {exc.strerror or exc}; records after "
+                    f"{self._synced} may not be on disk. Never retried: restart, and the state "
+                    f"is recovered from the log."
+                )
+                raise self._dead from exc
+        self._synced = max(self._synced, target)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

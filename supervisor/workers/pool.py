@@ -1,0 +1,278 @@
+"""The daemon's side of the workers: spawn agents, carry their messages, kill them. I/O edge.
+
+Each agent is `python -m supervisor.workers.agent` in its own session, with frames on its stdin
+and stdout and its stderr appended to `logs/workers/<id>.log`. Every process the pool
+starts gets a generation number, and every message it reads is delivered to the inbox
+tagged with it, so the scheduler can tell a replaced process's late words from the current
+one's. The pool decides nothing: it reports, and it does what it is told.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import Process, TaskGroup, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream
+
+import supervisor
+from supervisor.workers import proctree, wire
+from supervisor.workers.launch import ORIGINAL_PYTHONPATH_ENV
+
+log = structlog.get_logger("orchd.pool")
+
+# A send to an agent that does not read (stopped, wedged) must not stall the scheduler.
+SEND_TIMEOUT_S = 5.0
+_PACKAGE_ROOT = str(Path(supervisor.__file__).resolve().parent.parent)
+
+
+class AgentMessage(msgspec.Struct):
+    """A message from agent process `generation` of worker `worker_id`."""
+
+    worker_id: str
+    generation: int
+    msg: wire.FromAgent
+
+
+class AgentExited(msgspec.Struct):
+    """Agent process `generation` of worker `worker_id` has exited (after its last message)."""
+
+    worker_id: str
+    generation: int
+    returncode: int | None
+
+
+Inbox = MemoryObjectSendStream[AgentMessage | AgentExited]
+
+
+@dataclass(eq=False)
+class _Agent:
+    worker_id: str
+    generation: int
+    process: Process
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+class Pool:
+    """Agent processes by worker id; start with `await tg.start(pool.run)`."""
+
+    def __init__(
+        self,
+        *,
+        python: str,
+        log_dir: Path,
+        heartbeat_s: float,
+        inbox: Inbox,
+        kill_grace_s: float = 5.0,
+    ) -> None:
+        self._python = python
+        self._log_dir = Path(log_dir)
+        self._heartbeat_s = heartbeat_s
+        self._inbox = inbox
+        self._kill_grace_s = kill_grace_s
+        self._agents: dict[str, _Agent] = {}
+        self._generations = itertools.count(1)
+        self._tg: TaskGroup | None = None
+        self._env = agent_env(dict(os.environ))
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Own the agents' reader tasks; on cancellation stop every agent (Stop, then kill)."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
+                with anyio.CancelScope(shield=True):
+                    await self._stop_all()
+
+    async def spawn(self, worker_id: str) -> int:
+        """Start an agent for `worker_id` (replacing any previous one); its generation.
+        Raises OSError when the process cannot be started."""
+        if self._tg is None:
+            raise RuntimeError("Pool.run is not running")
+        generation = next(self._generations)
+        log_path = self._log_dir / "workers" / f"{worker_id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self._python,
+            "-m",
+            "supervisor.workers.agent",
+            "--worker-id",
+            worker_id,
+            "--heartbeat-s",
+            repr(self._heartbeat_s),
+            "--kill-grace-s",
+            repr(self._kill_grace_s),
+            "--log",
+            str(log_path),
+        ]
+        with open(log_path, "ab") as stderr:
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=self._env,
+                start_new_session=True,
+            )
+        agent = _Agent(worker_id, generation, process)
+        previous = self._agents.get(worker_id)
+        if previous is not None and previous.process.returncode is None:
+            log.warning("agent_replaced_while_alive", worker_id=worker_id, pid=previous.process.pid)
+        self._agents[worker_id] = agent
+        log.info("agent_spawned", worker_id=worker_id, generation=generation, pid=process.pid)
+        self._tg.start_soon(self._watch, agent)
+        return generation
+
+    async def send(self, worker_id: str, msg: wire.ToAgent) -> bool:
+        """Send one message to the worker's current agent; False if it is gone or not reading."""
+        agent = self._agents.get(worker_id)
+        if agent is None or agent.process.returncode is not None:
+            return False
+        stdin = agent.process.stdin
+        assert stdin is not None
+        try:
+            async with agent.lock:
+                with anyio.fail_after(SEND_TIMEOUT_S):
+                    await stdin.send(wire.frame(msg))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, TimeoutError):
+            log.warning("agent_send_failed", worker_id=worker_id, message=type(msg).__name__)
+            return False
+        return True
+
+    async def kill(
+        self,
+        worker_id: str,
+        *,
+        task_tree: tuple[int, int, float, str] | None,
+        grace_s: float,
+    ) -> None:
+        """Kill the worker's agent (TERM, KILL after grace_s) and, if given as (pgid, pid,
+        create_time, marker), the task tree too. Needs nothing from the agent, so it works
+        on one that is stopped or wedged."""
+        agent = self._agents.get(worker_id)
+        async with anyio.create_task_group() as tg:
+            if agent is not None:
+                tg.start_soon(self._kill_agent, agent, grace_s)
+            if task_tree is not None:
+                tg.start_soon(self._kill_tree, task_tree, grace_s)
+        if task_tree is not None:
+            # Whatever the dead agent had adopted (a double-forked escapee) is now re-parented
+            # further up; one more sweep finds it by its marker.
+            await self._kill_tree(task_tree, 0.0)
+
+    async def stop(self, worker_id: str, grace_s: float) -> None:
+        """Ask the agent to stop (it kills its attempt first); kill it if it is not gone
+        within grace_s and a little more."""
+        agent = self._agents.get(worker_id)
+        if agent is None or agent.process.returncode is not None:
+            return
+        if await self.send(worker_id, wire.Stop(grace_s=grace_s)):
+            with anyio.move_on_after(grace_s + 2.0):
+                await agent.process.wait()
+        if agent.process.returncode is None:
+            log.warning("agent_stop_timeout", worker_id=worker_id, pid=agent.process.pid)
+            await self._kill_agent(agent, 0.0)
+        await _close(agent)
+
+    def pid(self, worker_id: str) -> int | None:
+        """The pid of the worker's running agent, if there is one."""
+        agent = self._agents.get(worker_id)
+        if agent is None or agent.process.returncode is not None:
+            return None
+        return agent.process.pid
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _watch(self, agent: _Agent) -> None:
+        """Deliver the agent's messages, then its exit (always in that order)."""
+        stdout = agent.process.stdout
+        assert stdout is not None
+        reader = BufferedByteReceiveStream(stdout)
+        inbox_open = True
+        try:
+            while True:
+                header = await reader.receive_exactly(4)
+                body = await reader.receive_exactly(wire.frame_length(header))
+                msg: wire.FromAgent = wire.from_agent_decoder.decode(body)
+                await self._inbox.send(AgentMessage(agent.worker_id, agent.generation, msg))
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError):
+            pass  # the agent closed its end: it is exiting
+        except (ValueError, msgspec.DecodeError) as exc:
+            log.error("agent_protocol_error", worker_id=agent.worker_id, error=str(exc))
+            with contextlib.suppress(ProcessLookupError):
+                agent.process.kill()
+        except anyio.BrokenResourceError:
+            inbox_open = False
+        returncode = await agent.process.wait()
+        await _close(agent)
+        if self._agents.get(agent.worker_id) is agent:
+            del self._agents[agent.worker_id]
+        log.info("agent_exited", worker_id=agent.worker_id, returncode=returncode)
+        if inbox_open:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._inbox.send(AgentExited(agent.worker_id, agent.generation, returncode))
+
+    async def _kill_agent(self, agent: _Agent, grace_s: float) -> None:
+        process = agent.process
+        if process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        with anyio.move_on_after(grace_s):
+            await process.wait()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        await _close(agent)
+        log.info("agent_killed", worker_id=agent.worker_id, returncode=process.returncode)
+
+    async def _kill_tree(self, tree: tuple[int, int, float, str], grace_s: float) -> None:
+        pgid, pid, create_time, marker = tree
+        report = await anyio.to_thread.run_sync(
+            lambda: proctree.kill_tree(pgid, pid, create_time, marker, grace_s)
+        )
+        # If this daemon is a subreaper, the killed processes may be its zombies now; they
+        # are never agents (those are waited for by their process objects).
+        for killed in report.signalled:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(killed, os.WNOHANG)
+        if report.signalled or report.survivors:
+            log.info(
+                "task_tree_killed",
+                marker=marker,
+                pids=list(report.signalled),
+                survivors=list(report.survivors),
+            )
+
+    async def _stop_all(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for worker_id in list(self._agents):
+                tg.start_soon(self.stop, worker_id, self._kill_grace_s)
+
+
+async def _close(agent: _Agent) -> None:
+    # Closes the pipes of an exited agent (its asyncio transport warns if left open).
+    with anyio.CancelScope(shield=True):
+        await agent.process.aclose()
+
+
+def agent_env(environ: dict[str, str]) -> dict[str, str]:
+    """The agents' environment: the daemon's minus NOTIFY_SOCKET/WATCHDOG_*/LISTEN_*, with
+    this package importable; the agent hands its tasks the original PYTHONPATH back."""
+    env = proctree.inheritable_env(environ)
+    original = env.get("PYTHONPATH", "")
+    env[ORIGINAL_PYTHONPATH_ENV] = original
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, original) if p)
+    return env
