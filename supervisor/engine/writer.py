@@ -10,7 +10,6 @@ on it; scheduler.py runs the loop.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from supervisor import failpoints
 from supervisor.core.config import Config
 from supervisor.core.model import (
     Cause,
@@ -107,7 +107,7 @@ class Writer:
         inbox: Inbox,
         inbox_send: MemoryObjectSendStream[Any],
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = failpoints.wall,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.cfg, self.store, self.state, self.pool = cfg, store, state, pool

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Final
 
 import msgspec
 
+from supervisor import failpoints
 from supervisor.core.errors import IllegalTransition, StoreCorrupt, StoreFsyncError, StoreWriteError
 from supervisor.core.model import Transition
 
@@ -247,6 +249,8 @@ class LogWriter:
                 # A previous failed write may have left bytes behind; cut them first.
                 os.ftruncate(self._fd, self.end)
                 self._dirty = False
+            if failpoints.take("append_fail"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             view = memoryview(line)
             while view:
                 n = os.write(self._fd, view)
@@ -277,6 +281,8 @@ class LogWriter:
         target = self._written  # read first: writes may go on while we wait
         if self._fsync and target > self._synced:
             try:
+                if slow := failpoints.delay("sync_delay"):
+                    time.sleep(slow)
                 os.fdatasync(self._fd)
             except OSError as exc:
                 self._dead = StoreFsyncError(

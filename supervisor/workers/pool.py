@@ -10,6 +10,7 @@ one's. The pool decides nothing: it reports, and it does what it is told.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import subprocess
@@ -24,6 +25,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
 import supervisor
+from supervisor import failpoints
 from supervisor.workers import proctree, wire
 from supervisor.workers.launch import ORIGINAL_PYTHONPATH_ENV
 
@@ -116,6 +118,8 @@ class Pool:
             "--log",
             str(log_path),
         ]
+        if failpoints.take("spawn_fail"):
+            raise OSError(errno.EAGAIN, "spawn refused by the spawn_fail failpoint")
         with open(log_path, "ab") as stderr:
             process = await anyio.open_process(
                 argv,
