@@ -10,6 +10,7 @@ recovered State; whatever it had to repair on the way is in `Store.repairs`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -137,6 +138,14 @@ class Store:
     def write(self, rec: Transition) -> None:
         """Append `rec`'s line now (not yet durable: call `sync`). Raises StoreWriteError."""
         self._writer.write(rec)
+
+    def write_batch(self, recs: Sequence[Transition]) -> None:
+        """Append one step's records all or nothing (not yet durable: call `sync`).
+
+        Raises ValueError, before anything is written, unless their seqs follow
+        `written_seq` one by one; StoreWriteError when the write failed, the log then
+        being exactly as it was before."""
+        self._writer.write_batch(recs)
 
     def sync(self) -> None:
         """Make every record written so far durable (one fdatasync). Raises StoreFsyncError."""

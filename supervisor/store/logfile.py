@@ -13,7 +13,7 @@ import errno
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -214,10 +214,11 @@ def prefix_matches(path: Path, end: int, crc: int, last_seq: int) -> bool:
 class LogWriter:
     """Appends framed records to the log and makes them durable in groups.
 
-    `write` puts a record's line in the file at once (one os.write, no fsync) and `sync`
-    fdatasyncs everything written so far, so a batch costs one fsync. A failed write is
-    cut back to the last good record; a failed fdatasync kills the writer for good,
-    because after one the kernel may have dropped the dirty pages it failed to write.
+    `write_batch` puts a step's lines in the file at once (one os.write, no fsync) and
+    `sync` fdatasyncs everything written so far, so a group costs one fsync. A failed
+    write is cut back to the last good record, so a batch is in the file whole or not at
+    all; a failed fdatasync kills the writer for good, because after one the kernel may
+    have dropped the dirty pages it failed to write.
     """
 
     def __init__(self, path: Path, *, end: int, crc: int, seq: int, fsync: bool) -> None:
@@ -239,11 +240,26 @@ class LogWriter:
         return self._synced
 
     def write(self, rec: Transition) -> None:
+        """Append one record: `write_batch([rec])`."""
+        self.write_batch((rec,))
+
+    def write_batch(self, recs: Sequence[Transition]) -> None:
+        """Append `recs` (one step's records) all or nothing, with one os.write.
+
+        Their seqs must run on from `written_seq` (ValueError before anything is written).
+        On any write error, a short write included, the file is cut back to where it ended
+        before and StoreWriteError is raised: `written_seq`, `end` and `crc` are unchanged,
+        as if the batch had never been tried. Not durable until `sync`."""
         if self._dead is not None:
             raise self._dead
-        if rec.seq != self._written + 1:
-            raise ValueError(f"record seq {rec.seq} does not follow {self._written}")
-        line = seal(self._encode(rec))
+        if not recs:
+            return
+        first = self._written + 1
+        for i, rec in enumerate(recs):
+            if rec.seq != first + i:
+                raise ValueError(f"record seq {rec.seq} does not follow {first + i - 1}")
+        encode = self._encode
+        data = b"".join([seal(encode(rec)) for rec in recs])
         try:
             if self._dirty:
                 # A previous failed write may have left bytes behind; cut them first.
@@ -251,22 +267,34 @@ class LogWriter:
                 self._dirty = False
             if failpoints.take("append_fail"):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            view = memoryview(line)
+            view = memoryview(data)
             while view:
+                # A short write (the disk filled up part-way) loops: the next write then
+                # reports the error, and everything written is cut back below.
                 n = os.write(self._fd, view)
                 if n == 0:
                     raise OSError(errno.ENOSPC, "short write")
                 view = view[n:]
         except OSError as exc:
             self._cut_back()
+            last = recs[-1].seq
+            what = f"record {first}" if last == first else f"records {first}-{last}"
+            where = (
+                f"will be cut back to record {self._written} before the next write"
+                if self._dirty
+                else f"was cut back to record {self._written}"
+            )
             raise StoreWriteError(
-                f"cannot append record {rec.seq} to {self.path}: {exc.strerror or exc}; the log "
-                f"was cut back to record {self._written}. Free space (or fix the error) and the "
+                f"cannot append {what} to {self.path}: {exc.strerror or exc}; nothing of the "
+                f"batch was written (the log {where}). Free space (or fix the error) and the "
                 f"next change will be written; nothing was lost."
             ) from exc
-        self.end += len(line)
-        self.crc = _crc32(line, self.crc)
-        self._written = rec.seq
+        except BaseException:
+            self._cut_back()  # interrupted part-way: never leave a partial batch behind
+            raise
+        self.end += len(data)
+        self.crc = _crc32(data, self.crc)
+        self._written = recs[-1].seq
 
     def _cut_back(self) -> None:
         try:
