@@ -20,7 +20,7 @@ from typing import Final
 import msgspec
 
 from supervisor import failpoints
-from supervisor.core.errors import IllegalTransition, StoreCorrupt, StoreFsyncError, StoreWriteError
+from supervisor.core.errors import StoreCorrupt, StoreFsyncError, StoreWriteError
 from supervisor.core.model import Transition
 
 TRAILER_LEN: Final = 19  # len(b',"crc":"xxxxxxxx"}\n')
@@ -55,6 +55,13 @@ def corrupt_hint(state_dir: Path) -> str:
         f"`orchctl state restore --from-backup latest --state-dir {d}` "
         f"or `orchctl state repair --state-dir {d}`"
     )
+
+
+def _describe(exc: Exception) -> str:
+    """An exception as a message: our own say what happened, others also name their type."""
+    if type(exc).__module__.startswith("supervisor."):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class ScanResult(msgspec.Struct):
@@ -137,9 +144,13 @@ class Scanner:
                             if apply is not None:
                                 try:
                                     apply(rec)
-                                except IllegalTransition as exc:
-                                    why = f"record cannot be replayed ({exc})"
-                                    raise self._corrupt(expected + shift, why) from None
+                                except MemoryError:
+                                    raise
+                                except Exception as exc:
+                                    # Its checksum is good, yet it cannot be performed:
+                                    # whatever the cause, the log is not to be trusted.
+                                    why = f"record cannot be replayed ({_describe(exc)})"
+                                    raise self._corrupt(expected + shift, why) from exc
                         expected += 1
                     ngood = expected - first
                     if ngood == len(parts):

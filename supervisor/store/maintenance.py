@@ -16,6 +16,7 @@ from typing import Final
 from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import State, Transition, equal_states
 from supervisor.store.logfile import Scanner, ScanResult, is_sealed
+from supervisor.store.references import check_record
 from supervisor.store.snapshot import (
     LOG_NAME,
     SNAPSHOT_NAME,
@@ -83,6 +84,7 @@ def validate_state(state_dir: str | Path) -> list[str]:
 
         def apply(rec: Transition) -> None:
             nonlocal snap_ok
+            check_record(replayed, rec)
             replayed.apply(rec)
             if not isinstance(snap, str) and rec.seq == snap.last_seq:
                 snap_ok = equal_states(replayed.data, snapshot_state(snap))

@@ -26,6 +26,7 @@ import msgspec
 from supervisor.core.errors import StoreCorrupt, StoreLocked
 from supervisor.core.model import State, StateData
 from supervisor.store.logfile import Scanner, ScanResult, is_sealed, prefix_matches, seal
+from supervisor.store.references import checked_apply, state_problem
 
 LOG_NAME: Final = "transitions.jsonl"
 SNAPSHOT_NAME: Final = "current.json"
@@ -109,7 +110,8 @@ def read_snapshot(path: Path) -> SnapshotFile | str:
     """The snapshot in `path`, or a reason why it cannot be used.
 
     Its checksum is computed in a thread while this one decodes it (zlib lets go of the
-    GIL); a snapshot whose seal does not match is refused whatever the decoding gave."""
+    GIL); a snapshot whose seal does not match is refused whatever the decoding gave, and
+    so is one that names a task, worker, workstream or resource it does not hold."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -125,6 +127,9 @@ def read_snapshot(path: Path) -> SnapshotFile | str:
         snap = f"does not decode ({exc})"
     if not sealed():
         return "checksum mismatch (truncated or garbled)"
+    if not isinstance(snap, str) and (why := state_problem(snap)) is not None:
+        # Sealed, so not torn: written wrong or edited. Trust it no more than a torn one.
+        return f"inconsistent ({why})"
     return snap
 
 
@@ -250,7 +255,8 @@ def load(state_dir: Path, *, full: bool = False) -> Loaded:
 
     Snapshot (checksum checked), else the newest valid backup, else empty; then the log's
     records after it. `full=True` ignores snapshots and replays the whole log. A torn tail
-    is reported in `scan` (and `repairs`) but not cut here. Raises StoreCorrupt."""
+    is reported in `scan` (and `repairs`) but not cut here. Every replayed record's
+    references are checked (`references.check_record`). Raises StoreCorrupt."""
     log_path = state_dir / LOG_NAME
     repairs: list[str] = []
     snap, source = None, "empty"
@@ -296,10 +302,10 @@ def load(state_dir: Path, *, full: bool = False) -> Loaded:
             seq=seq,
             line=seq,
             apply_after=seq,
-            apply=state.apply,
+            apply=checked_apply(state),
         )
     else:
-        scan = scanner.scan(apply_after=state.last_seq, apply=state.apply)
+        scan = scanner.scan(apply_after=state.last_seq, apply=checked_apply(state))
     if scan.last_seq < state.last_seq:
         raise StoreCorrupt(
             f"{state_dir / source}: the snapshot covers records up to {state.last_seq} but "
