@@ -27,7 +27,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor.workers import wire
+from supervisor.core import wire
 from supervisor.workers.pool import agent_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,9 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from supervisor.core import wire
 from supervisor.core.model import Rlimits
-from supervisor.workers import proctree, wire
+from supervisor.workers import proctree
 from supervisor.workers.pool import agent_env
 
 MARK = f"test-agent-{uuid.uuid4().hex[:8]}-"

@@ -374,7 +374,7 @@ def test_worker_that_never_says_hello_is_killed_and_restarted(tmp_path: Path) ->
 
 FAKE_AGENT = """
 import sys
-from supervisor.workers import wire
+from supervisor.core import wire
 args = sys.argv[sys.argv.index("--worker-id") + 1]
 sys.stdout.buffer.write(wire.frame(wire.Hello(worker_id=args, pid=__import__("os").getpid(),
     create_time=__import__("psutil").Process().create_time())))

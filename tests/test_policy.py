@@ -6,8 +6,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.core.model import FailureKind, Task, TaskState, WorkstreamState
-from supervisor.core.policy import after_failure, backoff_s, health_verdict, workstream_verdict
+from supervisor.core.model import Attempt, FailureKind, Task, TaskState, WorkstreamState
+from supervisor.core.policy import (
+    MIN_REASSIGNS,
+    STOP_RULES,
+    Outcome,
+    StopReason,
+    after_failure,
+    attempt_outcome,
+    backoff_s,
+    health_verdict,
+    workstream_verdict,
+)
 
 NOW = 1000.0
 
@@ -94,27 +104,61 @@ def test_retries_run_out_at_max_retries() -> None:
 
 @pytest.mark.parametrize("kind", list(FailureKind))
 def test_failure_kind_is_recorded(kind: FailureKind) -> None:
-    """A spent retry records why the attempt failed; the worker and pid are cleared."""
+    """A spent retry records why the attempt failed; an interrupted one spends none."""
     out = after_failure(task(), kind, None, now=NOW, base_s=1, max_s=60)
-    assert out.changes["worker_id"] is None and out.changes["pid"] is None
+    assert out.kind == kind
     if kind == FailureKind.INTERRUPTED:
         assert "retry_count" not in out.changes
     else:
         assert out.changes["failure_kind"] == kind
 
 
+def _ended(t: Task, phase: str = "command", killed: bool = True) -> Outcome:
+    return attempt_outcome(
+        t, phase=phase, killed=killed, exit_code=None, now=NOW, base_s=1, max_s=60
+    )
+
+
+@pytest.mark.parametrize("reason", list(StopReason))
+def test_every_stop_reason_has_one_rule(reason: StopReason) -> None:
+    """Each stop reason maps, through the one table, to its cause, kind and target."""
+    rule = STOP_RULES[reason]
+    out = _ended(task(retry_count=0, max_retries=3, stopping=str(reason)))
+    assert out.cause in (rule.cause, "timeout", "failure")
+    assert out.kind == rule.kind
+    if rule.to is not None:
+        assert out.to == rule.to and "retry_count" not in out.changes
+    else:
+        assert out.changes["retry_count"] == 1
+
+
 def test_interrupted_and_reassigned_attempts_spend_no_retry() -> None:
-    """An interrupted attempt or a reassignment goes back to pending with its count intact."""
+    """An interrupted attempt goes back to pending and a reassigned one to queued, with
+    the retry count intact."""
     t = task(retry_count=2, max_retries=3)
-    for out in (
-        after_failure(t, FailureKind.INTERRUPTED, None, now=NOW, base_s=1, max_s=60),
-        after_failure(
-            t, FailureKind.WORKER_LOST, None, now=NOW, base_s=1, max_s=60, spend_retry=False
-        ),
-    ):
-        assert (out.to, out.final) == (TaskState.PENDING, False)
-        assert "retry_count" not in out.changes
-        assert out.changes["not_before"] is None
+    interrupted = after_failure(t, FailureKind.INTERRUPTED, None, now=NOW, base_s=1, max_s=60)
+    assert (interrupted.to, interrupted.final) == (TaskState.PENDING, False)
+    assert "retry_count" not in interrupted.changes
+    t.stopping = "reassign"
+    reassigned = _ended(t)
+    assert (reassigned.to, reassigned.final) == (TaskState.QUEUED, False)
+    assert reassigned.event == "task_reassigned" and "retry_count" not in reassigned.changes
+
+
+def test_a_task_reassigned_too_often_spends_its_retries() -> None:
+    """After MIN_REASSIGNS reassignments, losing the worker again counts as a failure."""
+    lost = [
+        Attempt(attempt_id=f"a{i}", number=i, worker_id="w", started_at=0.0, reassigned=True)
+        for i in range(MIN_REASSIGNS)
+    ]
+    out = _ended(task(max_retries=2, stopping="reassign", attempts=lost))
+    assert out.kind == FailureKind.WORKER_LOST and out.changes["retry_count"] == 1
+
+
+def test_a_clean_finish_completes() -> None:
+    """An attempt that ended in phase done, not killed, completes the task."""
+    out = _ended(task(), phase="done", killed=False)
+    assert out.to == TaskState.COMPLETED and out.changes == {"failure_kind": None}
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ import psutil
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from supervisor.workers import proctree, wire
+from supervisor.core import wire
+from supervisor.workers import proctree
 from supervisor.workers.pool import AgentExited, AgentMessage, Pool
 
 MARK = f"test-pool-{uuid.uuid4().hex[:8]}-"

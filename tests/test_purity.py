@@ -18,7 +18,7 @@ REQUIRED = [
     "supervisor.core.graph",
     "supervisor.core.policy",
     "supervisor.core.config",
-    "supervisor.workers.wire",
+    "supervisor.core.wire",
 ]
 OPTIONAL = [
     "supervisor.core.submission",

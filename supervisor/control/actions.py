@@ -1,4 +1,4 @@
-"""Operator actions and queries, run inside the scheduler (the one writer) via `Scheduler.call`.
+"""Operator actions and queries, run inside the scheduler (the one writer) via `Machine.call`.
 
 Each function takes the scheduler and typed params, reads or commits, and returns a plain
 dict for the response; a refusal raises OperatorError with the protocol's error code.
@@ -18,16 +18,19 @@ from supervisor.control.lookup import fresh_changes
 from supervisor.control.lookup import get_task as _task
 from supervisor.control.lookup import reopen_workstream as _reopen_workstream
 from supervisor.core.errors import OperatorError, WorkstreamFileError
+from supervisor.core.figures import probe_report, resource_figures
 from supervisor.core.graph import find_cycles
+from supervisor.core.lifecycle import retire_worker, stop_task
+from supervisor.core.machine import Machine
 from supervisor.core.model import TaskState, Worker, WorkerState
+from supervisor.core.policy import StopReason
 from supervisor.core.submission import new_ulid, parse_workstream
-from supervisor.core.views import resource_views, status_view, task_view, worker_view
-from supervisor.engine.loop import STOP_CANCEL, STOP_REASSIGN, STOP_WORKER_LOST, Scheduler
+from supervisor.core.views import status_view, task_view, worker_view
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 
 
-def _worker(s: Scheduler, worker_id: str) -> Worker:
+def _worker(s: Machine, worker_id: str) -> Worker:
     worker = s.state.data.workers.get(worker_id)
     if worker is None:
         raise OperatorError("not_found", f"no worker {worker_id!r} (see `orchctl workers`)")
@@ -37,30 +40,31 @@ def _worker(s: Scheduler, worker_id: str) -> Worker:
 # --- queries ----------------------------------------------------------------------------
 
 
-def status(s: Scheduler, _: p.StatusParams) -> dict[str, Any]:
+def status(s: Machine, _: p.StatusParams) -> dict[str, Any]:
     out = status_view(s.state)
     out |= {
         "uptime_s": round(s.now - s.started_at, 3),
-        "draining": s.draining,
-        "queued_ready": len(s.queue),
-        "state_dir": str(s.store.state_dir),
+        "draining": s.rt.draining,
+        "queued_ready": s.rt.queue_length(),
+        "state_dir": str(s.files.state_dir),
+        "read_only": s.read_only,
     }
     return out
 
 
-def show(s: Scheduler, params: p.ShowParams) -> dict[str, Any]:
+def show(s: Machine, params: p.ShowParams) -> dict[str, Any]:
     task = _task(s, params.task_id)
     out = task_view(task)
     out["dependencies"] = {
         d: str(s.state.data.tasks[d].state) for d in task.depends_on if d in s.state.data.tasks
     }
-    out["log_path"] = str(s.store.task_log_path(task.id))
+    out["log_path"] = str(s.files.task_log_path(task.id))
     if params.logs:
-        out["log_tail"] = s.store.tail(s.store.task_log_path(task.id), params.lines)
+        out["log_tail"] = s.files.tail(s.files.task_log_path(task.id), params.lines)
     return out
 
 
-def tasks(s: Scheduler, params: p.TasksParams) -> list[dict[str, Any]]:
+def tasks(s: Machine, params: p.TasksParams) -> list[dict[str, Any]]:
     if params.workstream is not None:
         ws = s.state.data.workstreams.get(params.workstream)
         if ws is None:
@@ -77,52 +81,52 @@ def tasks(s: Scheduler, params: p.TasksParams) -> list[dict[str, Any]]:
     return [task_view(t) for t in chosen]
 
 
-def _heartbeat_age(s: Scheduler, wid: str) -> float | None:
-    seen = s.heartbeat.get(wid)
+def _heartbeat_age(s: Machine, wid: str) -> float | None:
+    seen = s.rt.heartbeat_at(wid)
     return None if seen is None else max(0.0, s.now - seen)
 
 
-def workers(s: Scheduler, _: p.WorkersParams) -> list[dict[str, Any]]:
+def workers(s: Machine, _: p.WorkersParams) -> list[dict[str, Any]]:
     out = []
     for w in s.state.data.workers.values():
-        if w.state == WorkerState.SHUTDOWN and w.id not in s.heartbeat:
+        if w.state == WorkerState.SHUTDOWN and s.rt.heartbeat_at(w.id) is None:
             continue
-        health = s.health.report(w.id) if s.health is not None else None
+        health = probe_report(s, w.id)
         out.append(worker_view(w, _heartbeat_age(s, w.id), health))
     return out
 
 
-def worker_check(s: Scheduler, params: p.WorkerCheckParams) -> dict[str, Any]:
+def worker_check(s: Machine, params: p.WorkerCheckParams) -> dict[str, Any]:
     w = _worker(s, params.worker_id)
-    health = s.health.report(w.id) if s.health is not None else None
+    health = probe_report(s, w.id)
     out = worker_view(w, _heartbeat_age(s, w.id), health)
-    out["log_tail"] = s.store.tail(s.store.worker_log_path(w.id), 20)
+    out["log_tail"] = s.files.tail(s.files.worker_log_path(w.id), 20)
     return out
 
 
-def worker_logs(s: Scheduler, params: p.WorkerLogsParams) -> dict[str, Any]:
+def worker_logs(s: Machine, params: p.WorkerLogsParams) -> dict[str, Any]:
     w = _worker(s, params.worker_id)
-    path = s.store.worker_log_path(w.id)
-    return {"worker_id": w.id, "path": str(path), "lines": s.store.tail(path, params.lines)}
+    path = s.files.worker_log_path(w.id)
+    return {"worker_id": w.id, "path": str(path), "lines": s.files.tail(path, params.lines)}
 
 
-def logs(s: Scheduler, params: p.LogsParams) -> dict[str, Any]:
+def logs(s: Machine, params: p.LogsParams) -> dict[str, Any]:
     task = _task(s, params.task_id)
-    path = s.store.task_log_path(task.id)
-    return {"task_id": task.id, "path": str(path), "lines": s.store.tail(path, params.lines)}
+    path = s.files.task_log_path(task.id)
+    return {"task_id": task.id, "path": str(path), "lines": s.files.tail(path, params.lines)}
 
 
-def events(s: Scheduler, params: p.EventsParams) -> list[dict[str, Any]]:
+def events(s: Machine, params: p.EventsParams) -> list[dict[str, Any]]:
     if params.severity is not None and params.severity not in SEVERITIES:
         raise OperatorError(
             "invalid", f"unknown severity {params.severity!r}; one of {', '.join(SEVERITIES)}"
         )
     floor = SEVERITIES.index(params.severity) if params.severity else 0
-    evs = [e for e in s.store.read_events() if SEVERITIES.index(e.severity) >= floor]
+    evs = [e for e in s.files.read_events() if SEVERITIES.index(e.severity) >= floor]
     return [msgspec.to_builtins(e) for e in evs[-params.limit :]] if params.limit > 0 else []
 
 
-def ws_list(s: Scheduler, _: p.WsListParams) -> list[dict[str, Any]]:
+def ws_list(s: Machine, _: p.WsListParams) -> list[dict[str, Any]]:
     out = []
     for ws in s.state.data.workstreams.values():
         counts = {str(k): v for k, v in s.state.graph.ws_counts.get(ws.id, {}).items() if v}
@@ -139,7 +143,7 @@ def ws_list(s: Scheduler, _: p.WsListParams) -> list[dict[str, Any]]:
     return out
 
 
-def ws_show(s: Scheduler, params: p.WsShowParams) -> dict[str, Any]:
+def ws_show(s: Machine, params: p.WsShowParams) -> dict[str, Any]:
     ws = s.state.data.workstreams.get(params.workstream)
     if ws is None:
         raise OperatorError(
@@ -151,15 +155,14 @@ def ws_show(s: Scheduler, params: p.WsShowParams) -> dict[str, Any]:
     return out
 
 
-def resources(s: Scheduler, _: p.ResourcesParams) -> list[dict[str, Any]]:
-    waiting = {r: s.queue.waiting_on(r) for r in s.queue.parked_resources()}
-    return resource_views(s.state, waiting)
+def resources(s: Machine, _: p.ResourcesParams) -> list[dict[str, Any]]:
+    return resource_figures(s)
 
 
 # --- changes ----------------------------------------------------------------------------
 
 
-def submit(s: Scheduler, params: p.SubmitParams) -> dict[str, Any]:
+def submit(s: Machine, params: p.SubmitParams) -> dict[str, Any]:
     try:
         ws, new_tasks = parse_workstream(
             params.text.encode(),
@@ -178,7 +181,7 @@ def submit(s: Scheduler, params: p.SubmitParams) -> dict[str, Any]:
     base = len(s.state.data.tasks)
     for i, t in enumerate(new_tasks):
         t.order = base + i
-    ws.submitted_at = s.now
+    ws.submitted_at = s.wall
     rec = s.commit(
         "workstream",
         ws.id,
@@ -187,7 +190,7 @@ def submit(s: Scheduler, params: p.SubmitParams) -> dict[str, Any]:
         workstream=msgspec.to_builtins(ws),
         tasks=[msgspec.to_builtins(t) for t in new_tasks],
     )
-    s.dirty_ws.add(ws.id)
+    s.rt.mark_dirty(ws.id)
     cycles = find_cycles([t.id for t in new_tasks], {t.id: t.depends_on for t in new_tasks})
     for cycle in cycles:
         s.emit(
@@ -202,7 +205,7 @@ def submit(s: Scheduler, params: p.SubmitParams) -> dict[str, Any]:
     return {"workstream_id": ws.id, "tasks": len(new_tasks), "seq": rec.seq, "cycles": cycles}
 
 
-def retry(s: Scheduler, params: p.RetryParams) -> dict[str, Any]:
+def retry(s: Machine, params: p.RetryParams) -> dict[str, Any]:
     task = _task(s, params.task_id)
     if task.state in (TaskState.RUNNING, TaskState.QUEUED):
         raise OperatorError(
@@ -222,11 +225,11 @@ def retry(s: Scheduler, params: p.RetryParams) -> dict[str, Any]:
         changes["max_retries"] = params.max_retries
     rec = s.commit("task", task.id, "pending", "operator", **changes)
     _reopen_workstream(s, task.workstream_id)
-    s.state.graph.ready[task.id] = None
+    s.state.graph.mark_ready(task.id)
     return {"task_id": task.id, "state": str(task.state), "seq": rec.seq}
 
 
-def skip(s: Scheduler, params: p.SkipParams) -> dict[str, Any]:
+def skip(s: Machine, params: p.SkipParams) -> dict[str, Any]:
     task = _task(s, params.task_id)
     if not params.reason.strip():
         raise OperatorError("invalid", "a skip needs a --reason")
@@ -250,48 +253,48 @@ def skip(s: Scheduler, params: p.SkipParams) -> dict[str, Any]:
         workstream_id=task.workstream_id,
         message=params.reason,
     )
-    if task.workstream_id in s.blocked_ws:
+    if s.rt.is_blocked(task.workstream_id):
         _reopen_workstream(s, task.workstream_id)
     s.check_workstream(task.workstream_id)
     return {"task_id": task.id, "state": "completed", "skipped": True, "seq": rec.seq}
 
 
-def cancel(s: Scheduler, params: p.CancelParams) -> dict[str, Any]:
+def cancel(s: Machine, params: p.CancelParams) -> dict[str, Any]:
     task = _task(s, params.task_id)
     if task.state in (TaskState.COMPLETED, TaskState.CANCELLED):
         raise OperatorError("wrong_state", f"task {task.id} is already {task.state}")
     if task.state == TaskState.RUNNING:
-        s.stop_task(task, STOP_CANCEL)  # commits the `stopping` record (or it was already)
+        stop_task(s, task, StopReason.CANCEL)  # commits the `stopping` record (or it was already)
         return {"task_id": task.id, "state": "running", "stopping": True, "seq": s.state.last_seq}
     rec = s.commit("task", task.id, "cancelled", "operator", not_before=None)
     s.check_workstream(task.workstream_id)
     return {"task_id": task.id, "state": "cancelled", "seq": rec.seq}
 
 
-def _live_worker(s: Scheduler, worker_id: str) -> Worker:
+def _live_worker(s: Machine, worker_id: str) -> Worker:
     w = _worker(s, worker_id)
     if w.state == WorkerState.SHUTDOWN:
         raise OperatorError("wrong_state", f"worker {w.id} is shut down")
     return w
 
 
-def worker_restart(s: Scheduler, params: p.WorkerRestartParams) -> dict[str, Any]:
+def worker_restart(s: Machine, params: p.WorkerRestartParams) -> dict[str, Any]:
     w = _live_worker(s, params.worker_id)
     task_id = w.task_id
-    seq = s.retire_worker(w.id, task_reason=STOP_REASSIGN, restart_same=True, graceful=True)
+    seq = retire_worker(s, w.id, task_reason=StopReason.REASSIGN, restart_same=True, graceful=True)
     s.emit("worker_restarted", "warning", worker_id=w.id, task_id=task_id, message=params.reason)
     return {"worker_id": w.id, "reassigned_task": task_id, "seq": seq}
 
 
-def worker_shutdown(s: Scheduler, params: p.WorkerShutdownParams) -> dict[str, Any]:
+def worker_shutdown(s: Machine, params: p.WorkerShutdownParams) -> dict[str, Any]:
     w = _live_worker(s, params.worker_id)
     if w.task_id is not None and not params.force:
         raise OperatorError(
             "wrong_state", f"worker {w.id} is running {w.task_id}; add --force (and --reassign)"
         )
     task_id = w.task_id
-    reason = STOP_REASSIGN if params.reassign else STOP_WORKER_LOST
-    seq = s.retire_worker(w.id, task_reason=reason, restart_same=False, graceful=not params.force)
+    reason = StopReason.REASSIGN if params.reassign else StopReason.WORKER_LOST
+    seq = retire_worker(s, w.id, task_reason=reason, restart_same=False, graceful=not params.force)
     s.emit(
         "worker_shutdown",
         "error",
@@ -307,7 +310,7 @@ def worker_shutdown(s: Scheduler, params: p.WorkerShutdownParams) -> dict[str, A
     }
 
 
-def resource_set_limit(s: Scheduler, params: p.ResourceSetLimitParams) -> dict[str, Any]:
+def resource_set_limit(s: Machine, params: p.ResourceSetLimitParams) -> dict[str, Any]:
     res = s.state.data.resources.get(params.resource_id)
     if res is None:
         raise OperatorError(
@@ -316,7 +319,7 @@ def resource_set_limit(s: Scheduler, params: p.ResourceSetLimitParams) -> dict[s
     if params.max_holders < 1:
         raise OperatorError("invalid", "max_holders must be >= 1")
     rec = s.commit("resource", res.id, "defined", "operator", max_holders=params.max_holders)
-    s.queue.unpark(res.id)
+    s.rt.unpark(res.id)
     return {"resource_id": res.id, "max_holders": params.max_holders, "seq": rec.seq}
 
 

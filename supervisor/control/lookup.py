@@ -10,31 +10,31 @@ from collections.abc import Iterable
 from typing import Any
 
 from supervisor.core.errors import OperatorError
+from supervisor.core.machine import Machine
 from supervisor.core.model import Task, TaskState, Workstream
-from supervisor.engine.loop import Scheduler
 
 
-def get_task(s: Scheduler, task_id: str) -> Task:
+def get_task(s: Machine, task_id: str) -> Task:
     task = s.state.data.tasks.get(task_id)
     if task is None:
         raise OperatorError("not_found", f"no task {task_id!r} (see `orchctl tasks`)")
     return task
 
 
-def get_ws(s: Scheduler, ws_id: str) -> Workstream:
+def get_ws(s: Machine, ws_id: str) -> Workstream:
     ws = s.state.data.workstreams.get(ws_id)
     if ws is None:
         raise OperatorError("not_found", f"no workstream {ws_id!r} (see `orchctl ws list`)")
     return ws
 
 
-def refuse_merged(s: Scheduler, ws_id: str) -> None:
+def refuse_merged(s: Machine, ws_id: str) -> None:
     """A merged workstream is final: nothing in it runs or rolls back again."""
     if s.state.data.workstreams[ws_id].state == "merged":
         raise OperatorError("wrong_state", f"workstream {ws_id} is merged; it never changes again")
 
 
-def reopen_workstream(s: Scheduler, ws_id: str) -> None:
+def reopen_workstream(s: Machine, ws_id: str) -> None:
     """A finished workstream that has work again runs again; its dispatch block (set by a
     critical task's final failure) is lifted once no critical task is failed."""
     ws = s.state.data.workstreams[ws_id]
@@ -42,8 +42,8 @@ def reopen_workstream(s: Scheduler, ws_id: str) -> None:
         s.commit("workstream", ws_id, "running", "operator", ended_at=None)
     tasks = s.state.data.tasks
     if not any(tasks[t].state == TaskState.FAILED and tasks[t].critical for t in ws.task_ids):
-        s.blocked_ws.discard(ws_id)
-        s.queue.unpark_ws(ws_id)
+        s.rt.unblock(ws_id)
+        s.rt.unpark_ws(ws_id)
 
 
 def fresh_changes(task: Task) -> dict[str, Any]:
@@ -60,12 +60,12 @@ def fresh_changes(task: Task) -> dict[str, Any]:
     return out
 
 
-def reset_tasks(s: Scheduler, task_ids: Iterable[str]) -> list[str]:
+def reset_tasks(s: Machine, task_ids: Iterable[str]) -> list[str]:
     """Every given task back to pending with fresh retries (none of them may be running)."""
     done = []
     for tid in task_ids:
         task = s.state.data.tasks[tid]
         s.commit("task", tid, "pending", "operator", **fresh_changes(task))
-        s.state.graph.ready[tid] = None
+        s.state.graph.mark_ready(tid)
         done.append(tid)
     return done

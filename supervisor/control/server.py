@@ -1,4 +1,4 @@
-"""The control socket: framing, peer credentials, access checks, dispatch to the scheduler.
+"""The control socket: framing, peer credentials, access checks, dispatch to the engine.
 
 Errors become error responses here and nowhere else: a malformed, oversized or unknown
 request gets a clear `{code, message}` and never disturbs the daemon.
@@ -25,8 +25,8 @@ from supervisor.control import protocol as p
 from supervisor.control.actions import HANDLERS, SEVERITIES
 from supervisor.core.config import ControlConfig
 from supervisor.core.errors import OperatorError, OrchdError, StoreError
-from supervisor.core.model import Event
-from supervisor.engine.loop import Scheduler
+from supervisor.engine.effects import FOLLOWER_BACKLOG
+from supervisor.engine.loop import Engine
 
 log = structlog.get_logger("orchd.server")
 _PEERCRED = struct.Struct("iII")  # pid, uid, gid: ids unsigned
@@ -94,8 +94,8 @@ class Access:
 
 
 class Server:
-    def __init__(self, path: str, scheduler: Scheduler, cfg: ControlConfig) -> None:
-        self.path, self.scheduler, self.cfg = path, scheduler, cfg
+    def __init__(self, path: str, engine: Engine, cfg: ControlConfig) -> None:
+        self.path, self.engine, self.cfg = path, engine, cfg
         self.access = Access(cfg)
         self.connections = 0
 
@@ -214,7 +214,7 @@ class Server:
     ) -> p.Response:
         handler = HANDLERS[req.method]
         try:
-            result = await self.scheduler.call(handler, self.scheduler, params)
+            result = await self.engine.call(handler, params)
             resp = p.Response(id=req.id, ok=True, result=result)
         except OperatorError as exc:
             resp = p.error_response(req.id, exc.code, str(exc))
@@ -228,7 +228,7 @@ class Server:
         if changes:
             log.info("control_change", method=req.method, uid=peer.uid, pid=peer.pid, ok=resp.ok)
             entry = {
-                "ts": round(self.scheduler.clock(), 3),
+                "ts": round(self.engine.wall(), 3),
                 "method": req.method,
                 "uid": peer.uid,
                 "pid": peer.pid,
@@ -237,32 +237,38 @@ class Server:
                 "result": resp.result if resp.ok else msgspec.to_builtins(resp.error),
             }
             with contextlib.suppress(OSError):
-                self.scheduler.store.append_intervention(entry)
+                self.engine.store.append_intervention(entry)
         return resp
 
     async def _follow_events(
         self, stream: SocketStream, req_id: int, params: p.EventsParams
     ) -> None:
-        send, recv = anyio.create_memory_object_stream[Event](1000)
         floor = SEVERITIES.index(params.severity) if params.severity in SEVERITIES else 0
-        self.scheduler.event_listeners.append(send)
-        try:
-            async with recv:
-                async for ev in recv:
-                    if SEVERITIES.index(ev.severity) >= floor:
-                        await stream.send(
-                            p.encode_response(
-                                p.Response(id=req_id, ok=True, result=msgspec.to_builtins(ev))
-                            )
+        recv = self.engine.fx.followers.add()
+        async with recv:
+            async for ev in recv:
+                if SEVERITIES.index(ev.severity) >= floor:
+                    await stream.send(
+                        p.encode_response(
+                            p.Response(id=req_id, ok=True, result=msgspec.to_builtins(ev))
                         )
-        finally:
-            with contextlib.suppress(ValueError):
-                self.scheduler.event_listeners.remove(send)
+                    )
+        # The engine closed the stream: this follower fell too far behind.
+        await stream.send(
+            p.encode_response(
+                p.error_response(
+                    req_id,
+                    "unavailable",
+                    f"this follower fell {FOLLOWER_BACKLOG} events behind and was dropped; "
+                    "events since are in `orchctl events`; follow again with `orchctl events -f`",
+                )
+            )
+        )
 
     async def _follow_log(self, stream: SocketStream, req_id: int, params: p.LogsParams) -> None:
         """`logs -f`: the last lines, then every new complete line until the client goes."""
         try:
-            first = await self.scheduler.call(HANDLERS["logs"], self.scheduler, params)
+            first = await self.engine.call(HANDLERS["logs"], params)
         except OperatorError as exc:
             await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
             return

@@ -12,19 +12,21 @@ from supervisor.control import protocol as p
 from supervisor.control.lookup import get_task, refuse_merged, reopen_workstream
 from supervisor.control.ws_actions import task_advice
 from supervisor.core.errors import OperatorError
+from supervisor.core.figures import metrics as live_metrics
+from supervisor.core.figures import probe_report
 from supervisor.core.graph import find_cycles
+from supervisor.core.machine import Machine
 from supervisor.core.model import SATISFYING_STATES, Task, TaskState
 from supervisor.core.views import task_view, worker_view
-from supervisor.engine.loop import Scheduler
 
 
-def _ws_cycles(s: Scheduler, ws_id: str) -> list[list[str]]:
+def _ws_cycles(s: Machine, ws_id: str) -> list[list[str]]:
     tasks = s.state.data.tasks
     ids = s.state.data.workstreams[ws_id].task_ids
     return find_cycles(ids, {t: list(tasks[t].depends_on) for t in ids})
 
 
-def why_waits(s: Scheduler, task: Task) -> str:
+def why_waits(s: Machine, task: Task) -> str:
     """One line: why this task is not running (or what it is doing)."""
     tasks = s.state.data.tasks
     ws = s.state.data.workstreams[task.workstream_id]
@@ -39,10 +41,10 @@ def why_waits(s: Scheduler, task: Task) -> str:
             )
     if ws.state not in ("pending", "running"):
         return f"its workstream is {ws.state}: nothing in it is dispatched"
-    if task.workstream_id in s.blocked_ws:
+    if s.rt.is_blocked(task.workstream_id):
         return "dispatch in its workstream is stopped after a critical task failed"
     if task.state == TaskState.QUEUED:
-        res = s.parked_on.get(task.id)
+        res = s.rt.parked_on(task.id)
         if res is not None:
             held = ", ".join(s.state.graph.holders_of(res)) or "-"
             return f"queued: resource {res} is full (held by {held})"
@@ -61,12 +63,12 @@ def why_waits(s: Scheduler, task: Task) -> str:
         return f"waits for {len(unmet)} unmet dependenc{'y' if len(unmet) == 1 else 'ies'}: " + (
             ", ".join(parts)
         )
-    if task.not_before is not None and task.not_before > s.now:
-        return f"retry back-off: queued again in {task.not_before - s.now:.1f}s"
+    if task.not_before is not None and task.not_before > s.wall:
+        return f"retry back-off: queued again in {task.not_before - s.wall:.1f}s"
     return "ready: queued at the next scheduling step"
 
 
-def deps(s: Scheduler, params: p.DepsParams) -> dict[str, Any]:
+def deps(s: Machine, params: p.DepsParams) -> dict[str, Any]:
     task = get_task(s, params.task_id)
     tasks = s.state.data.tasks
 
@@ -85,7 +87,7 @@ def deps(s: Scheduler, params: p.DepsParams) -> dict[str, Any]:
     }
 
 
-def dep_remove(s: Scheduler, params: p.DepRemoveParams) -> dict[str, Any]:
+def dep_remove(s: Machine, params: p.DepRemoveParams) -> dict[str, Any]:
     task = get_task(s, params.from_task)
     if params.to_task not in task.depends_on:
         raise OperatorError(
@@ -97,7 +99,7 @@ def dep_remove(s: Scheduler, params: p.DepRemoveParams) -> dict[str, Any]:
         )
     left = [d for d in task.depends_on if d != params.to_task]
     rec = s.commit("task", task.id, str(task.state), "operator", depends_on=left)
-    s.state.graph.ready[task.id] = None
+    s.state.graph.mark_ready(task.id)
     cycles = _ws_cycles(s, task.workstream_id)
     s.emit(
         "dependency_removed",
@@ -121,7 +123,7 @@ def dep_remove(s: Scheduler, params: p.DepRemoveParams) -> dict[str, Any]:
     }
 
 
-def revalidate(s: Scheduler, params: p.RevalidateParams) -> dict[str, Any]:
+def revalidate(s: Machine, params: p.RevalidateParams) -> dict[str, Any]:
     task = get_task(s, params.task_id)
     if task.state != TaskState.FAILED or task.failure_kind != "validation" or not task.validate:
         raise OperatorError(
@@ -135,11 +137,11 @@ def revalidate(s: Scheduler, params: p.RevalidateParams) -> dict[str, Any]:
         "task", task.id, "pending", "operator", revalidate=True, not_before=None, failure_kind=None
     )
     reopen_workstream(s, task.workstream_id)
-    s.state.graph.ready[task.id] = None
+    s.state.graph.mark_ready(task.id)
     return {"task_id": task.id, "state": "pending", "revalidate": True, "seq": rec.seq}
 
 
-def _actions(s: Scheduler, task: Task) -> list[dict[str, Any]]:
+def _actions(s: Machine, task: Task) -> list[dict[str, Any]]:
     """What an operator may do next about this task, as orchctl argument lists."""
     t = task.id
     acts: list[dict[str, Any]] = []
@@ -181,7 +183,7 @@ def _actions(s: Scheduler, task: Task) -> list[dict[str, Any]]:
     return acts
 
 
-def debug(s: Scheduler, params: p.DebugParams) -> dict[str, Any]:
+def debug(s: Machine, params: p.DebugParams) -> dict[str, Any]:
     task = get_task(s, params.task_id)
     tasks = s.state.data.tasks
     diagnosis = [why_waits(s, task)]
@@ -190,8 +192,8 @@ def debug(s: Scheduler, params: p.DebugParams) -> dict[str, Any]:
     worker = None
     if task.worker_id and task.worker_id in s.state.data.workers:
         w = s.state.data.workers[task.worker_id]
-        seen = s.heartbeat.get(w.id)
-        health = s.health.report(w.id) if s.health is not None else None
+        seen = s.rt.heartbeat_at(w.id)
+        health = probe_report(s, w.id)
         worker = worker_view(w, None if seen is None else max(0.0, s.now - seen), health)
     view = task_view(task)
     return {
@@ -202,17 +204,17 @@ def debug(s: Scheduler, params: p.DebugParams) -> dict[str, Any]:
             for d in task.depends_on
         ],
         "worker": worker,
-        "log_path": str(s.store.task_log_path(task.id)),
-        "log_tail": s.store.tail(s.store.task_log_path(task.id), params.lines),
+        "log_path": str(s.files.task_log_path(task.id)),
+        "log_tail": s.files.tail(s.files.task_log_path(task.id), params.lines),
         "diagnosis": diagnosis,
         "actions": _actions(s, task),
     }
 
 
-def interventions(s: Scheduler, params: p.InterventionsParams) -> list[dict[str, Any]]:
-    path = s.store.state_dir / "interventions.log"
+def interventions(s: Machine, params: p.InterventionsParams) -> list[dict[str, Any]]:
+    path = s.files.state_dir / "interventions.log"
     out = []
-    for line in s.store.tail(path, max(0, params.limit)):
+    for line in s.files.tail(path, max(0, params.limit)):
         try:
             out.append(msgspec.json.decode(line))
         except msgspec.DecodeError:
@@ -220,6 +222,6 @@ def interventions(s: Scheduler, params: p.InterventionsParams) -> list[dict[str,
     return out
 
 
-def metrics(s: Scheduler, _: p.MetricsParams) -> dict[str, Any]:
-    out: dict[str, Any] = s.metrics(s.now)
+def metrics(s: Machine, _: p.MetricsParams) -> dict[str, Any]:
+    out: dict[str, Any] = live_metrics(s, s.transitions_per_s)
     return out

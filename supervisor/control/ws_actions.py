@@ -17,18 +17,19 @@ from supervisor.control.lookup import (
 )
 from supervisor.core.errors import OperatorError, StoreCorrupt
 from supervisor.core.graph import find_cycles
+from supervisor.core.lifecycle import stop_task
+from supervisor.core.machine import Machine
 from supervisor.core.model import TASK_TRANSITIONS, FailureKind, Task, TaskState
-from supervisor.engine.loop import Scheduler
-from supervisor.engine.tasks import STOP_ROLLBACK
+from supervisor.core.policy import StopReason
 
 
-def _result(s: Scheduler, ws_id: str, before: int, **extra: Any) -> dict[str, Any]:
+def _result(s: Machine, ws_id: str, before: int, **extra: Any) -> dict[str, Any]:
     ws = s.state.data.workstreams[ws_id]
     seq = s.state.last_seq if s.state.last_seq != before else None
     return {"workstream_id": ws_id, "state": str(ws.state), "seq": seq} | extra
 
 
-def _refuse_running(s: Scheduler, ids: list[str], what: str) -> None:
+def _refuse_running(s: Machine, ids: list[str], what: str) -> None:
     running = [t for t in ids if s.state.data.tasks[t].state == TaskState.RUNNING]
     if running:
         raise OperatorError(
@@ -37,7 +38,7 @@ def _refuse_running(s: Scheduler, ids: list[str], what: str) -> None:
         )
 
 
-def ws_retry(s: Scheduler, params: p.WsRetryParams) -> dict[str, Any]:
+def ws_retry(s: Machine, params: p.WsRetryParams) -> dict[str, Any]:
     ws = get_ws(s, params.workstream)
     refuse_merged(s, ws.id)
     _refuse_running(s, ws.task_ids, "them")
@@ -47,7 +48,7 @@ def ws_retry(s: Scheduler, params: p.WsRetryParams) -> dict[str, Any]:
     return _result(s, ws.id, before, reset=reset)
 
 
-def ws_retry_failed(s: Scheduler, params: p.WsRetryFailedParams) -> dict[str, Any]:
+def ws_retry_failed(s: Machine, params: p.WsRetryFailedParams) -> dict[str, Any]:
     ws = get_ws(s, params.workstream)
     refuse_merged(s, ws.id)
     failed = [t for t in ws.task_ids if s.state.data.tasks[t].state == TaskState.FAILED]
@@ -59,7 +60,7 @@ def ws_retry_failed(s: Scheduler, params: p.WsRetryFailedParams) -> dict[str, An
     return _result(s, ws.id, before, reset=reset)
 
 
-def ws_resume(s: Scheduler, params: p.WsResumeParams) -> dict[str, Any]:
+def ws_resume(s: Machine, params: p.WsResumeParams) -> dict[str, Any]:
     ws = get_ws(s, params.workstream)
     task = get_task(s, params.from_task)
     if task.workstream_id != ws.id:
@@ -75,14 +76,14 @@ def ws_resume(s: Scheduler, params: p.WsResumeParams) -> dict[str, Any]:
     return _result(s, ws.id, before, reset=reset)
 
 
-def ws_mark_merged(s: Scheduler, params: p.WsMarkMergedParams) -> dict[str, Any]:
+def ws_mark_merged(s: Machine, params: p.WsMarkMergedParams) -> dict[str, Any]:
     ws = get_ws(s, params.workstream)
     if ws.state != "completed":
         raise OperatorError(
             "wrong_state", f"workstream {ws.id} is {ws.state}; only a completed one is merged"
         )
     rec = s.commit("workstream", ws.id, "merged", "operator")
-    s.dirty_ws.add(ws.id)
+    s.rt.mark_dirty(ws.id)
     s.emit("workstream_merged", "info", workstream_id=ws.id, message=params.reason)
     return {"workstream_id": ws.id, "state": "merged", "seq": rec.seq}
 
@@ -90,12 +91,12 @@ def ws_mark_merged(s: Scheduler, params: p.WsMarkMergedParams) -> dict[str, Any]
 # --- checkpoints and rollback -----------------------------------------------------------
 
 
-def ws_checkpoints(s: Scheduler, params: p.WsCheckpointsParams) -> list[dict[str, Any]]:
+def ws_checkpoints(s: Machine, params: p.WsCheckpointsParams) -> list[dict[str, Any]]:
     ws = get_ws(s, params.workstream)
     out = []
-    for n in s.store.list_checkpoints(ws.id):
+    for n in s.files.list_checkpoints(ws.id):
         try:
-            doc = s.store.read_checkpoint(ws.id, n)
+            doc = s.files.read_checkpoint(ws.id, n)
         except (FileNotFoundError, StoreCorrupt):
             continue  # pruned meanwhile, or damaged: not one to roll back to
         out.append(
@@ -112,11 +113,11 @@ def ws_checkpoints(s: Scheduler, params: p.WsCheckpointsParams) -> list[dict[str
     return out
 
 
-def _load_checkpoint(s: Scheduler, ws_id: str, which: str) -> dict[str, Any]:
+def _load_checkpoint(s: Machine, ws_id: str, which: str) -> dict[str, Any]:
     if which != "latest" and not which.isdigit():
         raise OperatorError("invalid", "--to-checkpoint takes `latest` or a checkpoint's seq")
     try:
-        return s.store.read_checkpoint(ws_id, "latest" if which == "latest" else int(which))
+        return s.files.read_checkpoint(ws_id, "latest" if which == "latest" else int(which))
     except FileNotFoundError:
         raise OperatorError(
             "not_found",
@@ -136,7 +137,7 @@ def _restore_changes(task: Task, saved: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
-def ws_rollback(s: Scheduler, params: p.WsRollbackParams) -> dict[str, Any]:
+def ws_rollback(s: Machine, params: p.WsRollbackParams) -> dict[str, Any]:
     """The guide's rollback: load the checkpoint, cancel running tasks (they end pending),
     reset queued tasks to pending, restore task states; their resources are released as
     they leave running. Completed tasks are not rolled back; merged workstreams refused."""
@@ -150,7 +151,7 @@ def ws_rollback(s: Scheduler, params: p.WsRollbackParams) -> dict[str, Any]:
     for tid in ws.task_ids:
         task = tasks[tid]
         if task.state == TaskState.RUNNING:
-            s.stop_task(task, STOP_ROLLBACK)
+            stop_task(s, task, StopReason.ROLLBACK)
             stopping.append(tid)
             changes = _restore_changes(task, saved.get(tid, {}))
             if changes:
@@ -185,7 +186,7 @@ def ws_rollback(s: Scheduler, params: p.WsRollbackParams) -> dict[str, Any]:
             continue
         s.commit("task", tid, target, "operator", **changes)
         if target == "pending":
-            s.state.graph.ready[tid] = None
+            s.state.graph.mark_ready(tid)
         restored.append(tid)
     unfinished = (TaskState.PENDING, TaskState.QUEUED, TaskState.RUNNING)
     if any(tasks[t].state in unfinished for t in ws.task_ids):
@@ -258,7 +259,7 @@ def task_advice(task: Task) -> tuple[str, list[str]]:
     )
 
 
-def ws_analyze(s: Scheduler, params: p.WsAnalyzeParams) -> dict[str, Any]:
+def ws_analyze(s: Machine, params: p.WsAnalyzeParams) -> dict[str, Any]:
     """The Workstream Recovery Decision Tree, each finding with the commands to run next."""
     ws = get_ws(s, params.workstream)
     tasks = [s.state.data.tasks[t] for t in ws.task_ids]

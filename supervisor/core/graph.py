@@ -139,6 +139,10 @@ class Graph:
             self.dependents.setdefault(dep, []).append(task.id)
         self._recount(task, tasks)
 
+    def mark_ready(self, task_id: str) -> None:
+        """`task_id` may be ready now (its back-off ended, an operator changed it)."""
+        self.ready[task_id] = None
+
     def drain_ready(self) -> list[str]:
         """Task ids that may have become ready since the last drain (callers re-check)."""
         out = list(self.ready)

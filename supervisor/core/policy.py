@@ -5,12 +5,13 @@ Time (`now`) and randomness (`rand`, a float in [0, 1)) are passed in.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
-from supervisor.core.model import FailureKind, Task, TaskState, WorkstreamState
+from supervisor.core.model import Cause, FailureKind, Task, TaskState, WorkstreamState
 
 # Failure kinds that do not spend a retry: the task was not at fault.
 FREE_RETRY_KINDS = frozenset({FailureKind.INTERRUPTED})
@@ -30,12 +31,60 @@ def backoff_s(
     return max(0.0, min(delay, max_s))
 
 
+class StopReason(enum.StrEnum):
+    """Why a running attempt is being stopped (persisted as the task's `stopping`)."""
+
+    TIMEOUT = "timeout"
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"  # the daemon stops: interrupted, no retry spent
+    REASSIGN = "reassign"  # its worker was lost or restarted: queued again, no retry spent
+    WORKER_LOST = "worker_lost"  # forced shutdown without reassign: a retry is spent
+    ROLLBACK = "rollback"  # an operator's workstream rollback: pending, no retry spent
+
+
+class StopRule(msgspec.Struct, frozen=True):
+    """What a stop reason means. `to` None: the retry rule decides (a retry is spent)."""
+
+    cause: Cause  # of the records that stop the attempt and settle the task
+    kind: FailureKind | None  # None: from the phase the attempt ended in
+    to: TaskState | None = None
+    event: str | None = None
+    reassign: bool = False
+
+
+# The one table from stop reason to outcome (h11-style: look it up, never re-derive it).
+STOP_RULES: Final[dict[StopReason, StopRule]] = {
+    StopReason.TIMEOUT: StopRule("timeout", FailureKind.TIMEOUT),
+    StopReason.CANCEL: StopRule("operator", FailureKind.EXIT_CODE, TaskState.CANCELLED),
+    StopReason.SHUTDOWN: StopRule(
+        "shutdown", FailureKind.INTERRUPTED, TaskState.PENDING, "task_interrupted"
+    ),
+    StopReason.ROLLBACK: StopRule(
+        "operator", FailureKind.INTERRUPTED, TaskState.PENDING, "task_interrupted"
+    ),
+    StopReason.REASSIGN: StopRule(
+        "health", FailureKind.WORKER_LOST, TaskState.QUEUED, "task_reassigned", reassign=True
+    ),
+    StopReason.WORKER_LOST: StopRule("operator", FailureKind.WORKER_LOST),
+}
+# The failure kind of an attempt that ended by itself, by the phase it ended in.
+PHASE_KINDS: Final[dict[str, FailureKind]] = {
+    "spawn": FailureKind.SPAWN_ERROR,
+    "validate": FailureKind.VALIDATION,
+}
+# Reassignments a task gets (at least) before losing its worker counts as a failure.
+MIN_REASSIGNS: Final = 3
+
+
 class Outcome(msgspec.Struct, frozen=True):
-    """Where a task goes after an attempt ended badly, and the fields that change."""
+    """Where a task goes after an attempt ended, and the fields that change."""
 
     to: TaskState
     changes: dict[str, Any]
     final: bool
+    kind: FailureKind | None = None
+    cause: Cause = "failure"
+    event: str | None = None
 
 
 def after_failure(
@@ -48,37 +97,63 @@ def after_failure(
     max_s: float,
     jitter: float = 0.0,
     rand: float = 0.5,
-    spend_retry: bool = True,
 ) -> Outcome:
     """The retry rule of the recovery guide, for an attempt that failed with `kind`.
 
     retry_count += 1; while it stays below max_retries the task goes back to pending with
-    not_before = now + backoff; else it fails for good. An exit code listed in
-    no_retry_exit_codes fails at once. A reassignment (spend_retry=False) or an interrupted
-    attempt goes straight back to queued/pending without spending a retry."""
-    if not spend_retry or kind in FREE_RETRY_KINDS:
-        return Outcome(
-            TaskState.PENDING,
-            {"worker_id": None, "pid": None, "stopping": None, "not_before": None},
-            False,
-        )
+    not_before = now + backoff (`now` is wall time: the field is persisted); else it fails
+    for good. An exit code listed in no_retry_exit_codes fails at once. An interrupted
+    attempt goes straight back to pending without spending a retry."""
+    cause: Cause = "timeout" if kind == FailureKind.TIMEOUT else "failure"
+    if kind in FREE_RETRY_KINDS:
+        return Outcome(TaskState.PENDING, {"not_before": None}, False, kind, cause)
     count = task.retry_count + 1
-    base = {
-        "worker_id": None,
-        "pid": None,
-        "stopping": None,
-        "retry_count": count,
-        "failure_kind": kind,
-    }
+    base = {"retry_count": count, "failure_kind": kind}
     no_retry = (
         kind == FailureKind.EXIT_CODE
         and exit_code is not None
         and exit_code in task.no_retry_exit_codes
     )
     if no_retry or count >= task.max_retries:
-        return Outcome(TaskState.FAILED, {**base, "not_before": None}, True)
+        return Outcome(TaskState.FAILED, {**base, "not_before": None}, True, kind, cause)
     delay = backoff_s(count, base_s, max_s, jitter, rand)
-    return Outcome(TaskState.PENDING, {**base, "not_before": now + delay}, False)
+    return Outcome(TaskState.PENDING, {**base, "not_before": now + delay}, False, kind, cause)
+
+
+def attempt_outcome(
+    task: Task,
+    *,
+    phase: str,
+    killed: bool,
+    exit_code: int | None,
+    now: float,
+    base_s: float,
+    max_s: float,
+    jitter: float = 0.0,
+    rand: float = 0.5,
+) -> Outcome:
+    """Where `task` goes now that its running attempt has ended in `phase` ("done" when
+    the command and its validation succeeded), given why it was being stopped, if it was."""
+    if phase == "done" and not killed:
+        return Outcome(TaskState.COMPLETED, {"failure_kind": None}, False, None, "auto")
+    reason = StopReason(task.stopping) if task.stopping else None
+    rule = STOP_RULES[reason] if reason is not None else None
+    if rule is not None and rule.reassign:
+        reassigns = sum(1 for a in task.attempts if a.reassigned)
+        if reassigns >= max(task.max_retries, MIN_REASSIGNS):
+            rule = STOP_RULES[StopReason.WORKER_LOST]  # lost too often: it counts now
+    if rule is not None and rule.to is not None:
+        assert rule.kind is not None
+        return Outcome(rule.to, {}, False, rule.kind, rule.cause, rule.event)
+    if rule is not None and rule.kind is not None:
+        kind = rule.kind
+    else:
+        kind = PHASE_KINDS.get(phase, FailureKind.EXIT_CODE)
+        if task.revalidate and kind == FailureKind.EXIT_CODE:
+            kind = FailureKind.VALIDATION  # the "command" was the validate step
+    return after_failure(
+        task, kind, exit_code, now=now, base_s=base_s, max_s=max_s, jitter=jitter, rand=rand
+    )
 
 
 def workstream_verdict(

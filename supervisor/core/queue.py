@@ -1,4 +1,4 @@
-"""The dispatch queue and the timer wheel of the scheduler. Pure: no I/O, no clock reads.
+"""The dispatch queue and the timers of the engine. Pure: no I/O, no clock reads.
 
 Queued tasks wait in a heap ordered by priority (higher first) then submission order
 (FIFO). A task whose resource is full is parked on that resource and put back when the
@@ -40,13 +40,42 @@ class DispatchQueue:
         """Hold `entry` while its workstream does not dispatch (after a critical failure)."""
         self._parked_ws.setdefault(ws_id, []).append(entry)
 
-    def unpark(self, resource_id: str) -> None:
-        for entry in self._parked.pop(resource_id, ()):
+    def unpark(self, resource_id: str) -> list[Entry]:
+        """Put the entries parked on `resource_id` back in the queue; returns them."""
+        moved = self._parked.pop(resource_id, [])
+        for entry in moved:
             heapq.heappush(self._heap, entry)
+        return moved
 
-    def unpark_ws(self, ws_id: str) -> None:
-        for entry in self._parked_ws.pop(ws_id, ()):
+    def unpark_ws(self, ws_id: str) -> list[Entry]:
+        moved = self._parked_ws.pop(ws_id, [])
+        for entry in moved:
             heapq.heappush(self._heap, entry)
+        return moved
+
+    def unpark_entry(self, resource_id: str, entry: Entry) -> None:
+        """Take back one `park` (the entry is not queued again)."""
+        parked = self._parked.get(resource_id)
+        if parked and entry in parked:
+            parked.remove(entry)
+            if not parked:
+                del self._parked[resource_id]
+
+    def unpark_ws_entry(self, ws_id: str, entry: Entry) -> None:
+        parked = self._parked_ws.get(ws_id)
+        if parked and entry in parked:
+            parked.remove(entry)
+            if not parked:
+                del self._parked_ws[ws_id]
+
+    def repark(self, resource_id: str, entries: list[Entry]) -> None:
+        """Take back one `unpark`: the entries wait on the resource again. The copies left
+        in the heap are harmless: a popped entry is checked against its task's state and
+        its resources before anything is dispatched."""
+        self._parked.setdefault(resource_id, []).extend(entries)
+
+    def repark_ws(self, ws_id: str, entries: list[Entry]) -> None:
+        self._parked_ws.setdefault(ws_id, []).extend(entries)
 
     def waiting_on(self, resource_id: str) -> list[str]:
         return [e[2] for e in self._parked.get(resource_id, ())]

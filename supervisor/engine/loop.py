@@ -1,86 +1,164 @@
-"""The scheduler: the writer's loop. Messages in (agents, control calls, timers), a batch
-handled, one group commit, then the effects that waited on it; derived files (checkpoints,
-snapshot, metrics) written right after a flush; clean stop and start-up recovery.
+"""The engine's loop, the one writer of state: a batch of inputs in, one step decided by
+the pure machine, its records appended as one batch, one group commit (fdatasync), then
+the effects and replies that waited on it; derived files (checkpoints, snapshot, metrics)
+are written right after a flush, so they never run ahead of the log.
+
+When the log refuses a step (a full disk, EFBIG), the step is taken back whole and the
+engine is read-only: it says so (an event, the journal, `orchctl status`), keeps
+answering queries, refuses changes with an error that says nothing was changed, holds
+agents' messages in order, and tries again every WRITE_RETRY_S until the log takes writes.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from supervisor.core.errors import StoreWriteError
-from supervisor.core.model import (
-    TaskState,
-    WorkerState,
-)
-from supervisor.core.views import metrics_view, resource_views
-from supervisor.engine.tasks import TaskEngine
-from supervisor.engine.writer import (
-    STOP_CANCEL,
-    STOP_REASSIGN,
-    STOP_SHUTDOWN,
-    STOP_TIMEOUT,
-    STOP_WORKER_LOST,
-    Call,
-    SpawnFailed,
-    TreeKilled,
-)
-from supervisor.workers import wire
-from supervisor.workers.pool import AgentExited, AgentMessage
+from supervisor import failpoints
+from supervisor.core import shutdown as drain
+from supervisor.core.config import Config
+from supervisor.core.errors import OperatorError, StoreWriteError
+from supervisor.core.figures import metrics
+from supervisor.core.inputs import AgentMessage, HealthReport, Input
+from supervisor.core.machine import Machine
+from supervisor.core.model import Event, State
+from supervisor.engine.effects import Effects
+from supervisor.store.directory import Store
+from supervisor.workers.pool import Pool
 
-log = structlog.get_logger("orchd.scheduler")
+log = structlog.get_logger("orchd.engine")
 
-# After a failed write (a full disk), how long before messages are handled again.
+# After a failed append (a full disk), how long before the engine tries to write again.
 WRITE_RETRY_S = 1.0
+# Longest a record that no effect waits on stays unsynced.
+SYNC_LAG_S = 0.05
+# An fdatasync faster than this runs on the loop; a slower disk gets a worker thread.
+INLINE_SYNC_S = 0.002
 # How often the lines for workers' own logs are written out.
 NOTES_FLUSH_S = 0.25
 
-__all__ = [
-    "STOP_CANCEL",
-    "STOP_REASSIGN",
-    "STOP_SHUTDOWN",
-    "STOP_TIMEOUT",
-    "STOP_WORKER_LOST",
-    "Call",
-    "Scheduler",
-    "SpawnFailed",
-    "TreeKilled",
-]
+
+class ReadOnly(OperatorError):
+    """Raised to a request that would change state while the log refuses writes."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            "unavailable",
+            f"nothing was changed: the state log refuses writes ({why}); orchd is read-only "
+            "until it takes writes again (it retries by itself: free space, then run the "
+            "command again)",
+        )
 
 
-class Scheduler(TaskEngine):
-    """Owns the State; runs workstreams on the pool's workers."""
+class Call:
+    """A request to the engine from another task: `fn(machine, *args)` run inside a step,
+    answered once its records are durable."""
+
+    __slots__ = ("_done", "args", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._done = anyio.Event()
+
+    def finish(self) -> None:
+        self._done.set()
+
+    async def wait(self) -> Any:
+        await self._done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+Inbox = MemoryObjectReceiveStream[Input | Call]
+
+
+class Engine:
+    """Owns the machine; runs steps until stopped (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        state: State,
+        pool: Pool,
+        inbox: Inbox,
+        inbox_send: MemoryObjectSendStream[Any],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = failpoints.wall,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.store, self.pool = store, pool
+        self.inbox, self.inbox_send = inbox, inbox_send
+        self.clock, self.wall = clock, wall
+        self.m = Machine(cfg, state, store, rand=rand, now=clock(), wall=wall())
+        self.fx = Effects(self.m, store, pool, inbox_send)
+        self.stopped = anyio.Event()
+        self._effects: list[Any] = []
+        self._calls: list[Call] = []
+        self._urgent = False
+        self._deferred: list[Input] = []
+        self.read_only: str | None = None
+        self._read_only_since = 0.0
+        self._retry_at = 0.0
+        now = self.m.now
+        self.last_step = now
+        self._last_sync = now
+        self._sync_s = 0.0
+        self._next_checkpoint = self._next_metrics = self._next_notes = 0.0
+        self._next_snapshot = now + cfg.store.snapshot_interval_s
+        self._snapshot_seq = state.last_seq
+        self._last_metrics: tuple[float, int] = (now, state.last_seq)
+
+    @property
+    def state(self) -> State:
+        return self.m.state
+
+    @property
+    def cfg(self) -> Config:
+        """The settings in force (a reload changes them inside a step)."""
+        return self.m.cfg
+
+    # -- the loop ------------------------------------------------------------------------
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        from supervisor.engine.recovery import recover
+
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            self.now = self.clock()
-            await self.recover()
-            await self.flush()
+            self.fx.tg = tg
+            await recover(self)
             task_status.started()
             while not self.stopped.is_set():
                 await self._step()
             tg.cancel_scope.cancel()
 
+    def _wake_at(self) -> float:
+        due = [self._next_periodic()]
+        if self.read_only is not None:
+            due.append(self._retry_at)
+        else:
+            due.append(self.m.rt.next_due() or due[0])
+            if self._deferred:
+                due.append(self._retry_at)
+        if self.store.written_seq > self.store.synced_seq:
+            due.append(self._last_sync + SYNC_LAG_S)
+        return min(due)
+
     async def _step(self) -> None:
-        due = min(
-            x
-            for x in (
-                self.timers.next_due(),
-                self._next_periodic(),
-                self.sync_due(),
-                self._retry_writes_at if self.deferred else None,
-            )
-            if x is not None
-        )
         self.last_step = self.clock()
-        wait = min(1.0, max(0.0, due - self.last_step))
-        batch: list[Any] = []
+        wait = min(1.0, max(0.0, self._wake_at() - self.last_step))
+        batch: list[Input | Call] = []
         with anyio.move_on_after(wait):
             batch.append(await self.inbox.receive())
         while len(batch) < 1024:
@@ -88,56 +166,229 @@ class Scheduler(TaskEngine):
                 batch.append(self.inbox.receive_nowait())
             except anyio.WouldBlock:
                 break
-        self.now = self.clock()
-        if self.deferred and self.now >= self._retry_writes_at:
-            batch, self.deferred = self.deferred + batch, []
-        for msg in batch:
-            if self.deferred and not isinstance(msg, Call):
-                self.deferred.append(msg)  # keep their order behind the one that failed
+        now = self.clock()
+        waiting = self.read_only is not None and now < self._retry_at
+        inputs: list[Input] = []
+        calls: list[Call] = []
+        for item in batch:
+            if isinstance(item, Call):
+                calls.append(item)
                 continue
-            try:
-                self._handle(msg)
-            except StoreWriteError as exc:
-                log.error("store_write_failed", error=str(exc))
-                if isinstance(msg, Call):
-                    msg.error = exc
-                    self.calls.append(msg)
-                else:
-                    # What an agent told us must not be lost: handled again once the
-                    # log takes writes (a full disk freed), in arrival order.
-                    self.deferred.append(msg)
-                    self._retry_writes_at = self.now + WRITE_RETRY_S
-        try:
-            self._on_timers()
-            self._promote()
-            self._dispatch()
-        except StoreWriteError as exc:
-            log.error("store_write_failed", error=str(exc))
+            if isinstance(item, AgentMessage):
+                self.m.rt.beat(item.worker_id, now)  # a sign of life, whatever happens next
+            if self.read_only is not None and isinstance(item, HealthReport):
+                continue  # a stale round would judge heartbeats held back meanwhile
+            inputs.append(item)
+        if waiting:
+            self._deferred += inputs
+            inputs = []
+        else:
+            inputs, self._deferred = self._deferred + inputs, []
+        self._decide(now, inputs, calls, settle=not waiting)
         await self.flush()
         await self._periodic()
 
+    def _decide(self, now: float, inputs: list[Input], calls: list[Call], *, settle: bool) -> None:
+        m = self.m
+        m.begin(now, self.wall())
+        for inp in inputs:
+            m.handle(inp)
+        for call in calls:
+            self._run_call(call)
+        if settle:
+            m.settle()
+        step = m.decided()
+        if step.records:
+            try:
+                self.store.write_batch(step.records)
+            except StoreWriteError as exc:
+                m.abort()
+                self._enter_read_only(str(exc))
+                self._deferred = inputs + self._deferred
+                self._answer_read_only(calls)
+                return
+        m.keep()
+        if self.read_only is not None and step.records:
+            self._leave_read_only()
+        self._effects += step.effects
+        self._calls += calls
+        self._urgent = self._urgent or step.urgent
+
+    def _run_call(self, call: Call) -> None:
+        try:
+            call.result = self.m.run(call.fn, *call.args)
+        except Exception as exc:  # refused, or a bug: it travels back to the caller
+            call.error = exc
+
+    def _answer_read_only(self, calls: list[Call]) -> None:
+        """After a refused append: queries are answered from the state as the log has it;
+        a request that would change something is told that nothing was changed."""
+        m = self.m
+        assert self.read_only is not None
+        for call in calls:
+            m.begin(self.m.now, self.m.wall)
+            call.error = None
+            self._run_call(call)
+            if m.decided().records:
+                m.abort()
+                call.error = ReadOnly(self.read_only)
+            else:
+                m.keep()
+            call.finish()
+
+    def _enter_read_only(self, why: str) -> None:
+        now = self.clock()
+        if self.read_only is None or now >= self._retry_at:
+            # A refused request while waiting does not push the next try further away.
+            self._retry_at = now + WRITE_RETRY_S
+        if self.read_only is None:
+            self.read_only, self._read_only_since = why, self.clock()
+            self.m.read_only = why
+            # Published at once: it is about the log itself, so no record can cover it.
+            self.fx.publish(
+                Event(
+                    event="store_read_only",
+                    severity="critical",
+                    ts=self.wall(),
+                    message=f"{why} — no change is accepted until the log takes writes; "
+                    f"retrying every {WRITE_RETRY_S:g}s",
+                )
+            )
+
+    def _leave_read_only(self) -> None:
+        down = self.clock() - self._read_only_since
+        self.read_only = self.m.read_only = None
+        self.fx.publish(
+            Event(
+                event="store_writable",
+                severity="info",
+                ts=self.wall(),
+                message=f"the log takes writes again after {down:.1f}s read-only",
+                data={"read_only_s": round(down, 3)},
+            )
+        )
+
+    # -- group commit, then effects ------------------------------------------------------
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Group commit, then the effects and replies that waited on it (the write-ahead
+        rule). Records that nothing waits on (a pid learnt from Started) ride along with
+        the next sync, at most SYNC_LAG_S later."""
+        store = self.store
+        if store.written_seq > store.synced_seq and (
+            force
+            or self._urgent
+            or self._effects
+            or self._calls
+            or self.clock() >= self._last_sync + SYNC_LAG_S
+        ):
+            started = self.clock()
+            if self._sync_s < INLINE_SYNC_S:
+                store.sync()  # a fast disk: waking a thread costs more than the sync
+            else:
+                await anyio.to_thread.run_sync(store.sync)
+            self._last_sync = self.clock()
+            self._sync_s = self._last_sync - started
+            self._urgent = False
+        effects, self._effects = self._effects, []
+        for eff in effects:
+            try:
+                await self.fx.run(eff)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                log.warning("effect_failed", effect=type(eff).__name__, error=str(exc))
+            except Exception:
+                log.exception("effect_failed", effect=type(eff).__name__)
+        calls, self._calls = self._calls, []
+        for call in calls:
+            call.finish()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(machine, *args)` inside a step; its result once durable."""
+        c = Call(fn, *args)
+        await self.inbox_send.send(c)
+        return await c.wait()
+
+    async def transact(self, fn: Callable[[Machine], None]) -> None:
+        """Run `fn` as a step of its own and make it durable now (start-up, shutdown).
+        Raises StoreWriteError when the log refuses it (the step is taken back)."""
+        m = self.m
+        m.begin(self.clock(), self.wall())
+        try:
+            fn(m)
+            step = m.decided()
+            if step.records:
+                self.store.write_batch(step.records)
+        except BaseException:
+            m.abort()
+            raise
+        m.keep()
+        self._effects += step.effects
+        await self.flush(force=True)
+
+    async def drain(self) -> None:
+        """Clean stop: no new dispatch, running trees killed and recorded as interrupted,
+        workers recorded as shut down (the pool stops their processes on exit)."""
+        grace = self.cfg.shutdown_grace_s
+        await self._call_until(drain.begin, False, within=grace)
+        if not await self._settled(grace):
+            # An agent did not answer in time: kill those trees from here.
+            await self._call_until(drain.begin, True, within=grace)
+            await self._settled(self.cfg.tasks.kill_grace_s + 5.0)
+        self.fx.write_notes()
+        await self._call_until(drain.end, within=grace)
+        self.stopped.set()
+
+    async def _call_until(self, fn: Callable[..., Any], *args: Any, within: float) -> None:
+        """`call`, tried again while the log refuses writes, for at most `within` seconds."""
+        with anyio.move_on_after(within):
+            while True:
+                try:
+                    await self.call(fn, *args)
+                    return
+                except ReadOnly:
+                    await anyio.sleep(WRITE_RETRY_S)
+        log.error("drain_not_recorded", step=getattr(fn, "__name__", "?"))
+
+    async def _settled(self, limit: float) -> bool:
+        with anyio.move_on_after(limit):
+            while any(True for _ in self.m.running_tasks()):
+                await anyio.sleep(0.02)
+            return True
+        return False
+
+    def healthy(self, limit: float) -> bool:
+        """The loop stepped within `limit` seconds (for the systemd watchdog)."""
+        return self.clock() - self.last_step < limit
+
+    # -- derived files -------------------------------------------------------------------
+
     def _next_periodic(self) -> float:
         due = min(self._next_snapshot, self._next_metrics)
-        if self._notes:
+        if self.fx.has_notes():
             due = min(due, self._next_notes)
-        return min(due, self._next_checkpoint) if self.dirty_ws else due
+        return min(due, self._next_checkpoint) if self.m.rt.has_dirty() else due
 
     async def _periodic(self) -> None:
-        """Derived files, written right after a flush so they never run ahead of the log."""
+        """Derived files, written right after a flush so they never run ahead of the log;
+        none while the log refuses writes (the space goes to the log first)."""
         now = self.clock()
+        if self.fx.has_notes() and now >= self._next_notes:
+            self.fx.write_notes()
+            self._next_notes = now + NOTES_FLUSH_S
+        if self.read_only is not None:
+            return
         if now >= min(self._next_checkpoint, self._next_snapshot, self._next_metrics):
             await self.flush(force=True)
         st = self.cfg.store
-        if self._notes and now >= self._next_notes:
-            self.write_notes()
-            self._next_notes = now + NOTES_FLUSH_S
+        rt = self.m.rt
         # Derived files can be regenerated from the log: a failed write (a full disk) is
         # reported and tried again at the next interval, never fatal.
-        if self.dirty_ws and now >= self._next_checkpoint:
-            dirty, self.dirty_ws = self.dirty_ws, set()
+        if rt.has_dirty() and now >= self._next_checkpoint:
+            dirty = rt.take_dirty()
             self._next_checkpoint = now + st.checkpoint_interval_s
             if not await self._derived("checkpoints", self._write_checkpoints, dirty):
-                self.dirty_ws |= dirty
+                for ws_id in dirty:
+                    rt.mark_dirty(ws_id)
         if now >= self._next_snapshot:
             self._next_snapshot = now + st.snapshot_interval_s
             seq = self.state.last_seq
@@ -148,7 +399,7 @@ class Scheduler(TaskEngine):
         if now >= self._next_metrics:
             self._next_metrics = now + st.metrics_interval_s
             await self._derived(
-                "metrics.json", self.store.write_json, "metrics.json", self.metrics(now)
+                "metrics.json", self.store.write_json, "metrics.json", self.metrics()
             )
 
     async def _derived(self, what: str, fn: Callable[..., object], *args: Any) -> bool:
@@ -161,92 +412,13 @@ class Scheduler(TaskEngine):
 
     def _write_checkpoints(self, ws_ids: set[str]) -> None:
         for ws_id in ws_ids:
-            self.store.write_checkpoint(ws_id, self.state)
+            if ws_id in self.state.data.workstreams:
+                self.store.write_checkpoint(ws_id, self.state)
 
-    def metrics(self, now: float) -> dict[str, Any]:
-        then, seq = self._last_metrics
-        rate = (self.state.last_seq - seq) / (now - then) if now > then else 0.0
-        self._last_metrics = (now, self.state.last_seq)
-        out = metrics_view(
-            self.state, self.counters, self.queue_waits, now=now, transitions_per_s=rate
-        )
-        out["resources"] = resource_views(
-            self.state, {r: self.queue.waiting_on(r) for r in self.queue.parked_resources()}
-        )
-        out["workers_detail"] = [
-            {
-                "id": w.id,
-                "state": str(w.state),
-                "last_heartbeat_age_s": round(now - self.heartbeat[w.id], 3)
-                if w.id in self.heartbeat
-                else None,
-            }
-            | (self.health.report(w.id) if self.health else {})
-            for w in self.state.data.workers.values()
-            if w.state != "shutdown"
-        ]
-        return out
-
-    def _handle(self, msg: Any) -> None:
-        if isinstance(msg, AgentMessage):
-            self._on_agent(msg)
-        elif isinstance(msg, AgentExited):
-            self._on_agent_exit(msg.worker_id, msg.generation, msg.returncode)
-        elif isinstance(msg, TreeKilled):
-            self._on_finished(
-                msg.worker_id,
-                wire.Finished(attempt_id=msg.attempt_id, phase="command", killed=True),
-            )
-        elif isinstance(msg, SpawnFailed):
-            self.emit("worker_spawn_failed", "error", worker_id=msg.worker_id, message=msg.message)
-            self._on_agent_exit(msg.worker_id, self.gen.get(msg.worker_id, 0), None)
-        elif isinstance(msg, Call):
-            self.calls.append(msg)
-            try:
-                msg.result = msg.fn(*msg.args)
-            except StoreWriteError:
-                raise
-            except Exception as exc:  # an operator error: it travels back to the caller
-                msg.error = exc
-        else:
-            log.error("unknown_message", kind=type(msg).__name__)
-
-    async def recover(self) -> None:
-        """After (re)start: settle what the previous life left running, then start workers."""
-        from supervisor.engine.recovery import recover
-
-        await recover(self)
-
-    async def drain(self) -> None:
-        """Clean stop: no new dispatch, running trees killed and recorded as interrupted."""
-        await self.call(self._begin_drain, False)
-        if not await self._settled(self.cfg.shutdown_grace_s):
-            # An agent did not answer in time: kill those trees from here.
-            await self.call(self._begin_drain, True)
-            await self._settled(self.cfg.tasks.kill_grace_s + 5.0)
-        await self.call(self._end_drain)
-
-    async def _settled(self, limit: float) -> bool:
-        with anyio.move_on_after(limit):
-            while any(t.state == TaskState.RUNNING for t in self.state.data.tasks.values()):
-                await anyio.sleep(0.02)
-            return True
-        return False
-
-    def _begin_drain(self, direct: bool) -> None:
-        self.draining = True
-        for task in list(self.state.data.tasks.values()):
-            if task.state == TaskState.RUNNING:
-                self.stop_task(task, STOP_SHUTDOWN, direct=direct)
-
-    def _end_drain(self) -> None:
-        """Workers are recorded as shut down; the pool stops their processes on exit."""
-        self.write_notes()
-        for wid, worker in list(self.state.data.workers.items()):
-            if worker.state != WorkerState.SHUTDOWN:
-                self.idle.pop(wid, None)
-                self.gen[wid] = self.gen.get(wid, 0) + 1
-                self.commit(
-                    "worker", wid, "shutdown", "shutdown", pid=None, task_id=None, attempt_id=None
-                )
-        self.stopped.set()
+    def metrics(self) -> dict[str, Any]:
+        now, seq = self.clock(), self.state.last_seq
+        then, seq0 = self._last_metrics
+        rate = (seq - seq0) / (now - then) if now > then else 0.0
+        self._last_metrics = (now, seq)
+        self.m.transitions_per_s = rate
+        return metrics(self.m, rate)

@@ -1,4 +1,4 @@
-"""Wiring only: open the store, start the pool, scheduler and control socket in one task
+"""Wiring only: open the store, start the pool, engine and control socket in one task
 group, notify systemd, turn signals into a clean stop or a config reload.
 """
 
@@ -16,7 +16,7 @@ from supervisor.control.server import Server, SocketInUse
 from supervisor.core.config import Config
 from supervisor.core.errors import StoreCorrupt, StoreError, StoreFsyncError, StoreLocked
 from supervisor.core.views import status_line, status_view
-from supervisor.engine.loop import Scheduler
+from supervisor.engine.loop import Engine
 from supervisor.engine.reload import Reloader
 from supervisor.service.notify import Notifier
 from supervisor.store.directory import Store
@@ -64,22 +64,22 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         inbox=send,
         kill_grace_s=cfg.tasks.kill_grace_s,
     )
-    scheduler = Scheduler(cfg, store, state, pool, recv, send)
-    scheduler.health = Health(scheduler)
+    engine = Engine(cfg, store, state, pool, recv, send)
+    health = Health(engine)
     clean = True
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pool.run)
-            await tg.start(scheduler.run)
-            await tg.start(Server(cfg.socket, scheduler, cfg.control).run)
-            tg.start_soon(scheduler.health.run)
-            reloader = Reloader(config_path, scheduler)
+            await tg.start(engine.run)
+            await tg.start(Server(cfg.socket, engine, cfg.control).run)
+            tg.start_soon(health.run)
+            reloader = Reloader(config_path, engine)
             if config_path is not None:
                 tg.start_soon(reloader.watch)
             if notifier.watchdog_s:
-                tg.start_soon(_watchdog, notifier, scheduler)
+                tg.start_soon(_watchdog, notifier, engine)
             if notifier.enabled:
-                tg.start_soon(_status_lines, notifier, scheduler)
+                tg.start_soon(_status_lines, notifier, engine)
             notifier.send("READY=1", f"STATUS=running; state {cfg.state_dir}, socket {cfg.socket}")
             log.info(
                 "daemon_ready",
@@ -97,7 +97,7 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                     log.info("daemon_stopping", signal=signal.Signals(signum).name)
                     notifier.send("STOPPING=1", "STATUS=draining: stopping running tasks")
                     break
-            await scheduler.drain()
+            await engine.drain()
             tg.cancel_scope.cancel()
     except* SocketInUse as group:
         clean = False
@@ -120,20 +120,20 @@ async def run(cfg: Config, config_path: Path | None) -> int:
     return 0 if clean else 1
 
 
-async def _status_lines(notifier: Notifier, scheduler: Scheduler) -> None:
+async def _status_lines(notifier: Notifier, engine: Engine) -> None:
     """A STATUS= line for `systemctl status`: what runs, waits and failed, and the workers."""
     await anyio.sleep(1.0)
     while True:
-        notifier.send("STATUS=" + status_line(status_view(scheduler.state)))
+        notifier.send("STATUS=" + status_line(status_view(engine.state)))
         await anyio.sleep(STATUS_INTERVAL_S)
 
 
-async def _watchdog(notifier: Notifier, scheduler: Scheduler) -> None:
-    """WATCHDOG=1 from the event loop, only while the scheduler keeps stepping."""
+async def _watchdog(notifier: Notifier, engine: Engine) -> None:
+    """WATCHDOG=1 from the event loop, only while the engine keeps stepping."""
     interval = notifier.watchdog_s / 2
     while True:
         await anyio.sleep(interval)
-        if scheduler.healthy(notifier.watchdog_s):
+        if engine.healthy(notifier.watchdog_s):
             notifier.send("WATCHDOG=1")
         else:
-            log.error("watchdog_withheld", reason="scheduler loop is stuck")
+            log.error("watchdog_withheld", reason="engine loop is stuck")

@@ -33,7 +33,8 @@ import psutil
 import structlog
 from anyio.abc import TaskGroup
 
-from supervisor.workers import launch, proctree, wire
+from supervisor.core import wire
+from supervisor.workers import launch, proctree
 from supervisor.workers.channel import FrameChannel, ProtocolError
 
 log = structlog.get_logger("orchd.agent")

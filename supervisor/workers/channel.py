@@ -11,7 +11,7 @@ import os
 import anyio
 import msgspec
 
-from supervisor.workers import wire
+from supervisor.core import wire
 
 
 class ProtocolError(Exception):

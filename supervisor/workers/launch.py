@@ -18,8 +18,9 @@ from typing import BinaryIO
 
 import anyio
 
+from supervisor.core import wire
 from supervisor.core.model import Rlimits
-from supervisor.workers import limits, proctree, wire
+from supervisor.workers import limits, proctree
 
 # Set by the pool when it had to extend PYTHONPATH so that this package imports; the task
 # environment gets the original value back (an empty value means "was not set").

@@ -26,7 +26,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 import supervisor
 from supervisor import failpoints
-from supervisor.workers import proctree, wire
+from supervisor.core import wire
+from supervisor.core.inputs import AgentExited, AgentMessage
+from supervisor.workers import proctree
 from supervisor.workers.launch import ORIGINAL_PYTHONPATH_ENV
 
 log = structlog.get_logger("orchd.pool")
@@ -34,22 +36,6 @@ log = structlog.get_logger("orchd.pool")
 # A send to an agent that does not read (stopped, wedged) must not stall the scheduler.
 SEND_TIMEOUT_S = 5.0
 _PACKAGE_ROOT = str(Path(supervisor.__file__).resolve().parent.parent)
-
-
-class AgentMessage(msgspec.Struct):
-    """A message from agent process `generation` of worker `worker_id`."""
-
-    worker_id: str
-    generation: int
-    msg: wire.FromAgent
-
-
-class AgentExited(msgspec.Struct):
-    """Agent process `generation` of worker `worker_id` has exited (after its last message)."""
-
-    worker_id: str
-    generation: int
-    returncode: int | None
 
 
 Inbox = MemoryObjectSendStream[AgentMessage | AgentExited]

@@ -1,0 +1,188 @@
+"""The decision context every rule works in: the state, the runtime, the settings, the
+step's clocks, and the three ways a rule acts — record a transition, emit an event, ask
+for an effect. Pure: no I/O, no clock reads (`now` is monotonic, `wall` goes into
+records; both are set by the loop for each step).
+
+`commit` is where the rules that follow from a transition itself live, written once:
+leaving `running` clears the task's worker, pid and stopping mark, disarms its timeout
+and frees its resources; a task that starts makes its workstream run; a task that ends
+may decide its workstream's verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from supervisor.core.config import Config
+from supervisor.core.effects import Archive, Effect, Emit, Note
+from supervisor.core.model import (
+    Cause,
+    Entity,
+    Event,
+    Severity,
+    State,
+    Task,
+    TaskState,
+    Transition,
+)
+from supervisor.core.policy import workstream_verdict
+from supervisor.core.runtime import Runtime
+from supervisor.core.txn import Txn
+from supervisor.core.views import task_view
+
+_LEAVE_RUNNING = {"worker_id": None, "pid": None, "stopping": None}
+_TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+class Files(Protocol):
+    """What the rules and the operator's queries may read of the state directory."""
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    @property
+    def repairs(self) -> list[str]: ...
+
+    def task_log_path(self, task_id: str) -> Path: ...
+
+    def worker_log_path(self, worker_id: str) -> Path: ...
+
+    def tail(self, path: Path, lines: int) -> list[str]: ...
+
+    def read_events(self, *, after_line: int = 0) -> list[Event]: ...
+
+    def list_checkpoints(self, ws_id: str) -> list[int]: ...
+
+    def read_checkpoint(self, ws_id: str, which: Any) -> dict[str, Any]: ...
+
+
+class Core:
+    """State + runtime + settings + the open step (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        state: State,
+        files: Files,
+        *,
+        rand: Callable[[], float],
+        now: float = 0.0,
+        wall: float = 0.0,
+    ) -> None:
+        self.cfg, self.state, self.files, self.rand = cfg, state, files, rand
+        self.rt = Runtime()
+        self.now, self.wall = now, wall
+        self.started_at = now
+        self.txn = Txn(state)
+        self.effects: list[Effect] = []
+        self.next_worker = 1
+        # For display: the last health probe of each worker, the engine's rate of
+        # transitions, and why the log refuses writes (None while it takes them).
+        self.probes: dict[str, Any] = {}
+        self.transitions_per_s = 0.0
+        self.read_only: str | None = None
+
+    def set_config(self, new: Config) -> None:
+        """Settings reloaded, as part of the open step (taken back with it)."""
+        old, self.cfg = self.cfg, new
+        self.rt.on_undo(lambda: setattr(self, "cfg", old))
+
+    # -- acting --------------------------------------------------------------------------
+
+    def commit(self, entity: Entity, id_: str, to: str, cause: Cause, **changes: Any) -> Transition:
+        """Record one transition in the open step (checked, then applied at once so the
+        next decision sees it); IllegalTransition changes nothing."""
+        frm = self.state.current(entity, id_)
+        if entity == "task" and frm == "running" and to != "running":
+            changes = _LEAVE_RUNNING | changes
+        rec = Transition(
+            seq=self.state.last_seq + 1,
+            ts=self.wall,
+            entity=entity,
+            id=id_,
+            from_=frm,
+            to=to,
+            cause=cause,
+            changes=changes,
+        )
+        self.txn.record(rec)
+        self.rt.count("transitions")
+        if entity == "task":
+            self._after_task(self.state.data.tasks[id_], frm or "")
+        return rec
+
+    def effect(self, eff: Effect) -> None:
+        """Carry out `eff` once the step's records are durable."""
+        self.effects.append(eff)
+
+    def emit(self, event: str, severity: Severity, **fields: Any) -> None:
+        """An event, published once the step's records are durable."""
+        self.rt.count(f"event.{event}")
+        self.effects.append(Emit(Event(event=event, severity=severity, ts=self.wall, **fields)))
+
+    def note(self, worker_id: str, text: str) -> None:
+        """A line in the worker's own log."""
+        self.effects.append(Note(worker_id, self.wall, text))
+
+    # -- the rules that follow from a task's transition ---------------------------------
+
+    def _after_task(self, task: Task, frm: str) -> None:
+        rt = self.rt
+        rt.mark_dirty(task.workstream_id)
+        if frm == "running" and task.state != TaskState.RUNNING:
+            rt.disarm("timeout", task.id)
+            for r in task.resources:
+                rt.unpark(r)
+        if task.state == frm:
+            return
+        if frm == "pending":
+            rt.set_backoff_until(task.id, None)
+        if frm == "queued":
+            rt.set_queued_at(task.id, None)
+        ws = self.state.data.workstreams[task.workstream_id]
+        if task.state == TaskState.RUNNING and ws.state == "pending":
+            self.commit("workstream", ws.id, "running", "auto")
+        if task.state in _TERMINAL:
+            self.check_workstream(ws.id)
+
+    def check_workstream(self, ws_id: str) -> None:
+        """Decide the workstream's verdict, if its tasks settle it."""
+        ws = self.state.data.workstreams[ws_id]
+        if ws.state not in ("pending", "running"):
+            return
+        graph = self.state.graph
+        counts = graph.ws_counts.get(ws_id, {})
+        critical = runnable = False
+        if counts.get("failed") and not counts.get("running"):
+            tasks = [self.state.data.tasks[t] for t in ws.task_ids]
+            critical = any(t.state == TaskState.FAILED and t.critical for t in tasks)
+            runnable = any(
+                t.state == TaskState.PENDING and graph.unmet.get(t.id) == 0 for t in tasks
+            )
+        verdict = workstream_verdict(
+            counts, critical_failed=critical, has_runnable_pending=runnable
+        )
+        if verdict is None:
+            return
+        self.commit("workstream", ws_id, str(verdict), "auto", ended_at=self.wall)
+        self.rt.mark_dirty(ws_id)
+        if verdict == "failed":
+            self.emit("workstream_failed", "critical", workstream_id=ws_id)
+            payload = {
+                "workstream": self.state.data.workstreams[ws_id],
+                "tasks": [task_view(self.state.data.tasks[t]) for t in ws.task_ids],
+            }
+            self.effect(Archive(ws_id, payload))
+        else:
+            self.emit("workstream_completed", "info", workstream_id=ws_id)
+
+    # -- small shared lookups -------------------------------------------------------------
+
+    def heartbeat_age(self, wid: str) -> float | None:
+        seen = self.rt.heartbeat_at(wid)
+        return None if seen is None else max(0.0, self.now - seen)
+
+    def running_tasks(self) -> Iterable[Task]:
+        return (t for t in self.state.data.tasks.values() if t.state == TaskState.RUNNING)

@@ -1,0 +1,138 @@
+"""Readiness and dispatch: pending tasks whose dependencies are met (and back-off is over)
+become queued; queued tasks go to idle workers in priority order when all their resources
+have room (all or none, no hold-and-wait). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from supervisor.core import wire
+from supervisor.core.context import Core
+from supervisor.core.effects import Send
+from supervisor.core.model import Task, TaskState
+
+
+def promote(m: Core) -> None:
+    """Pending tasks that may have become ready are queued, or wait out their back-off."""
+    tasks, graph, rt = m.state.data.tasks, m.state.graph, m.rt
+    for tid in graph.drain_ready():
+        task = tasks.get(tid)
+        if task is None or task.state != TaskState.PENDING or graph.unmet.get(tid):
+            continue
+        ws = m.state.data.workstreams[task.workstream_id]
+        if ws.state not in ("pending", "running"):
+            continue
+        due = backoff_due(m, task)
+        if due is not None and due > m.now:
+            rt.arm("backoff", tid, due)
+            continue
+        m.commit("task", tid, "queued", "auto", queued_at=m.wall, not_before=None)
+        enqueue(m, task)
+
+
+def backoff_due(m: Core, task: Task) -> float | None:
+    """The monotonic end of the task's back-off. `not_before` is wall time (it is
+    persisted); it is turned into a monotonic deadline once, when first seen, so a clock
+    step neither cuts a back-off short nor stretches it."""
+    due = m.rt.backoff_until(task.id)
+    if due is None and task.not_before is not None:
+        due = m.now + max(0.0, task.not_before - m.wall)
+        m.rt.set_backoff_until(task.id, due)
+    return due
+
+
+def enqueue(m: Core, task: Task) -> None:
+    """Put a queued task in the dispatch queue and arm its queue-wait alert."""
+    rt = m.rt
+    rt.push(task.priority, task.order, task.id)
+    if rt.queued_at(task.id) is None:
+        # Since when it waits, on the monotonic clock (queued_at is the wall time).
+        waited = max(0.0, m.wall - task.queued_at) if task.queued_at is not None else 0.0
+        rt.set_queued_at(task.id, m.now - waited)
+    qt = task.queue_timeout_s or m.cfg.tasks.queue_timeout_s
+    if qt:
+        rt.arm("queue_alert", task.id, (rt.queued_at(task.id) or m.now) + qt)
+
+
+def dispatch(m: Core) -> None:
+    """Give queued tasks to idle workers while both last."""
+    rt = m.rt
+    if rt.draining:
+        return
+    tasks, resources, graph = m.state.data.tasks, m.state.data.resources, m.state.graph
+    while rt.has_idle():
+        entry = rt.pop()
+        if entry is None:
+            break
+        task = tasks.get(entry[2])
+        if task is None or task.state != TaskState.QUEUED:
+            continue
+        if rt.is_blocked(task.workstream_id):
+            rt.park_ws(task.workstream_id, entry)
+            continue
+        full = next(
+            (
+                r
+                for r in sorted(task.resources)
+                if len(graph.holders_of(r)) >= resources[r].max_holders
+            ),
+            None,
+        )
+        if full is not None:
+            rt.park(full, entry)
+            rt.set_parked_on(task.id, full)
+            if rt.armed("resource_alert", task.id) is None and not rt.resource_alerted(full):
+                since = rt.queued_at(task.id)
+                rt.arm(
+                    "resource_alert",
+                    task.id,
+                    (m.now if since is None else since) + m.cfg.tasks.resource_wait_alert_s,
+                )
+            continue
+        wid = next(rt.idle())
+        rt.take_idle(wid)
+        start_attempt(m, task, wid)
+    for r in rt.alerted_resources():
+        if not rt.waiting_on(r):
+            rt.set_resource_alerted(r, False)
+
+
+def start_attempt(m: Core, task: Task, wid: str) -> None:
+    """Task to running and worker to busy, in one step, then Run is sent."""
+    rt = m.rt
+    n = len(task.attempts) + 1
+    attempt_id = f"{task.id}.{n}.{secrets.token_hex(3)}"
+    rt.set_parked_on(task.id, None)
+    rt.disarm("queue_alert", task.id)
+    rt.disarm("resource_alert", task.id)
+    since = rt.queued_at(task.id)
+    if since is not None:
+        rt.queue_wait(m.now - since)
+    m.commit(
+        "task",
+        task.id,
+        "running",
+        "auto",
+        worker_id=wid,
+        pid=None,
+        stopping=None,
+        attempt={"attempt_id": attempt_id, "number": n, "worker_id": wid, "started_at": m.wall},
+    )
+    m.commit("worker", wid, "busy", "auto", task_id=task.id, attempt_id=attempt_id)
+    m.note(wid, f"took task {task.id}, attempt {n} ({attempt_id})")
+    rt.count("attempts")
+    rt.arm("timeout", task.id, m.now + task.timeout_s)
+    run = wire.Run(
+        attempt_id=attempt_id,
+        task_id=task.id,
+        number=n,
+        # A revalidation runs the validate step alone, as the attempt's command.
+        command=task.validate if task.revalidate and task.validate else task.command,
+        cwd=task.cwd,
+        env=task.env,
+        validate=None if task.revalidate else task.validate,
+        rlimits=task.rlimits,
+        log_path=str(m.files.task_log_path(task.id)),
+    )
+    m.effect(Send(wid, run))

@@ -1,0 +1,94 @@
+"""What a step asks the world to do, carried out by engine/effects.py only once the records
+that justify it are durable (the write-ahead rule). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from supervisor.core import wire
+from supervisor.core.model import Cause, Event
+
+
+class TaskTree(msgspec.Struct, frozen=True):
+    """How to find an attempt's processes: its group and leader (pid + create time, so a
+    reused pid is never signalled) and the marker its environment carries."""
+
+    pgid: int
+    pid: int
+    create_time: float
+    marker: str
+
+
+class Send(msgspec.Struct, tag=True):
+    """Send `msg` to the worker's agent."""
+
+    worker_id: str
+    msg: wire.ToAgent
+
+
+class KillTree(msgspec.Struct, tag=True):
+    """Kill the worker's agent and the attempt's tree from the daemon, then report
+    TreeKilled (the agent cannot be asked: it is gone or wedged)."""
+
+    worker_id: str
+    attempt_id: str
+    tree: TaskTree
+    grace_s: float
+
+
+class Spawn(msgspec.Struct, tag=True):
+    """Start an agent for `worker_id` after `delay_s`, unless by then the worker was
+    retired or restarted again (its `restarts` count moved on)."""
+
+    worker_id: str
+    restarts: int
+    delay_s: float = 0.0
+
+
+class Retire(msgspec.Struct, tag=True):
+    """Stop the worker's agent (asked first when `graceful`), kill it and the attempt's
+    tree, report TreeKilled for `attempt_id`, then Replace when `replace`."""
+
+    worker_id: str
+    grace_s: float
+    graceful: bool
+    tree: TaskTree | None = None
+    attempt_id: str | None = None
+    replace: bool = True
+    same_id: bool = False
+    cause: Cause = "operator"
+
+
+class KillStarting(msgspec.Struct, tag=True):
+    """Kill an agent that never said hello, if the worker is still at start `restarts`."""
+
+    worker_id: str
+    restarts: int
+    grace_s: float
+
+
+class Emit(msgspec.Struct, tag=True):
+    """Publish an event: events.jsonl, the journal and every follower."""
+
+    event: Event
+
+
+class Note(msgspec.Struct, tag=True):
+    """A line for the worker's own log, logs/workers/<id>.log."""
+
+    worker_id: str
+    ts: float
+    text: str
+
+
+class Archive(msgspec.Struct, tag=True):
+    """Write archive/<ws>.json (a workstream that failed)."""
+
+    workstream_id: str
+    payload: dict[str, Any]
+
+
+Effect = Send | KillTree | Spawn | Retire | KillStarting | Emit | Note | Archive

@@ -1,0 +1,60 @@
+"""Due timers: attempt timeouts, the end of a back-off, queue-wait and resource alerts.
+Pure: no I/O. Deadlines are monotonic; a timer that fires in a step whose records cannot
+be written is armed again by the step's rollback, so it fires again once they can.
+"""
+
+from __future__ import annotations
+
+from supervisor.core.context import Core
+from supervisor.core.lifecycle import stop_task
+from supervisor.core.model import TaskState
+from supervisor.core.policy import StopReason
+
+
+def on_timers(m: Core) -> None:
+    tasks, rt = m.state.data.tasks, m.rt
+    for kind, key in rt.pop_due(m.now):
+        task = tasks.get(key)
+        if task is None:
+            continue
+        if kind == "timeout":
+            if task.state == TaskState.RUNNING and task.stopping is None:
+                rt.count("timeouts")
+                m.emit(
+                    "task_timeout",
+                    "warning",
+                    task_id=key,
+                    workstream_id=task.workstream_id,
+                    worker_id=task.worker_id,
+                    data={"timeout_s": task.timeout_s},
+                )
+                stop_task(m, task, StopReason.TIMEOUT)
+        elif kind == "backoff":
+            if task.state == TaskState.PENDING:
+                rt.set_backoff_until(key, m.now)  # over, whatever the wall clock says
+                m.state.graph.mark_ready(key)
+        elif kind == "queue_alert":
+            if task.state == TaskState.QUEUED:
+                m.emit(
+                    "task_queue_timeout",
+                    "warning",
+                    task_id=key,
+                    workstream_id=task.workstream_id,
+                    data={"waited_s": round(m.now - (rt.queued_at(key) or m.now), 3)},
+                )
+        elif kind == "resource_alert":
+            res = rt.parked_on(key)
+            if task.state == TaskState.QUEUED and res and not rt.resource_alerted(res):
+                rt.set_resource_alerted(res, True)
+                m.emit(
+                    "resource_exhausted",
+                    "critical",
+                    resource_id=res,
+                    task_id=key,
+                    workstream_id=task.workstream_id,
+                    data={
+                        "holders": list(m.state.graph.holders_of(res)),
+                        "waiting": rt.waiting_on(res),
+                        "waited_s": round(m.now - (rt.queued_at(key) or m.now), 3),
+                    },
+                )

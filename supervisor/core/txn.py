@@ -1,0 +1,87 @@
+"""One step's records, applied to the state as they are made and taken back whole when
+the log refuses them. Pure: no I/O.
+
+A step (one batch of inputs) makes several records, and each decision may look at what
+the previous ones did, so every record is applied to the state as soon as it is checked.
+Before an entity is first touched, a copy of it is kept (its pre-image). When the step's
+append fails, `rollback` puts every pre-image back, removes what the step created and
+rebuilds the derived indexes: the state is again exactly what the log holds, and the
+step's inputs can be handled again once the log takes writes. Savepoints let one input
+of the step (an operator request that is refused) be taken back alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from supervisor.core.model import State, Task, Transition
+
+_replace = msgspec.structs.replace
+_ATTR = {"task": "tasks", "workstream": "workstreams", "worker": "workers", "resource": "resources"}
+
+
+def _copy(obj: Any) -> Any:
+    """A copy deep enough for `apply`: it assigns fields, appends an attempt and updates
+    the last one in place; nothing else is changed inside an entity."""
+    if isinstance(obj, Task) and obj.attempts:
+        return _replace(obj, attempts=[*obj.attempts[:-1], _replace(obj.attempts[-1])])
+    return _replace(obj)
+
+
+class Txn:
+    """The open step: its records, and what takes them back."""
+
+    __slots__ = ("_pre", "_start_seq", "_touched", "records", "state")
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.records: list[Transition] = []
+        self._start_seq = state.last_seq
+        # (entity, id, copy or None when the step created it), in the order first touched.
+        self._pre: list[tuple[str, str, Any]] = []
+        self._touched: set[tuple[str, str]] = set()
+
+    def record(self, rec: Transition) -> None:
+        """Check `rec` (IllegalTransition changes nothing) and apply it."""
+        state = self.state
+        obj = state.check_entity(rec)
+        key = (rec.entity, rec.id)
+        if key not in self._touched:
+            self._touched.add(key)
+            self._pre.append((rec.entity, rec.id, None if obj is None else _copy(obj)))
+        state.apply_checked(rec, obj)
+        self.records.append(rec)
+
+    def mark(self) -> tuple[int, int]:
+        """A savepoint: what `rollback` can return to."""
+        # Entities touched before the savepoint must be copied again if touched after it,
+        # so that rolling back to it restores them as they were at the savepoint.
+        self._touched = set()
+        return len(self.records), len(self._pre)
+
+    def rollback(self, mark: tuple[int, int] = (0, 0)) -> bool:
+        """Undo every record made since `mark`; True when there was anything to undo."""
+        n_records, n_pre = mark
+        if len(self.records) == n_records:
+            return False
+        data = self.state.data
+        for entity, id_, pre in reversed(self._pre[n_pre:]):
+            table = getattr(data, _ATTR[entity])
+            if pre is None:
+                gone = table.pop(id_, None)
+                if entity == "workstream" and gone is not None:
+                    for tid in gone.task_ids:
+                        data.tasks.pop(tid, None)
+            else:
+                live = table[id_]
+                for field in pre.__struct_fields__:
+                    setattr(live, field, getattr(pre, field))
+        del self._pre[n_pre:]
+        del self.records[n_records:]
+        self._touched = set()
+        data.last_seq = self._start_seq + n_records
+        # The indexes are derived: rebuilt rather than unwound (a rollback is rare).
+        self.state.graph.rebuild(data.tasks.values(), data.tasks)
+        return True

@@ -1,0 +1,196 @@
+"""Carries out the effects of a step once its records are durable: messages to agents,
+kills, spawns and retirements (slow ones as tasks of their own, reporting back through
+the inbox), events (events.jsonl, the journal, followers) and derived files.
+
+A failing effect is logged and never takes the daemon down; what it should have achieved
+is re-derived from the state (a lost Send shows as a silent worker, a failed spawn comes
+back as SpawnFailed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from supervisor.core import lifecycle
+from supervisor.core.effects import (
+    Archive,
+    Effect,
+    Emit,
+    KillStarting,
+    KillTree,
+    Note,
+    Retire,
+    Send,
+    Spawn,
+)
+from supervisor.core.inputs import Replace, Spawned, SpawnFailed, TreeKilled
+from supervisor.core.machine import Machine
+from supervisor.core.model import Event, WorkerState
+from supervisor.store.directory import Store
+from supervisor.store.snapshot import iso_utc
+from supervisor.workers.pool import Pool
+
+log = structlog.get_logger("orchd.engine")
+
+# How many events a follower may fall behind before it is told so and closed.
+FOLLOWER_BACKLOG = 1000
+_LEVELS = {"critical": "critical", "error": "error", "warning": "warning"}
+
+
+class Followers:
+    """The streams of `events -f` clients; one that falls behind is closed, not dropped
+    silently: the server then tells its client and ends the stream."""
+
+    def __init__(self) -> None:
+        self._streams: list[MemoryObjectSendStream[Event]] = []
+
+    def add(self) -> MemoryObjectReceiveStream[Event]:
+        send, recv = anyio.create_memory_object_stream[Event](FOLLOWER_BACKLOG)
+        self._streams.append(send)
+        return recv
+
+    def publish(self, ev: Event) -> None:
+        for stream in list(self._streams):
+            try:
+                stream.send_nowait(ev)
+            except anyio.WouldBlock:
+                log.warning("event_follower_behind", backlog=FOLLOWER_BACKLOG)
+                stream.close()
+                self._streams.remove(stream)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._streams.remove(stream)
+
+
+class Effects:
+    """The engine's hands (see the module docstring)."""
+
+    def __init__(
+        self,
+        m: Machine,
+        store: Store,
+        pool: Pool,
+        inbox: MemoryObjectSendStream[Any],
+    ) -> None:
+        self.m, self.store, self.pool, self.inbox = m, store, pool, inbox
+        self.followers = Followers()
+        self.tg: TaskGroup | None = None
+        self._notes: dict[str, list[tuple[float, str]]] = {}
+
+    async def run(self, eff: Effect) -> None:
+        match eff:
+            case Send(worker_id=wid, msg=msg):
+                await self.pool.send(wid, msg)
+            case Emit(event=ev):
+                self.publish(ev)
+            case Note(worker_id=wid, ts=ts, text=text):
+                self._notes.setdefault(wid, []).append((ts, text))
+            case KillTree():
+                self._background(lambda: self._kill_tree(eff))
+            case Spawn():
+                self._background(lambda: self._spawn(eff))
+            case Retire():
+                self._background(lambda: self._retire(eff))
+            case KillStarting():
+                self._background(lambda: self._kill_starting(eff))
+            case Archive(workstream_id=ws_id, payload=payload):
+                self._background(
+                    lambda: anyio.to_thread.run_sync(
+                        self.store.write_json, f"archive/{ws_id}.json", payload
+                    )
+                )
+
+    def publish(self, ev: Event) -> None:
+        """events.jsonl, the journal, the followers (for an event that is due now)."""
+        try:
+            self.store.append_event(ev)
+        except OSError as exc:  # a full disk must not stop the engine; the log line remains
+            log.error("event_not_written", event=ev.event, error=str(exc))
+        fields: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("task_id", ev.task_id),
+                ("workstream_id", ev.workstream_id),
+                ("worker_id", ev.worker_id),
+                ("resource_id", ev.resource_id),
+                ("tasks", ev.tasks),
+                ("message", ev.message),
+            )
+            if v is not None
+        }
+        if ev.data:
+            fields["data"] = ev.data
+        getattr(log, _LEVELS.get(ev.severity, "info"))(ev.event, severity=ev.severity, **fields)
+        self.followers.publish(ev)
+
+    def has_notes(self) -> bool:
+        return bool(self._notes)
+
+    def write_notes(self) -> None:
+        """The lines for the workers' own logs, written together (one open per worker)."""
+        notes, self._notes = self._notes, {}
+        for wid, lines in notes.items():
+            try:
+                with open(self.store.worker_log_path(wid), "a", encoding="utf-8") as f:
+                    f.writelines(f"{iso_utc(ts)} {text}\n" for ts, text in lines)
+            except OSError as exc:  # a full disk is no reason to stop the engine
+                log.warning("worker_log_failed", worker_id=wid, error=str(exc))
+
+    # -- slow effects, each a task of its own ------------------------------------------
+
+    def _background(self, fn: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        async def guarded() -> None:
+            # A side effect that fails (a kill, a spawn, a derived file) is logged; it must
+            # never take the daemon down with it.
+            try:
+                await fn()
+            except Exception:
+                log.exception("background_effect_failed")
+
+        assert self.tg is not None
+        self.tg.start_soon(guarded)
+
+    async def _kill_tree(self, eff: KillTree) -> None:
+        t = eff.tree
+        await self.pool.kill(
+            eff.worker_id, task_tree=(t.pgid, t.pid, t.create_time, t.marker), grace_s=eff.grace_s
+        )
+        await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id))
+
+    async def _spawn(self, eff: Spawn) -> None:
+        if eff.delay_s:
+            await anyio.sleep(eff.delay_s)
+            # Retired (or restarted again) during the delay: that start is not wanted.
+            if not lifecycle.spawn_wanted(self.m, eff.worker_id, eff.restarts):
+                return
+        try:
+            gen = await self.pool.spawn(eff.worker_id)
+        except OSError as exc:
+            await self.inbox.send(SpawnFailed(eff.worker_id, str(exc)))
+            return
+        await self.inbox.send(Spawned(eff.worker_id, gen))
+
+    async def _retire(self, eff: Retire) -> None:
+        tree = None if eff.tree is None else (
+            eff.tree.pgid,
+            eff.tree.pid,
+            eff.tree.create_time,
+            eff.tree.marker,
+        )
+        if eff.graceful:
+            await self.pool.stop(eff.worker_id, eff.grace_s)
+        await self.pool.kill(eff.worker_id, task_tree=tree, grace_s=eff.grace_s)
+        if eff.attempt_id is not None:
+            await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id))
+        if eff.replace:
+            await self.inbox.send(Replace(eff.worker_id, eff.same_id, eff.cause))
+
+    async def _kill_starting(self, eff: KillStarting) -> None:
+        w = self.m.state.data.workers.get(eff.worker_id)
+        if w is not None and w.state == WorkerState.STARTING and w.restarts == eff.restarts:
+            await self.pool.kill(eff.worker_id, task_tree=None, grace_s=eff.grace_s)
