@@ -72,21 +72,35 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(
     path: Path, data: bytes, *, fsync: bool = True, keep_as: Path | None = None
 ) -> None:
-    """Replace `path` with `data` atomically; hard-link the old file to `keep_as` first."""
+    """Replace `path` with `data` atomically; hard-link the old file to `keep_as` first.
+
+    On any failure the temp file is removed: a partial one would hold disk space the log
+    needs (and a full disk is the usual failure)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    if keep_as is not None:
-        with suppress(FileNotFoundError):
-            os.link(path, keep_as)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if keep_as is not None:
+            try:
+                os.link(path, keep_as)
+            except FileNotFoundError:
+                pass  # no old file to keep
+            else:
+                if fsync:
+                    # The old file's new name is durable before its old name is reused.
+                    fsync_dir(keep_as.parent)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
     if fsync:
         fsync_dir(path.parent)
 
