@@ -28,6 +28,7 @@ log = structlog.get_logger("orchd")
 EXIT_CORRUPT = 65
 STATUS_INTERVAL_S = 5.0
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another daemon owns the state directory
+EXIT_IOERR = 74  # EX_IOERR: the state directory could not be read or repaired
 
 
 async def run(cfg: Config, config_path: Path | None) -> int:
@@ -50,6 +51,19 @@ async def run(cfg: Config, config_path: Path | None) -> int:
     except StoreError as exc:
         print(f"orchd: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # E.g. ENOSPC while a torn tail is kept aside: say what and where, not a traceback.
+        # Not EXIT_CORRUPT: nothing is wrong with the state, and a restart once the cause is
+        # fixed (space freed) starts normally.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"orchd: cannot open the state in {cfg.state_dir}: {where}{exc.strerror or exc}; "
+            f"fix that (free space, permissions) and start again; nothing in the state was "
+            f"lost",
+            file=sys.stderr,
+        )
+        notifier.send(f"STATUS=cannot open the state: {exc.strerror or exc}")
+        return EXIT_IOERR
     log.info(
         "state_loaded",
         state_dir=cfg.state_dir,

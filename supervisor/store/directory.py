@@ -184,7 +184,11 @@ class Store:
         tmp = cdir / f"{ws_id}_latest.json.{os.getpid()}{TMP_SUFFIX}"
         tmp.unlink(missing_ok=True)
         os.link(path, tmp)
-        os.replace(tmp, cdir / f"{ws_id}_latest.json")
+        try:
+            os.replace(tmp, cdir / f"{ws_id}_latest.json")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         numbered = [cdir / f"{ws_id}_{n}.json" for n in self.list_checkpoints(ws_id)]
         prune_oldest(numbered, self.checkpoints_keep)
         return path

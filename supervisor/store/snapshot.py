@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from supervisor.store.logfile import Scanner, ScanResult, is_sealed, prefix_matc
 from supervisor.store.references import checked_apply, state_problem
 
 LOG_NAME: Final = "transitions.jsonl"
+_TAIL_CHUNK: Final = 1 << 20
 SNAPSHOT_NAME: Final = "current.json"
 TMP_SUFFIX: Final = ".tmp"
 _BACKUP_PREFIX: Final = "current_"
@@ -72,21 +72,35 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(
     path: Path, data: bytes, *, fsync: bool = True, keep_as: Path | None = None
 ) -> None:
-    """Replace `path` with `data` atomically; hard-link the old file to `keep_as` first."""
+    """Replace `path` with `data` atomically; hard-link the old file to `keep_as` first.
+
+    On any failure the temp file is removed: a partial one would hold disk space the log
+    needs (and a full disk is the usual failure)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    if keep_as is not None:
-        with suppress(FileNotFoundError):
-            os.link(path, keep_as)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if keep_as is not None:
+            try:
+                os.link(path, keep_as)
+            except FileNotFoundError:
+                pass  # no old file to keep
+            else:
+                if fsync:
+                    # The old file's new name is durable before its old name is reused.
+                    fsync_dir(keep_as.parent)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
     if fsync:
         fsync_dir(path.parent)
 
@@ -349,20 +363,41 @@ def gc_paused(*, freeze: bool = False) -> Iterator[None]:
 
 
 def cut_torn_tail(state_dir: Path, scan: ScanResult, *, fsync: bool) -> str:
-    """Keep the damaged log aside, then truncate it to its last good record."""
+    """Keep the torn bytes (those after `scan.end`) aside, then truncate the log there.
+
+    Only the tail is copied, never the whole log: this runs at start-up, often on a disk
+    that has just filled up, where a copy of the log would not fit. Raises OSError when
+    the tail cannot be kept (the log is then left as it was)."""
     log_path = state_dir / LOG_NAME
     aside = state_dir / f"{LOG_NAME}.broken.{utc_stamp()}"
-    shutil.copyfile(log_path, aside)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CLOEXEC)
+    kept = 0
+    fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
     try:
+        out = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            while chunk := os.pread(fd, _TAIL_CHUNK, scan.end + kept):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view) :]
+                kept += len(chunk)
+            if fsync:
+                os.fsync(out)
+        except BaseException:
+            os.close(out)
+            aside.unlink(missing_ok=True)
+            raise
+        os.close(out)
+        if fsync:
+            fsync_dir(state_dir)  # the kept bytes have a durable name before they are cut
         os.ftruncate(fd, scan.end)
         if fsync:
             os.fsync(fd)
     finally:
         os.close(fd)
-    if fsync:
-        fsync_dir(state_dir)
-    return f"the damaged log was kept as {aside.name}"
+    return (
+        f"the {kept} torn byte(s) after record {scan.last_seq} (offset {scan.end}) were kept "
+        f"as {aside.name}"
+    )
 
 
 def lock_dir(state_dir: Path) -> int:
