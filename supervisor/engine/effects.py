@@ -32,9 +32,8 @@ from supervisor.core.effects import (
 from supervisor.core.inputs import Replace, Spawned, SpawnFailed, TreeKilled
 from supervisor.core.machine import Machine
 from supervisor.core.model import Event, WorkerState
-from supervisor.store.directory import Store
+from supervisor.engine.ports import Agents, Durable
 from supervisor.store.snapshot import iso_utc
-from supervisor.workers.pool import Pool
 
 log = structlog.get_logger("orchd.engine")
 
@@ -73,8 +72,8 @@ class Effects:
     def __init__(
         self,
         m: Machine,
-        store: Store,
-        pool: Pool,
+        store: Durable,
+        pool: Agents,
         inbox: MemoryObjectSendStream[Any],
     ) -> None:
         self.m, self.store, self.pool, self.inbox = m, store, pool, inbox

@@ -29,8 +29,7 @@ from supervisor.core.inputs import AgentMessage, HealthReport, Input
 from supervisor.core.machine import Machine
 from supervisor.core.model import Event, State
 from supervisor.engine.effects import Effects
-from supervisor.store.directory import Store
-from supervisor.workers.pool import Pool
+from supervisor.engine.ports import Agents, Durable
 
 log = structlog.get_logger("orchd.engine")
 
@@ -87,9 +86,9 @@ class Engine:
     def __init__(
         self,
         cfg: Config,
-        store: Store,
+        store: Durable,
         state: State,
-        pool: Pool,
+        pool: Agents,
         inbox: Inbox,
         inbox_send: MemoryObjectSendStream[Any],
         *,

@@ -1,0 +1,57 @@
+"""The engine's two seams, as protocols: the durable store it appends to and the pool of
+worker agents it drives. The real ones are store/directory.py's Store and
+workers/pool.py's Pool; tests/fakes.py has an in-memory store and a fake pool that
+implement the same protocols, so the whole loop runs in-process in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from supervisor.core import wire
+from supervisor.core.context import Files
+from supervisor.core.model import Event, State, Transition
+
+
+class Durable(Files, Protocol):
+    """The state directory as the engine uses it."""
+
+    @property
+    def written_seq(self) -> int: ...
+
+    @property
+    def synced_seq(self) -> int: ...
+
+    def write_batch(self, recs: Sequence[Transition]) -> None:
+        """Append all of `recs` or none (StoreWriteError)."""
+
+    def sync(self) -> None:
+        """Make every record written so far durable (StoreFsyncError: never retried)."""
+
+    def append_event(self, event: Event) -> None: ...
+
+    def append_intervention(self, line: dict[str, Any]) -> None: ...
+
+    def write_snapshot(self, state: State) -> Path: ...
+
+    def write_checkpoint(self, ws_id: str, state: State) -> Path: ...
+
+    def write_json(self, relpath: str, obj: object) -> None: ...
+
+
+class Agents(Protocol):
+    """The worker agents' processes."""
+
+    async def spawn(self, worker_id: str) -> int:
+        """Start an agent for `worker_id`; its generation (OSError when it cannot)."""
+        ...
+
+    async def send(self, worker_id: str, msg: wire.ToAgent) -> bool: ...
+
+    async def kill(
+        self, worker_id: str, *, task_tree: tuple[int, int, float, str] | None, grace_s: float
+    ) -> None: ...
+
+    async def stop(self, worker_id: str, grace_s: float) -> None: ...
