@@ -81,9 +81,11 @@ want=$("$PYTHON" -c 'import sys; print(*sys.version_info[:2])')
 have=$("$PREFIX/bin/python" -c 'import sys; print(*sys.version_info[:2])' 2>/dev/null || true)
 if [ "$have" = "$want" ]; then
     say "upgrading the venv in $PREFIX"
-elif [ -e "$PREFIX" ]; then
+elif [ -f "$PREFIX/pyvenv.cfg" ]; then
     say "remaking the venv in $PREFIX for $("$PYTHON" --version)"
     "$PYTHON" -m venv --clear "$PREFIX"
+elif [ -e "$PREFIX" ]; then
+    die "$PREFIX exists and is not a venv; move it away first"
 else
     say "making a venv in $PREFIX with $("$PYTHON" --version)"
     "$PYTHON" -m venv "$PREFIX"

@@ -22,7 +22,7 @@ STATE=/var/lib/orchd
 CONFIG_DIR=/etc/orchd
 
 say() { printf 'orchd uninstall: %s\n' "$*"; }
-die() { printf 'orchd uninstall: %s\n' "$*" >&2; exit "${2:-1}"; }
+die() { printf 'orchd uninstall: %s\n' "$1" >&2; exit "${2:-1}"; }
 
 purge=0
 yes=0
@@ -60,7 +60,13 @@ for name in orchctl orchd; do
         rm -f "$link"
     fi
 done
-rm -rf "$PREFIX" "$DOC"
+# Only a venv: never a directory of someone else's that happens to have this name.
+if [ -f "$PREFIX/pyvenv.cfg" ]; then
+    rm -rf "$PREFIX"
+elif [ -e "$PREFIX" ]; then
+    say "warning: $PREFIX is not a venv; left as it is"
+fi
+rm -rf "$DOC"
 rm -f "$UNIT" "$SYSUSERS" "$TMPFILES"
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
