@@ -13,14 +13,24 @@ from ctl.client import Client, DaemonUnreachable, RemoteError
 from supervisor.control.protocol import EXIT_CODES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 7
+SERVICE_SOCKET = "/run/orchd/orchd.sock"
+
+
+def default_socket() -> str:
+    """The socket used without --socket: $ORCHD_SOCKET, else the system service's when it
+    exists (and this user may see it), else the one of a daemon run from this directory."""
+    if env := os.environ.get("ORCHD_SOCKET"):
+        return env
+    return SERVICE_SOCKET if os.path.exists(SERVICE_SOCKET) else ".state/orchd.sock"
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orchctl", description="Control the orchd supervisor daemon.")
     ap.add_argument(
         "--socket",
-        default=os.environ.get("ORCHD_SOCKET", ".state/orchd.sock"),
-        help="control socket (default $ORCHD_SOCKET or .state/orchd.sock)",
+        default=default_socket(),
+        help=f"control socket (default $ORCHD_SOCKET, else {SERVICE_SOCKET} if it exists, "
+        "else .state/orchd.sock)",
     )
     ap.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     ap.add_argument("--yes", action="store_true", help="do not ask for confirmation")

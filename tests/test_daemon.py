@@ -405,3 +405,54 @@ def test_socket_of_a_live_daemon_is_never_taken(daemon: Daemon, tmp_path: Path) 
     r = orchd("--config", str(path), cwd=other_dir)
     assert r.returncode == 1 and "another process listens" in r.stderr
     assert daemon.call("status")["draining"] is False
+
+
+# A client of its own for a peer that is not root: the system Python, since the test's
+# interpreter may live where other users cannot reach it.
+_STATUS_AS_PEER = """
+import json, socket, struct, sys
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    body = b'{"id": 1, "method": "status", "params": {}}'
+    s.sendall(struct.pack(">I", len(body)) + body)
+    (n,) = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))
+    print(json.loads(s.recv(n, socket.MSG_WAITALL))["ok"])
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+    reason="needs root (to run a peer as nobody) and /usr/bin/python3",
+)
+def test_control_users_added_by_reload_are_let_in(sock_dir: Path) -> None:
+    """A user added to [control] read_users while the daemon runs may use the socket once
+    the config is reloaded, with no restart."""
+    os.chmod(sock_dir, 0o711)
+    d = Daemon(sock_dir).start()
+
+    def peer_allowed() -> bool:
+        r = subprocess.run(
+            ["/usr/bin/python3", "-c", _STATUS_AS_PEER, d.socket],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+            user=65534,
+            group=65534,
+            extra_groups=[0],  # the socket is 0660 root:root
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip() == "True"
+
+    try:
+        assert d.proc is not None
+        assert not peer_allowed()
+        d.cfg["control"] = d.cfg.get("control", {}) | {"read_users": ["65534"]}
+        d.config_path.write_text(to_toml(d.cfg))
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_event("config_reloaded")
+        assert peer_allowed()
+    finally:
+        d.stop()
+        assert_no_leftovers()

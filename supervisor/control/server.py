@@ -99,6 +99,12 @@ class Server:
         self.access = Access(cfg)
         self.connections = 0
 
+    def _access(self) -> Access:
+        """The access lists in force: a config reload replaces the engine's settings."""
+        if (live := self.engine.cfg.control) is not self.cfg:
+            self.cfg, self.access = live, Access(live)
+        return self.access
+
     def _prepare_path(self) -> None:
         d = Path(self.path).parent
         if not d.exists():
@@ -187,7 +193,7 @@ class Server:
                 p.encode_response(p.error_response(exc.request_id, exc.code, exc.message))
             )
             return False
-        if not self.access.allows(peer, changes):
+        if not self._access().allows(peer, changes):
             kind = "change state" if changes else "read state"
             await stream.send(
                 p.encode_response(
