@@ -59,6 +59,7 @@ class Gen:
 
     def records(self, n_tasks: int) -> Iterator[Transition]:
         r = self.rec
+        yield r("resource", "git_repo_write", None, "defined", max_holders=1)
         for w in range(WORKERS):
             yield r("worker", f"w-{w}", None, "starting", pid=1000 + w, started_at=self.ts)
             yield r("worker", f"w-{w}", "starting", "idle")

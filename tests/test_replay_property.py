@@ -49,8 +49,11 @@ class ReplayMachine(RuleBasedStateMachine):
 
     @initialize()
     def start_workers(self) -> None:
-        for w in WORKERS[:2]:
+        for r in RESOURCES:
+            self.drv.do("resource", r, "defined", "config", max_holders=2)
+        for w in WORKERS:
             self.drv.do("worker", w, "starting", pid=100)
+        for w in WORKERS[:2]:
             self.drv.do("worker", w, "idle")
 
     # -- work -------------------------------------------------------------------------

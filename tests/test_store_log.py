@@ -62,6 +62,9 @@ class Driver:
         return ids
 
     def run_task(self, tid: str, worker: str = "w-1") -> None:
+        if worker not in self.model.data.workers:
+            self.do("worker", worker, "starting", pid=100)
+            self.do("worker", worker, "idle")
         n = len(self.model.data.tasks[tid].attempts) + 1
         self.do("task", tid, "queued", queued_at=self.ts)
         attempt = {

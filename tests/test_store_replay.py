@@ -13,7 +13,6 @@ import pytest
 
 from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import Transition
-from supervisor.store import references
 from supervisor.store.directory import Store, read_state, validate_state
 from supervisor.store.logfile import seal
 from supervisor.store.snapshot import SnapshotFile
@@ -178,13 +177,11 @@ def test_good_records_replay_cleanly(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_worker_and_resource_references_are_checked_when_enabled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: Transition, why: str
+def test_worker_and_resource_references_are_checked(
+    tmp_path: Path, bad: Transition, why: str
 ) -> None:
-    """With CHECK_WORKERS_AND_RESOURCES, a task naming an unknown worker or resource is refused."""
+    """A task naming an unknown worker or resource is refused on replay."""
     write_log(tmp_path, [*good_records(), bad])
-    assert read_state(tmp_path).last_seq == 7  # not checked by default (see references.py)
-    monkeypatch.setattr(references, "CHECK_WORKERS_AND_RESOURCES", True)
     with pytest.raises(StoreCorrupt, match=f"line 7: record cannot be replayed.*{why}"):
         read_state(tmp_path)
 

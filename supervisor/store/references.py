@@ -14,14 +14,6 @@ from typing import Any
 
 from supervisor.core.model import State, StateData, Transition
 
-# Whether a task's worker (worker_id, an attempt's worker_id) and its resources must exist.
-# The live daemon guarantees both (a worker's record precedes any use of it; a submission
-# may name only defined resources), but the fixtures of tests/test_store_log.py (Driver
-# runs tasks on "w-1", never created) and tests/test_replay_property.py (resources never
-# defined, tasks dispatched to workers never started) do not, and they are not this
-# change's to edit. Set to True once they create what they name.
-CHECK_WORKERS_AND_RESOURCES = False
-
 
 class DanglingReference(ValueError):
     """Raised by `check_record` when a record names a task, worker, workstream or resource
@@ -45,8 +37,6 @@ def _task_problem(
         for dep in deps:
             if dep not in new_tasks and dep not in data.tasks:
                 return f"task {task_id!r} depends on unknown task {dep!r}"
-    if not CHECK_WORKERS_AND_RESOURCES:
-        return None
     res = changes.get("resources")
     if isinstance(res, list):
         for r in res:
@@ -135,8 +125,6 @@ def state_problem(data: StateData) -> str | None:
                 return f"task {tid!r} depends on unknown task {dep!r}"
         if task.workstream_id not in workstreams:
             return f"task {tid!r} belongs to unknown workstream {task.workstream_id!r}"
-        if not CHECK_WORKERS_AND_RESOURCES:
-            continue
         for res in task.resources:
             if res not in resources:
                 return f"task {tid!r} uses unknown resource {res!r}"
