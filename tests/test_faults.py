@@ -28,17 +28,14 @@ import pytest
 from ctl.client import Client
 from supervisor.store.logfile import seal
 from tests.faultkit import (
-    WIDEST_TS,
     FaultDaemon,
     FileWatch,
     Follower,
     WriteFault,
     assert_pool_back,
-    attempt_id_like,
     follow_socket,
     last_seq,
     read_frame,
-    record_bytes,
     records,
     stop_and_validate,
     wait_quiet,
@@ -90,19 +87,20 @@ def wait_running_with_pid(d: Daemon, task_id: str) -> dict[str, Any]:
     return d.task(task_id)
 
 
-def assert_log_ends_with(d: FaultDaemon, entity: str, id_: str, to: str) -> None:
-    """The fault hit where the test placed it (else the test, not the daemon, is wrong)."""
-    last = records(d.state_dir)[-1]
-    assert (last["entity"], last["id"], last["to"]) == (entity, id_, to), (
-        f"fault placement: the log should end with {entity} {id_} -> {to}, not {last}"
-    )
+def assert_step_refused_whole(d: FaultDaemon, seq: int) -> None:
+    """Nothing of the refused step is in the log, and the daemon says it is read-only."""
+    assert last_seq(d) == seq, f"part of a refused step landed: {records(d.state_dir)[seq:]}"
+    status = d.call("status")
+    assert status["read_only"], status
+    assert d.events("store_read_only"), "no store_read_only event"
 
 
 def test_start_attempt_write_error_leaves_no_task_running_without_a_run(
     start_daemon: Start,
 ) -> None:
-    """A write error between a task's running record and its worker's busy record: once
-    writes succeed the task runs and completes, and the worker takes the next task."""
+    """A write error on the step that starts an attempt (task running, worker busy): the
+    step is refused whole, and once writes succeed the task runs and completes and the
+    worker takes the next task."""
     d = start_daemon()
     release = d.tmp / "release"
     d.submit(
@@ -114,37 +112,19 @@ def test_start_attempt_write_error_leaves_no_task_running_without_a_run(
     )
     wait_running_with_pid(d, "hold")
     wait_quiet(d)
-    idle = next(w["id"] for w in d.workers() if w["state"] == "idle")
     seq = last_seq(d)
-    attempt = {
-        "attempt_id": attempt_id_like("victim", 1),
-        "number": 1,
-        "worker_id": idle,
-        "started_at": WIDEST_TS,
-    }
-    # `dep remove` lands, then victim's queued and running records; its worker's busy fails.
-    landing = (
-        record_bytes(seq + 1, "task", "victim", "pending", "pending", "operator", depends_on=[])
-        + record_bytes(
-            seq + 2, "task", "victim", "pending", "queued", "auto",
-            queued_at=WIDEST_TS, not_before=None,
-        )
-        + record_bytes(
-            seq + 3, "task", "victim", "queued", "running", "auto",
-            worker_id=idle, pid=None, stopping=None, attempt=attempt,
-        )
-    )  # fmt: skip
     fault = WriteFault(d)
     before = d.write_failures()
-    fault.block(landing)
-    d.call("dep_remove", from_task="victim", to_task="hold")
-    fault.wait_failed(before, f"{idle}'s busy record")
-    assert_log_ends_with(d, "task", "victim", "running")
+    # hold's end makes victim ready: its step records hold completed, victim queued and
+    # running and the worker busy, all in one batch, which the log refuses whole.
+    fault.block()
+    release.touch()
+    fault.wait_failed(before, "the step that starts victim")
+    assert_step_refused_whole(d, seq)
     fault.lift()
     wait_task_state(d, "victim", ("completed",), 8.0, "its timeout is 5 s and writes succeed again")
     d.submit(ws("ws-later", task("later", "true")), "later.toml")
     wait_task_state(d, "later", ("completed",), 5.0, "a worker is idle")
-    release.touch()
     d.wait_ws("ws-start", "completed")
     assert_pool_back(d, 2)
     stop_and_validate(d)
@@ -175,7 +155,7 @@ def test_timeout_due_during_write_errors_still_fires(start_daemon: Start) -> Non
 
 
 def test_ready_tasks_survive_a_write_error(start_daemon: Start) -> None:
-    """A task made ready (its dependency removed) and a task whose retry back-off runs out,
+    """A task made ready (its dependency ended) and a task whose retry back-off runs out,
     both while writes fail, are queued and run once writes succeed."""
     d = start_daemon({"tasks": {"backoff_base_s": 1.0}})
     release, counter = d.tmp / "release", d.tmp / "counter"
@@ -194,15 +174,12 @@ def test_ready_tasks_survive_a_write_error(start_daemon: Start) -> None:
     wait_quiet(d)
     assert time.time() < not_before - 0.5, "the back-off ran out before the fault was placed"
     seq = last_seq(d)
-    landing = record_bytes(
-        seq + 1, "task", "gated", "pending", "pending", "operator", depends_on=[]
-    )
     fault = WriteFault(d)
     before = d.write_failures()
-    fault.block(landing)
-    d.call("dep_remove", from_task="gated", to_task="hold")
-    fault.wait_failed(before, "gated's queued record")
-    assert_log_ends_with(d, "task", "gated", "pending")
+    fault.block()
+    release.touch()  # hold's end makes gated ready, in a step the log refuses
+    fault.wait_failed(before, "the step that ends hold")
+    assert_step_refused_whole(d, seq)
     # The back-off runs out while writes still fail.
     Daemon.wait_for(lambda: time.time() > not_before + 0.5, 5, "flaky's back-off to run out")
     fault.lift()
@@ -219,15 +196,15 @@ def test_ready_tasks_survive_a_write_error(start_daemon: Start) -> None:
             f"4 s after writes succeed again: gated (made ready during the write error) is "
             f"{states['gated']}, flaky (back-off ran out during it) is {states['flaky']}"
         ) from None
-    release.touch()
     d.wait_ws("ws-ready", "completed")
     assert_pool_back(d, 2)
     stop_and_validate(d)
 
 
 def test_finished_with_failing_worker_release_does_not_wedge_worker(start_daemon: Start) -> None:
-    """A write error between a task's completed record and its worker's idle record: once
-    writes succeed the worker is idle again (no late result) and runs the next task."""
+    """A write error on the step that completes a task and frees its worker: once writes
+    succeed the task is completed, the worker idle again (no late result), and it runs the
+    next task."""
     d = start_daemon()
     release, finish = d.tmp / "release", d.tmp / "finish"
     d.submit(
@@ -241,21 +218,12 @@ def test_finished_with_failing_worker_release_does_not_wedge_worker(start_daemon
     wid = wait_running_with_pid(d, "done")["worker_id"]
     wait_quiet(d)
     seq = last_seq(d)
-    # The completed record (with the pid fields, an upper bound); the worker's idle fails.
-    landing = record_bytes(
-        seq + 1, "task", "done", "running", "completed", "auto",
-        worker_id=None, pid=None, stopping=None, failure_kind=None,
-        attempt_update={
-            "ended_at": WIDEST_TS, "exit_code": 0, "signal": None,
-            "pid": 9999999, "pid_create_time": WIDEST_TS,
-        },
-    )  # fmt: skip
     fault = WriteFault(d)
     before = d.write_failures()
-    fault.block(landing)
+    fault.block()  # done's step: completed and its worker idle, refused as one batch
     finish.touch()
-    fault.wait_failed(before, f"{wid}'s idle record")
-    assert_log_ends_with(d, "task", "done", "completed")
+    fault.wait_failed(before, f"done's step ({wid} to idle)")
+    assert_step_refused_whole(d, seq)
     fault.lift()
 
     def worker() -> dict[str, Any]:
@@ -293,13 +261,12 @@ def test_replacement_spawn_failure_does_not_shrink_pool(start_daemon: Start) -> 
     )
     wait_quiet(d)
     seq = last_seq(d)
-    landing = record_bytes(seq + 1, "worker", victim["id"], "idle", "shutdown", "health", pid=None)
     fault = WriteFault(d)
     before = d.write_failures()
-    fault.block(landing)
+    fault.block()  # the exit's step: the worker shut down and its replacement starting
     os.kill(victim["pid"], signal.SIGKILL)
-    fault.wait_failed(before, "the replacement's starting record")
-    assert_log_ends_with(d, "worker", victim["id"], "shutdown")
+    fault.wait_failed(before, "the step of the worker's exit")
+    assert_step_refused_whole(d, seq)
     fault.lift()
     assert_pool_back(d, 2, timeout=6.0)
     d.submit(ws("ws-after", task("a1", "true"), task("a2", "true")))
@@ -323,15 +290,10 @@ def test_refused_request_changed_nothing(start_daemon: Start) -> None:
     Daemon.wait_for((d.state_dir / "archive" / "ws-refused.json").exists, 5, "the archive")
     size = wait_quiet(d)
     seq = last_seq(d)
-    # The retry's task record lands; reopening its workstream fails.
-    landing = record_bytes(
-        seq + 1, "task", "once", "failed", "pending", "operator",
-        retry_count=0, not_before=None, failure_kind=None, skipped=False, skip_reason=None,
-    )  # fmt: skip
     fault = WriteFault(d)
-    fault.block(landing)
+    fault.block()  # the retry's records (task pending, workstream reopened) are refused
     r = d.ctl("retry", "once")
-    assert r.returncode == 1 and "unchanged" in r.stderr, (r.returncode, r.stderr)
+    assert r.returncode == 1 and "nothing was changed" in r.stderr, (r.returncode, r.stderr)
     after = records(d.state_dir)
     assert after[-1]["seq"] == seq and d.log_path.stat().st_size == size, (
         f"the refused retry said the state is unchanged, yet left {after[seq:]}"
@@ -367,11 +329,17 @@ def test_follower_gets_no_event_before_its_sync(start_daemon: Start) -> None:
         for name, seq in (("workstream_submitted", out["seq"]), ("workstream_completed", done)):
             (got, _), *_ = follower.wait(name, workstream_id="ws-sync")
             written = watch.record_seen[seq]
-            line = next(
-                t
-                for t, e in watch.event_seen
-                if e["event"] == name and e.get("workstream_id") == "ws-sync"
-            )
+
+            def seen_in_file(name: str = name) -> list[float]:
+                return [
+                    t
+                    for t, e in watch.event_seen
+                    if e["event"] == name and e.get("workstream_id") == "ws-sync"
+                ]
+
+            # The file is polled every 2 ms: its line may be seen just after the frame.
+            Daemon.wait_for(lambda: bool(seen_in_file()), 2, f"{name} in events.jsonl")
+            line = seen_in_file()[0]
             for where, when in (("the follower", got), ("events.jsonl", line)):
                 if when - written < slow - 0.05:
                     early.append(

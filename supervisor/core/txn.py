@@ -25,8 +25,10 @@ _ATTR = {"task": "tasks", "workstream": "workstreams", "worker": "workers", "res
 def _copy(obj: Any) -> Any:
     """A copy deep enough for `apply`: it assigns fields, appends an attempt and updates
     the last one in place; nothing else is changed inside an entity."""
-    if isinstance(obj, Task) and obj.attempts:
-        return _replace(obj, attempts=[*obj.attempts[:-1], _replace(obj.attempts[-1])])
+    if isinstance(obj, Task):
+        # A list of its own (apply appends to it), with a copy of the last attempt.
+        last = [_replace(obj.attempts[-1])] if obj.attempts else []
+        return _replace(obj, attempts=[*obj.attempts[:-1], *last])
     return _replace(obj)
 
 

@@ -202,6 +202,7 @@ class Engine:
                 self.store.write_batch(step.records)
             except StoreWriteError as exc:
                 m.abort()
+                log.error("store_write_failed", records=len(step.records), error=str(exc))
                 self._enter_read_only(str(exc))
                 self._deferred = inputs + self._deferred
                 self._answer_read_only(calls)
