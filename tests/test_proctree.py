@@ -36,6 +36,16 @@ def _alive_marked(name: str) -> list[psutil.Process]:
     return [p for p in proctree.find_marked(MARK + name) if proctree.alive(p)]
 
 
+def _names(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(p.name())
+        except psutil.Error:
+            out.append("?")
+    return sorted(out)
+
+
 def test_create_time_matches_psutil() -> None:
     """create_time reads /proc directly yet gives exactly psutil's value."""
     for pid in (1, os.getpid()):
@@ -110,7 +120,9 @@ def test_kill_tree_finds_a_double_forked_escapee_by_marker() -> None:
         env=_marked("escape"),
         start_new_session=True,
     )
-    _until(lambda: len(_alive_marked("escape")) == 3)  # sh, its sleep, the escapee
+    # sh, its sleep and the escapee; the subshell that forks the escapee comes and goes
+    # on the way, so wait for exactly those three (by name).
+    _until(lambda: _names(_alive_marked("escape")) == ["sh", "sleep", "sleep"])
     report = proctree.kill_tree(
         proc.pid, proc.pid, proctree.create_time(proc.pid), MARK + "escape", 0.5
     )

@@ -8,10 +8,25 @@ does not grow with the number of tasks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from supervisor.core.model import Task
+
+class Task(Protocol):
+    """What the graph reads of a task (model.Task is one); it only ever sets depends_on."""
+
+    depends_on: list[str]
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def workstream_id(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def resources(self) -> list[str]: ...
 
 _SATISFYING = frozenset({"completed", "cancelled"})
 

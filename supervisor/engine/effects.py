@@ -175,11 +175,15 @@ class Effects:
         await self.inbox.send(Spawned(eff.worker_id, gen))
 
     async def _retire(self, eff: Retire) -> None:
-        tree = None if eff.tree is None else (
-            eff.tree.pgid,
-            eff.tree.pid,
-            eff.tree.create_time,
-            eff.tree.marker,
+        tree = (
+            None
+            if eff.tree is None
+            else (
+                eff.tree.pgid,
+                eff.tree.pid,
+                eff.tree.create_time,
+                eff.tree.marker,
+            )
         )
         if eff.graceful:
             await self.pool.stop(eff.worker_id, eff.grace_s)

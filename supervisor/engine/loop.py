@@ -23,13 +23,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from supervisor import failpoints
 from supervisor.core import shutdown as drain
 from supervisor.core.config import Config
-from supervisor.core.errors import OperatorError, StoreWriteError
-from supervisor.core.figures import metrics
+from supervisor.core.errors import StoreWriteError
 from supervisor.core.inputs import AgentMessage, HealthReport, Input
 from supervisor.core.machine import Machine
 from supervisor.core.model import Event, State
+from supervisor.engine.call import Call, ReadOnly
+from supervisor.engine.derived import DerivedFiles
 from supervisor.engine.effects import Effects
 from supervisor.engine.ports import Agents, Durable
+from supervisor.engine.recovery import recover
 
 log = structlog.get_logger("orchd.engine")
 
@@ -39,42 +41,6 @@ WRITE_RETRY_S = 1.0
 SYNC_LAG_S = 0.05
 # An fdatasync faster than this runs on the loop; a slower disk gets a worker thread.
 INLINE_SYNC_S = 0.002
-# How often the lines for workers' own logs are written out.
-NOTES_FLUSH_S = 0.25
-
-
-class ReadOnly(OperatorError):
-    """Raised to a request that would change state while the log refuses writes."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(
-            "unavailable",
-            f"nothing was changed: the state log refuses writes ({why}); orchd is read-only "
-            "until it takes writes again (it retries by itself: free space, then run the "
-            "command again)",
-        )
-
-
-class Call:
-    """A request to the engine from another task: `fn(machine, *args)` run inside a step,
-    answered once its records are durable."""
-
-    __slots__ = ("_done", "args", "error", "fn", "result")
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.fn, self.args = fn, args
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._done = anyio.Event()
-
-    def finish(self) -> None:
-        self._done.set()
-
-    async def wait(self) -> Any:
-        await self._done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 Inbox = MemoryObjectReceiveStream[Input | Call]
@@ -113,10 +79,7 @@ class Engine:
         self.last_step = now
         self._last_sync = now
         self._sync_s = 0.0
-        self._next_checkpoint = self._next_metrics = self._next_notes = 0.0
-        self._next_snapshot = now + cfg.store.snapshot_interval_s
-        self._snapshot_seq = state.last_seq
-        self._last_metrics: tuple[float, int] = (now, state.last_seq)
+        self.derived = DerivedFiles(self.m, store, self.fx, clock)
 
     @property
     def state(self) -> State:
@@ -132,18 +95,16 @@ class Engine:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        from supervisor.engine.recovery import recover
-
         async with anyio.create_task_group() as tg:
             self.fx.tg = tg
-            await recover(self)
+            await recover(self.m, self.transact)
             task_status.started()
             while not self.stopped.is_set():
                 await self._step()
             tg.cancel_scope.cancel()
 
     def _wake_at(self) -> float:
-        due = [self._next_periodic()]
+        due = [self.derived.next_due()]
         if self.read_only is not None:
             due.append(self._retry_at)
         else:
@@ -185,7 +146,7 @@ class Engine:
             inputs, self._deferred = self._deferred + inputs, []
         self._decide(now, inputs, calls, settle=not waiting)
         await self.flush()
-        await self._periodic()
+        await self.derived.write(self.flush, writable=self.read_only is None)
 
     def _decide(self, now: float, inputs: list[Input], calls: list[Call], *, settle: bool) -> None:
         m = self.m
@@ -359,66 +320,3 @@ class Engine:
     def healthy(self, limit: float) -> bool:
         """The loop stepped within `limit` seconds (for the systemd watchdog)."""
         return self.clock() - self.last_step < limit
-
-    # -- derived files -------------------------------------------------------------------
-
-    def _next_periodic(self) -> float:
-        due = min(self._next_snapshot, self._next_metrics)
-        if self.fx.has_notes():
-            due = min(due, self._next_notes)
-        return min(due, self._next_checkpoint) if self.m.rt.has_dirty() else due
-
-    async def _periodic(self) -> None:
-        """Derived files, written right after a flush so they never run ahead of the log;
-        none while the log refuses writes (the space goes to the log first)."""
-        now = self.clock()
-        if self.fx.has_notes() and now >= self._next_notes:
-            self.fx.write_notes()
-            self._next_notes = now + NOTES_FLUSH_S
-        if self.read_only is not None:
-            return
-        if now >= min(self._next_checkpoint, self._next_snapshot, self._next_metrics):
-            await self.flush(force=True)
-        st = self.cfg.store
-        rt = self.m.rt
-        # Derived files can be regenerated from the log: a failed write (a full disk) is
-        # reported and tried again at the next interval, never fatal.
-        if rt.has_dirty() and now >= self._next_checkpoint:
-            dirty = rt.take_dirty()
-            self._next_checkpoint = now + st.checkpoint_interval_s
-            if not await self._derived("checkpoints", self._write_checkpoints, dirty):
-                for ws_id in dirty:
-                    rt.mark_dirty(ws_id)
-        if now >= self._next_snapshot:
-            self._next_snapshot = now + st.snapshot_interval_s
-            seq = self.state.last_seq
-            if seq != self._snapshot_seq and await self._derived(
-                "current.json", self.store.write_snapshot, self.state
-            ):
-                self._snapshot_seq = seq
-        if now >= self._next_metrics:
-            self._next_metrics = now + st.metrics_interval_s
-            await self._derived(
-                "metrics.json", self.store.write_json, "metrics.json", self.metrics()
-            )
-
-    async def _derived(self, what: str, fn: Callable[..., object], *args: Any) -> bool:
-        try:
-            await anyio.to_thread.run_sync(fn, *args)
-        except OSError as exc:
-            log.error("derived_write_failed", file=what, error=str(exc))
-            return False
-        return True
-
-    def _write_checkpoints(self, ws_ids: set[str]) -> None:
-        for ws_id in ws_ids:
-            if ws_id in self.state.data.workstreams:
-                self.store.write_checkpoint(ws_id, self.state)
-
-    def metrics(self) -> dict[str, Any]:
-        now, seq = self.clock(), self.state.last_seq
-        then, seq0 = self._last_metrics
-        rate = (seq - seq0) / (now - then) if now > then else 0.0
-        self._last_metrics = (now, seq)
-        self.m.transitions_per_s = rate
-        return metrics(self.m, rate)

@@ -9,7 +9,7 @@ next begins: the intent to kill is on disk before any signal.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -20,8 +20,7 @@ from supervisor.core.model import FailureKind, TaskState, WorkerState
 from supervisor.core.policy import StopReason
 from supervisor.workers import proctree
 
-if TYPE_CHECKING:
-    from supervisor.engine.loop import Engine
+Transact = Callable[[Callable[[Machine], None]], Awaitable[None]]
 
 
 def _settle_old_life(m: Machine) -> None:
@@ -69,15 +68,16 @@ def _resume(m: Machine) -> None:
         spawn_worker(m, new_worker_id(m), "recovery")
 
 
-async def recover(engine: Engine) -> None:
-    await engine.transact(_settle_old_life)
-    trees = [tree_of(t.attempts[-1]) for t in engine.m.running_tasks() if t.attempts]
+async def recover(m: Machine, transact: Transact) -> None:
+    """Settle the old life through `transact` (the loop's: one durable step per call)."""
+    await transact(_settle_old_life)
+    trees = [tree_of(t.attempts[-1]) for t in m.running_tasks() if t.attempts]
     if trees:
-        grace = engine.cfg.tasks.kill_grace_s
+        grace = m.cfg.tasks.kill_grace_s
 
         def kill_all() -> None:
             for t in trees:
                 proctree.kill_tree(t.pgid, t.pid, t.create_time, t.marker, grace)
 
         await anyio.to_thread.run_sync(kill_all)
-    await engine.transact(_resume)
+    await transact(_resume)

@@ -77,7 +77,8 @@ def apply(s: Machine, new: Config, why: str) -> None:
         spawn_worker(s, new_worker_id(s), "config")
     surplus = len(live) - new.worker_count
     for wid in list(s.rt.idle())[: max(0, surplus)]:
-        retire_worker(s,
+        retire_worker(
+            s,
             wid,
             task_reason=StopReason.REASSIGN,
             restart_same=False,
