@@ -10,9 +10,9 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from supervisor.core.config import load_config
 from supervisor.core.errors import ConfigError
 from supervisor.service.logs import configure_logging
+from supervisor.service.reload import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor.core.config import Config, diff, load_config, parse_config
+from supervisor.core.config import Config, diff, parse_config
 from supervisor.core.errors import ConfigError
+from supervisor.service.reload import load_config
 
 BUNDLED = Path(__file__).resolve().parent.parent / "config" / "orchd.toml"
 

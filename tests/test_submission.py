@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.core.config import TasksConfig, load_config
+from supervisor.core.config import TasksConfig
 from supervisor.core.errors import WorkstreamFileError
 from supervisor.core.model import State, Task, Transition
 from supervisor.core.submission import creation_changes, cycle_report, new_ulid, parse_workstream
+from supervisor.service.reload import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = TasksConfig(timeout_s=120.0, max_retries=5, queue_timeout_s=0.0)

@@ -1,5 +1,5 @@
 """The daemon's settings: TOML decoded into typed Structs, validated, diffed. Pure: no I/O
-beyond the `load_config` helper reading the one file it is given.
+(service/reload.py reads the file).
 
 Every setting and its default is documented in config/orchd.toml; the names are those of
 DESIGN.md §9, grouped into tables.
@@ -8,7 +8,6 @@ DESIGN.md §9, grouped into tables.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 import msgspec
@@ -156,18 +155,6 @@ def _bad_resource(text: bytes | str) -> str:
         except msgspec.ValidationError:
             return str(rid)
     return "[...]"
-
-
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Read and parse a config file (None = all defaults)."""
-    if path is None:
-        return Config()
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
-    return parse_config(data, str(p))
 
 
 def diff(old: Config, new: Config) -> list[str]:

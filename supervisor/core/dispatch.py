@@ -5,8 +5,6 @@ have room (all or none, no hold-and-wait). Pure: no I/O.
 
 from __future__ import annotations
 
-import secrets
-
 from supervisor.core import wire
 from supervisor.core.context import Core
 from supervisor.core.effects import Send
@@ -102,7 +100,8 @@ def start_attempt(m: Core, task: Task, wid: str) -> None:
     """Task to running and worker to busy, in one step, then Run is sent."""
     rt = m.rt
     n = len(task.attempts) + 1
-    attempt_id = f"{task.id}.{n}.{secrets.token_hex(3)}"
+    # A random suffix: an attempt id is never reused, even by a task rolled back or retried.
+    attempt_id = f"{task.id}.{n}.{int(m.rand() * 0x1000000):06x}"
     rt.set_parked_on(task.id, None)
     rt.disarm("queue_alert", task.id)
     rt.disarm("resource_alert", task.id)

@@ -17,8 +17,8 @@ from supervisor.core.config import Config
 from supervisor.core.errors import StoreCorrupt, StoreError, StoreFsyncError, StoreLocked
 from supervisor.core.views import status_line, status_view
 from supervisor.engine.loop import Engine
-from supervisor.engine.reload import Reloader
 from supervisor.service.notify import Notifier
+from supervisor.service.reload import Reloader
 from supervisor.store.directory import Store
 from supervisor.workers.health import Health
 from supervisor.workers.pool import Pool

@@ -1,60 +1,22 @@
-"""Config reload on SIGHUP or when the config file changes (watchfiles): the new config is
-validated first; an invalid one is refused with an event and the old one kept."""
+"""A new config, decided inside a step: resources redefined, workers added or retired to
+the new count, an event naming what changed and what needs a restart. Pure: no I/O (the
+file is read and watched by service/reload.py).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import msgspec
-import structlog
 
-from supervisor.core.config import Config, diff, load_config
-from supervisor.core.errors import ConfigError
+from supervisor.core.config import Config, diff
 from supervisor.core.lifecycle import new_worker_id, retire_worker, spawn_worker
 from supervisor.core.machine import Machine
 from supervisor.core.policy import StopReason
-
-if TYPE_CHECKING:
-    from supervisor.engine.loop import Engine
-
-log = structlog.get_logger("orchd.reload")
 
 # Settings read once at start; a change needs a restart.
 RESTART_ONLY = ("state_dir", "socket_path", "workers.python", "log.format")
 
 
-class Reloader:
-    def __init__(self, path: Path | None, engine: Engine) -> None:
-        self.path, self.engine = path, engine
-
-    async def watch(self) -> None:
-        import watchfiles
-
-        assert self.path is not None
-        name = self.path.name
-        async for _changes in watchfiles.awatch(
-            self.path.parent,
-            debounce=200,
-            recursive=False,
-            watch_filter=lambda _c, p: Path(p).name == name,
-        ):
-            await self.reload("file changed")
-
-    async def reload(self, why: str) -> None:
-        if self.path is None:
-            log.info("config_reload_skipped", reason="no config file")
-            return
-        try:
-            new = load_config(self.path)
-        except ConfigError as exc:
-            message = f"{exc}; old config kept"
-            await self.engine.call(_reject, message)
-            return
-        await self.engine.call(apply, new, why)
-
-
-def _reject(m: Machine, message: str) -> None:
+def reject(m: Machine, message: str) -> None:
     m.emit("config_rejected", "error", message=message)
 
 
