@@ -42,6 +42,7 @@ FORBIDDEN = [
     "supervisor.store.directory",
     "supervisor.workers.pool",
     "supervisor.workers.agent",
+    "supervisor.workers.attempt",
     "supervisor.engine.loop",
     "supervisor.control.server",
     "supervisor.service.daemon",
