@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ctl import completion, render
+from ctl import completion, dag, prometheus, render
 from ctl.client import Client, DaemonUnreachable, RemoteError
 from supervisor.control.protocol import EXIT_CODES
 
@@ -335,14 +335,14 @@ def _state(args: argparse.Namespace) -> int:
     return EXIT_OK if out.get("ok", True) else EXIT_CORRUPT
 
 
-_DAG = {"text": render.dag_text, "dot": render.dag_dot, "mermaid": render.dag_mermaid}
+_DAG = {"text": dag.text, "dot": dag.dot, "mermaid": dag.mermaid}
 
 
 def _output(args: argparse.Namespace, method: str, result: Any) -> str:
     if args.cmd == "dag":
         return _DAG[args.format](result)
     if args.cmd == "metrics" and args.prometheus:
-        return render.prometheus(result).rstrip("\n")
+        return prometheus.exposition(result).rstrip("\n")
     return render.to_json(result) if args.json else _human(method, result, _colour())
 
 

@@ -26,6 +26,8 @@ OPTIONAL = [
     "supervisor.core.queue",
     "supervisor.core.views",
     "ctl.render",
+    "ctl.dag",
+    "ctl.prometheus",
 ]
 
 
