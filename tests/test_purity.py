@@ -28,6 +28,7 @@ OPTIONAL = [
     "ctl.render",
     "ctl.dag",
     "ctl.prometheus",
+    "ctl.exitcodes",
 ]
 
 
