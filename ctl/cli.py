@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ctl import completion, render
+from ctl import completion, dag, menu, prometheus, render, statedir
 from ctl.client import Client, DaemonUnreachable, RemoteError
+from ctl.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from supervisor.control.protocol import EXIT_CODES
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 7
 SERVICE_SOCKET = "/run/orchd/orchd.sock"
 
 
@@ -126,23 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = rs.add_parser("set-limit")
     sp.add_argument("resource")
     sp.add_argument("max_holders", type=int)
-    st = sub.add_parser("state", help="offline state tools (daemon stopped)").add_subparsers(
-        dest="state_cmd", required=True, metavar="ACTION"
-    )
-    for name, text in (
-        ("validate", "check the log, snapshot, backups and checkpoints"),
-        ("backups", "list the snapshot backups"),
-        ("repair", "cut a torn log tail, rebuild a damaged snapshot"),
-        ("restore", "make current.json from a backup or from the whole log"),
-    ):
-        sp = st.add_parser(name, help=text)
-        sp.add_argument(
-            "--state-dir", default=".state", help="the state directory (default .state)"
-        )
-        if name == "restore":
-            how = sp.add_mutually_exclusive_group(required=True)
-            how.add_argument("--from-backup", metavar="latest|FILE")
-            how.add_argument("--from-transitions", action="store_true")
+    statedir.add_commands(sub)
     return ap
 
 
@@ -289,95 +273,15 @@ def _human(method: str, result: Any, colour: bool) -> str:
     return render.to_json(result)
 
 
-EXIT_WRONG_STATE, EXIT_CORRUPT = 5, 65
-
-
-def _state(args: argparse.Namespace) -> int:
-    """The offline `state` commands: they take the state directory's lock themselves."""
-    # Imported here: the rest of orchctl stays light and needs only the protocol.
-    from supervisor.core.errors import StoreCorrupt, StoreLocked
-    from supervisor.store import maintenance
-
-    out: dict[str, Any]
-    try:
-        if args.state_cmd == "validate":
-            problems = maintenance.validate_state(args.state_dir)
-            out = {"ok": not problems, "problems": problems}
-        elif args.state_cmd == "backups":
-            out = {"backups": [str(p) for p in maintenance.list_backups(args.state_dir)]}
-        elif args.state_cmd == "repair":
-            out = {"done": maintenance.repair_state(args.state_dir)}
-        elif args.from_transitions:
-            out = {"done": [maintenance.restore_from_transitions(args.state_dir)]}
-        else:
-            out = {"done": [maintenance.restore_from_backup(args.state_dir, args.from_backup)]}
-    except StoreLocked:
-        print(
-            f"orchctl: {args.state_dir} is in use by a running orchd; stop it first "
-            "(systemctl stop orchd)",
-            file=sys.stderr,
-        )
-        return EXIT_WRONG_STATE
-    except StoreCorrupt as exc:
-        print(f"orchctl: {exc}", file=sys.stderr)
-        return EXIT_CORRUPT
-    except (FileNotFoundError, OSError) as exc:
-        print(f"orchctl: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.json:
-        print(render.to_json(out))
-    elif "problems" in out:
-        print("state is consistent" if out["ok"] else "\n".join(out["problems"]))
-    elif "backups" in out:
-        print("\n".join(out["backups"]) or "no backups")
-    else:
-        print("\n".join(out["done"]) or "nothing to repair")
-    return EXIT_OK if out.get("ok", True) else EXIT_CORRUPT
-
-
-_DAG = {"text": render.dag_text, "dot": render.dag_dot, "mermaid": render.dag_mermaid}
+_DAG = {"text": dag.text, "dot": dag.dot, "mermaid": dag.mermaid}
 
 
 def _output(args: argparse.Namespace, method: str, result: Any) -> str:
     if args.cmd == "dag":
         return _DAG[args.format](result)
     if args.cmd == "metrics" and args.prometheus:
-        return render.prometheus(result).rstrip("\n")
+        return prometheus.exposition(result).rstrip("\n")
     return render.to_json(result) if args.json else _human(method, result, _colour())
-
-
-def _menu(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    """`debug` on a terminal: a numbered menu of next actions; the chosen one is run."""
-    actions = result["actions"]
-    if not actions:
-        return EXIT_OK
-    for i, a in enumerate(actions, 1):
-        shown = " ".join("REASON" if x == "{reason}" else x for x in a["argv"])
-        print(f"  {i}. {a['label']}: orchctl {shown}")
-    choice = input(f"action [1-{len(actions)}, Enter to quit]: ").strip()
-    if not choice:
-        return EXIT_OK
-    if not choice.isdigit() or not 1 <= int(choice) <= len(actions):
-        print(f"orchctl: no action {choice!r}", file=sys.stderr)
-        return EXIT_USAGE
-    argv = list(actions[int(choice) - 1]["argv"])
-    if "{reason}" in argv:
-        reason = input("reason: ").strip()
-        if not reason:
-            print("orchctl: a reason is needed", file=sys.stderr)
-            return EXIT_USAGE
-        argv[argv.index("{reason}")] = reason
-    return main(["--socket", args.socket, *argv])
-
-
-def _debug_suggestions(result: dict[str, Any]) -> str:
-    if not result["actions"]:
-        return ""
-    lines = ["next actions:"]
-    for a in result["actions"]:
-        argv = " ".join(x if x != "{reason}" else '"REASON"' for x in a["argv"])
-        lines.append(f"    orchctl {argv}    # {a['label']}")
-    return "\n".join(lines)
 
 
 def _follow(client: Client, method: str, params: dict[str, Any], args: argparse.Namespace) -> int:
@@ -400,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.cmd == "state":
-        return _state(args)
+        return statedir.run(args)
     if args.cmd == "completion":
         print(completion.SHELLS[args.shell](completion.command_tree(parser)), end="")
         return EXIT_OK
@@ -434,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     print(_output(args, method, result))
     if method == "debug" and not args.json:
         if sys.stdin.isatty() and sys.stdout.isatty():
-            return _menu(args, result)
-        suggestions = _debug_suggestions(result)
+            chosen = menu.choose(result["actions"])
+            if isinstance(chosen, int):
+                return chosen
+            return main(["--socket", args.socket, *chosen])
+        suggestions = menu.suggestions(result["actions"])
         if suggestions:
             print(suggestions)
     return EXIT_OK

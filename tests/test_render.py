@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ctl import render
+from ctl import dag, prometheus
 
 
 def _ws(*tasks: tuple[str, str, list[str]]) -> dict[str, Any]:
@@ -29,12 +29,12 @@ CYCLIC = _ws(("x", "pending", ["y"]), ("y", "pending", ["x"]), ("z", "pending", 
 def test_dag_text_orders_by_depth_and_lists_cycles() -> None:
     """Text output lists tasks deepest last with their dependencies; a cycle gets its own
     section naming its tasks."""
-    lines = render.dag_text(DIAMOND).splitlines()
+    lines = dag.text(DIAMOND).splitlines()
     assert lines[0] == "workstream ws-1 (running)"
     names = [ln.split()[0] for ln in lines[1:]]
     assert names == ["a", "b", "c", "d"] and lines[4].strip() == "d [pending] <- b, c"
-    assert "CYCLE" not in render.dag_text(DIAMOND)
-    text = render.dag_text(CYCLIC)
+    assert "CYCLE" not in dag.text(DIAMOND)
+    text = dag.text(CYCLIC)
     cycle_part = text.split("CYCLE", 1)[1]
     assert "x [pending] <- y" in cycle_part and "y [pending] <- x" in cycle_part
     assert "z" not in cycle_part and "z [pending] <- x" in text
@@ -42,21 +42,21 @@ def test_dag_text_orders_by_depth_and_lists_cycles() -> None:
 
 def test_dag_dot_draws_edges_from_dependency_and_marks_cycle_edges() -> None:
     """DOT edges run dependency -> dependent; cycle edges are red, others are not."""
-    dot = render.dag_dot(CYCLIC)
+    dot = dag.dot(CYCLIC)
     assert dot.startswith('digraph "ws-1" {') and dot.endswith("}")
     assert '"y" -> "x" [color=red, label="cycle"];' in dot
     assert '"x" -> "z";' in dot
-    assert "color=red" not in render.dag_dot(DIAMOND).replace("color=red,", "")
+    assert "color=red" not in dag.dot(DIAMOND).replace("color=red,", "")
 
 
 def test_dag_mermaid_uses_safe_node_names_and_dotted_cycle_links() -> None:
     """Mermaid nodes get plain names with the task id in the label; cycle links are dotted."""
     ws = _ws(("build-1.x", "failed", []), ("p", "pending", ["q"]), ("q", "pending", ["p"]))
-    out = render.dag_mermaid(ws)
+    out = dag.mermaid(ws)
     assert out.startswith("flowchart LR")
     assert 't0["build-1.x (failed)"]:::failed' in out
     assert out.count("-. cycle .->") == 2 and "linkStyle" in out
-    assert "-. cycle" not in render.dag_mermaid(DIAMOND)
+    assert "-. cycle" not in dag.mermaid(DIAMOND)
 
 
 METRICS: dict[str, Any] = {
@@ -80,7 +80,7 @@ METRICS: dict[str, Any] = {
 def test_prometheus_exposition_is_well_formed() -> None:
     """Every family has HELP and TYPE; every sample line is `orchd_name{labels} value`;
     label values are escaped; unknown values (None) are left out."""
-    text = render.prometheus(METRICS)
+    text = prometheus.exposition(METRICS)
     assert text.endswith("\n")
     sample = re.compile(r'^orchd_[a-z_]+(\{[a-z]+="(?:[^"\\]|\\.)*"\})? -?[0-9.e+-]+$')
     typed: set[str] = set()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.core.model import Transition
-from supervisor.store import snapshot
+from supervisor.store import files
 from supervisor.store.directory import Store, read_state
 from tests.harness import ROOT, Daemon
 
@@ -138,7 +138,7 @@ def test_backup_directory_is_synced_before_the_snapshot_is_replaced(
     state.apply(res(1))
     store.write_snapshot(state)
     synced: list[str] = []
-    real = snapshot.fsync_dir
+    real = files.fsync_dir
     real_replace = os.replace
 
     def fsync_dir(path: Path) -> None:
@@ -149,8 +149,8 @@ def test_backup_directory_is_synced_before_the_snapshot_is_replaced(
         synced.append(f"replace {Path(dst).name}")
         real_replace(src, dst)
 
-    monkeypatch.setattr(snapshot, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(snapshot.os, "replace", replace)
+    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(files.os, "replace", replace)
     store.write_snapshot(state)
     monkeypatch.undo()
     store.close()

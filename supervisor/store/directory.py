@@ -19,6 +19,19 @@ import structlog
 
 from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import Event, State, Transition
+from supervisor.store.files import (
+    LOG_NAME,
+    SNAPSHOT_NAME,
+    TMP_SUFFIX,
+    cut_torn_tail,
+    cut_torn_text,
+    fsync_dir,
+    list_backup_files,
+    lock_dir,
+    next_backup_path,
+    prune_oldest,
+    write_atomic,
+)
 from supervisor.store.logfile import LogWriter, is_sealed, seal
 from supervisor.store.maintenance import (
     list_backups,
@@ -27,24 +40,7 @@ from supervisor.store.maintenance import (
     restore_from_transitions,
     validate_state,
 )
-from supervisor.store.snapshot import (
-    LOG_NAME,
-    SNAPSHOT_NAME,
-    TMP_SUFFIX,
-    checkpoint_doc,
-    cut_torn_tail,
-    cut_torn_text,
-    encode_snapshot,
-    fsync_dir,
-    gc_paused,
-    iso_utc,
-    list_backup_files,
-    load,
-    lock_dir,
-    next_backup_path,
-    prune_oldest,
-    write_atomic,
-)
+from supervisor.store.snapshot import checkpoint_doc, encode_snapshot, gc_paused, iso_utc, load
 
 log = structlog.get_logger("orchd.store")
 

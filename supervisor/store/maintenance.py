@@ -15,24 +15,26 @@ from typing import Final
 
 from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import State, Transition, equal_states
-from supervisor.store.logfile import Scanner, ScanResult, is_sealed
-from supervisor.store.references import check_record
-from supervisor.store.snapshot import (
+from supervisor.store.files import (
     LOG_NAME,
     SNAPSHOT_NAME,
     TMP_SUFFIX,
     cut_torn_tail,
     cut_torn_text,
-    encode_snapshot,
-    gc_paused,
     list_backup_files,
-    load,
     lock_dir,
     next_backup_path,
-    read_snapshot,
-    snapshot_state,
     utc_stamp,
     write_atomic,
+)
+from supervisor.store.logfile import Scanner, ScanResult, is_sealed
+from supervisor.store.references import check_record
+from supervisor.store.snapshot import (
+    encode_snapshot,
+    gc_paused,
+    load,
+    read_snapshot,
+    snapshot_state,
 )
 
 

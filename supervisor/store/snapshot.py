@@ -1,39 +1,31 @@
-"""The state directory below the Store: derived files (snapshot, backups, checkpoints),
-`load`, which recovers the state from the snapshot and the log without changing any
-file, and the directory's lock.
+"""The state directory's derived state files: the snapshot (current.json, and its
+backups), workstream checkpoint documents, and `load`, which recovers the state from the
+snapshot and the log without changing any file.
 
 Every file here is sealed with the log's checksum trailer and replaced atomically
-(temp file, fsync, rename, fsync of the directory), so a reader sees the old file or
-the new one, and a damaged one is recognised rather than trusted.
+(supervisor.store.files: temp file, fsync, rename, fsync of the directory), so a reader
+sees the old file or the new one, and a damaged one is recognised rather than trusted.
 """
 
 from __future__ import annotations
 
-import fcntl
 import gc
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
-from supervisor.core.errors import StoreCorrupt, StoreLocked
+from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import State, StateData
+from supervisor.store.files import LOG_NAME, SNAPSHOT_NAME, list_backup_files
 from supervisor.store.logfile import Scanner, ScanResult, is_sealed, prefix_matches, seal
 from supervisor.store.references import checked_apply, state_problem
 
-LOG_NAME: Final = "transitions.jsonl"
-_TAIL_CHUNK: Final = 1 << 20
-SNAPSHOT_NAME: Final = "current.json"
-TMP_SUFFIX: Final = ".tmp"
-_BACKUP_PREFIX: Final = "current_"
-# Backup names sort in time order: fixed-width UTC time down to the microsecond.
-_STAMP_FORMAT: Final = "%Y-%m-%dT%H-%M-%S.%fZ"
 T = TypeVar("T")
 
 
@@ -50,59 +42,10 @@ _snapshot_decoder = msgspec.json.Decoder(SnapshotFile)
 _encoder = msgspec.json.Encoder()
 
 
-def utc_stamp(t: float | None = None) -> str:
-    """A UTC time usable in a file name (no colons)."""
-    return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime(_STAMP_FORMAT)
-
-
 def iso_utc(t: float | None = None) -> str:
     """ISO 8601 UTC with milliseconds, as the recovery guide writes times."""
     dt = datetime.fromtimestamp(time.time() if t is None else t, UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(
-    path: Path, data: bytes, *, fsync: bool = True, keep_as: Path | None = None
-) -> None:
-    """Replace `path` with `data` atomically; hard-link the old file to `keep_as` first.
-
-    On any failure the temp file is removed: a partial one would hold disk space the log
-    needs (and a full disk is the usual failure)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if keep_as is not None:
-            try:
-                os.link(path, keep_as)
-            except FileNotFoundError:
-                pass  # no old file to keep
-            else:
-                if fsync:
-                    # The old file's new name is durable before its old name is reused.
-                    fsync_dir(keep_as.parent)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if fsync:
-        fsync_dir(path.parent)
 
 
 def encode_snapshot(state: State, *, log_offset: int | None, log_crc: int | None) -> bytes:
@@ -168,40 +111,6 @@ def snapshot_state(snap: SnapshotFile) -> StateData:
         workers=snap.workers,
         resources=snap.resources,
     )
-
-
-def list_backup_files(backups: Path) -> list[Path]:
-    """Backups, oldest first."""
-    try:
-        names = [
-            n for n in os.listdir(backups) if n.startswith(_BACKUP_PREFIX) and n.endswith(".json")
-        ]
-    except FileNotFoundError:
-        return []
-    return [backups / n for n in sorted(names)]
-
-
-def next_backup_path(backups: Path, last: Path | None) -> Path:
-    """A new backup name, later than `last` even within one microsecond."""
-    name = f"{_BACKUP_PREFIX}{utc_stamp()}.json"
-    if last is not None and name <= last.name:
-        stem = last.name[len(_BACKUP_PREFIX) : -len(".json")]
-        prev = datetime.strptime(stem, _STAMP_FORMAT).replace(tzinfo=UTC)
-        name = f"{_BACKUP_PREFIX}{utc_stamp(prev.timestamp() + 1e-6)}.json"
-        # Float rounding may land on the same microsecond; step until it sorts after.
-        step = 2e-6
-        while name <= last.name:
-            name = f"{_BACKUP_PREFIX}{utc_stamp(prev.timestamp() + step)}.json"
-            step += 1e-6
-    return backups / name
-
-
-def prune_oldest(files: list[Path], keep: int) -> list[Path]:
-    """Delete all but the newest `keep` of `files` (given oldest first); return the rest."""
-    extra = max(0, len(files) - keep)
-    for p in files[:extra]:
-        p.unlink(missing_ok=True)
-    return files[extra:]
 
 
 def checkpoint_doc(ws_id: str, state: State, t: float | None = None) -> dict[str, Any]:
@@ -360,74 +269,3 @@ def gc_paused(*, freeze: bool = False) -> Iterator[None]:
     finally:
         if was:
             gc.enable()
-
-
-def cut_torn_tail(state_dir: Path, scan: ScanResult, *, fsync: bool) -> str:
-    """Keep the torn bytes (those after `scan.end`) aside, then truncate the log there.
-
-    Only the tail is copied, never the whole log: this runs at start-up, often on a disk
-    that has just filled up, where a copy of the log would not fit. Raises OSError when
-    the tail cannot be kept (the log is then left as it was)."""
-    log_path = state_dir / LOG_NAME
-    aside = state_dir / f"{LOG_NAME}.broken.{utc_stamp()}"
-    kept = 0
-    fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        out = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            while chunk := os.pread(fd, _TAIL_CHUNK, scan.end + kept):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
-                kept += len(chunk)
-            if fsync:
-                os.fsync(out)
-        except BaseException:
-            os.close(out)
-            aside.unlink(missing_ok=True)
-            raise
-        os.close(out)
-        if fsync:
-            fsync_dir(state_dir)  # the kept bytes have a durable name before they are cut
-        os.ftruncate(fd, scan.end)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return (
-        f"the {kept} torn byte(s) after record {scan.last_seq} (offset {scan.end}) were kept "
-        f"as {aside.name}"
-    )
-
-
-def lock_dir(state_dir: Path) -> int:
-    """Take the state directory's lock (flock on state_dir/lock); the fd holds it."""
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLocked(
-            f"{state_dir} is in use by another orchd (its lock is held); stop it first, or pass "
-            f"another --state-dir"
-        ) from None
-    return fd
-
-
-def cut_torn_text(path: Path) -> bool:
-    """Drop a partial last line of a JSON-lines side file (events, interventions)."""
-    try:
-        with open(path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return False
-            back = min(size, 1 << 16)
-            f.seek(size - back)
-            tail = f.read(back)
-            if tail.endswith(b"\n"):
-                return False
-            cut = tail.rfind(b"\n")
-            f.truncate(size - back + cut + 1 if cut >= 0 else (0 if back == size else size))
-            return True
-    except FileNotFoundError:
-        return False
