@@ -400,12 +400,6 @@ def test_refused_write_of_a_backoff_end_runs_the_task_later() -> None:
     assert_replays(rig)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Txn keeps a shallow pre-image of a task with no attempts, sharing "
-    "its `attempts` list; apply() appends the new attempt to that list, so abort() leaves "
-    "a phantom attempt in memory that the log does not have (supervisor/core/txn.py _copy)",
-)
 def test_refused_first_dispatch_leaves_no_phantom_attempt() -> None:
     """A refused step that dispatched a task for the first time leaves it with no attempt
     (as the log has it); the next kept step dispatches it as attempt 1, once."""

@@ -28,38 +28,20 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-import msgspec
-import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from supervisor.control import actions
 from supervisor.control import protocol as p
 from supervisor.core.inputs import HealthReport, Probe
-from supervisor.core.model import StateData, TaskState, WorkerState, equal_states
+from supervisor.core.model import TaskState, WorkerState, equal_states
 from tests.rig import Rig, config
 
 SIZE = int(os.environ.get("ORCHD_TORTURE_SIZE", "30"))
 RESOURCES = {"r1": 1, "r2": 2}
 WORKERS = 3
 ACTIVE_WS = ("pending", "running")
-
-
-def without_unlogged_attempts(live: StateData, logged: set[str]) -> StateData:
-    """`live` with every attempt the log never recorded dropped (see KNOWN_TXN_BUG)."""
-    out = msgspec.convert(msgspec.to_builtins(live), StateData)
-    for t in out.tasks.values():
-        t.attempts = [a for a in t.attempts if a.attempt_id in logged]
-    return out
-
-
-# test_machine.py::test_refused_first_dispatch_leaves_no_phantom_attempt: a refused step
-# that dispatched a task for the first time leaves an attempt in memory that the log does
-# not have (core/txn.py shares the pre-image's `attempts` list). CoreMachine tolerates
-# exactly that difference, so it can check everything else under write failures;
-# StrictReplayMachine does not and is expected to fail until the bug is fixed.
-KNOWN_TXN_BUG = "phantom attempt after a refused first dispatch (core/txn.py _copy)"
 
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -81,8 +63,6 @@ def checked(fn: F) -> F:
 
 
 class CoreMachine(RuleBasedStateMachine):
-    tolerate_phantom_attempts = True
-
     def __init__(self) -> None:
         super().__init__()
         self.rig = Rig(config(workers=WORKERS, resources=RESOURCES, backoff_max_s=8.0))
@@ -212,15 +192,7 @@ class CoreMachine(RuleBasedStateMachine):
     @checked
     def live_state_equals_a_replay_of_the_log(self) -> None:
         live, replayed = self.rig.state, self.rig.store.replay()
-        data = live.data
-        if self.tolerate_phantom_attempts:
-            logged = {
-                r.changes["attempt"]["attempt_id"]
-                for r in self.rig.store.records
-                if "attempt" in r.changes
-            }
-            data = without_unlogged_attempts(data, logged)
-        assert equal_states(replayed.data, data)
+        assert equal_states(replayed.data, live.data)
         assert replayed.graph.unmet == live.graph.unmet
         assert {r: sorted(h) for r, h in replayed.graph.holders.items() if h} == {
             r: sorted(h) for r, h in live.graph.holders.items() if h
@@ -344,26 +316,4 @@ TestMachineProperty = CoreMachine.TestCase
 TestMachineProperty.__doc__ = (
     "Under random work, faults and clock steps the live state equals a replay of the log, "
     "nothing is held twice or lost, and once writes succeed every task that can run runs."
-)
-
-
-class StrictReplayMachine(CoreMachine):
-    tolerate_phantom_attempts = False
-
-
-# Deterministic (derandomize) and unshrunk: it is expected to fail, quickly, on the known
-# bug; once the bug is fixed it passes and strict xfail reports it.
-StrictReplayMachine.TestCase.settings = settings(
-    max_examples=max(SIZE, 30),
-    stateful_step_count=40,
-    deadline=None,
-    derandomize=True,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-TestStrictReplayProperty = pytest.mark.xfail(strict=True, reason=KNOWN_TXN_BUG)(
-    StrictReplayMachine.TestCase
-)
-TestStrictReplayProperty.__doc__ = (
-    "The live state equals a replay of the log exactly, phantom attempts included."
 )
