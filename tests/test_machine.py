@@ -259,16 +259,8 @@ def test_critical_final_failure_blocks_the_workstream() -> None:
     assert_replays(rig)
 
 
-BLOCKED_WEDGE = (
-    "core bug: a workstream's verdict is decided only when a task reaches a terminal state "
-    "(core/context.py Core._after_task) or fails for good (core/outcome.py); when a critical "
-    "task has failed for good and the last task still running leaves running for pending "
-    "or queued (a retry, a reassign), the workstream stays `running` forever, dispatch "
-    "blocked, nothing due"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=BLOCKED_WEDGE)
 @pytest.mark.parametrize("how", ["retry", "reassign"])
 def test_blocked_workstream_fails_when_its_last_running_task_goes_back(how: str) -> None:
     """A critical task fails for good while another task of its workstream runs; when that
@@ -290,13 +282,6 @@ def test_blocked_workstream_fails_when_its_last_running_task_goes_back(how: str)
     assert rig.state.data.workstreams["ws-w"].state == "failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (control/actions.py retry, control/lookup.py reopen_workstream): a retry "
-    "reopens a failed workstream to `running` without deciding its verdict again; when the "
-    "retried task cannot run (its workstream's dispatch is blocked by a failed critical "
-    "task, or its dependency failed for good) the workstream stays `running` forever",
-)
 @pytest.mark.parametrize("case", ["critical-failed", "dependency-failed"])
 def test_retry_in_a_failed_workstream_does_not_leave_it_running_forever(case: str) -> None:
     """Retrying a task that cannot run leaves its failed workstream failed (or the task

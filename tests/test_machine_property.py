@@ -181,10 +181,13 @@ class CoreMachine(RuleBasedStateMachine):
             self.rig.run(actions.cancel, p.CancelParams(task_id=tid))
             self.rig.deliver()
 
-    # No operator retry here: a retry reopens a failed workstream without deciding its
-    # verdict again or re-promoting its ready tasks, which wedges it (a known bug, see
-    # test_machine.py::test_retry_in_a_failed_workstream_does_not_leave_it_running_forever);
-    # this test is left to find anything else.
+    @rule(data=st.data())
+    def operator_retries(self, data: st.DataObject) -> None:
+        tasks = sorted(self.rig.state.data.tasks)
+        if tasks:
+            tid = data.draw(st.sampled_from(tasks))
+            self.rig.run(actions.retry, p.RetryParams(task_id=tid))
+            self.rig.deliver()
 
     # -- after every step ---------------------------------------------------------------
 
@@ -295,11 +298,17 @@ class CoreMachine(RuleBasedStateMachine):
             elif t.state == TaskState.QUEUED and rt.has_idle() and not blocked:
                 stuck.append(f"{t.id} queued while a worker is idle")
         for ws in data.workstreams.values():
-            # A blocked workstream left `running` is a known bug with tests of its own
-            # (test_machine.py: BLOCKED_WEDGE and the retry wedge); it is not reported here
-            # so that this test can find anything else.
-            if ws.state in ACTIVE_WS and not rt.is_blocked(ws.id):
-                stuck.append(f"workstream {ws.id} still {ws.state} with nothing to run")
+            if ws.state in ACTIVE_WS:
+                stuck.append(
+                    f"workstream {ws.id} still {ws.state} with nothing to run: "
+                    + ", ".join(
+                        f"{tid} {data.tasks[tid].state}"
+                        f"{' critical' if data.tasks[tid].critical else ''}"
+                        f" unmet={graph.unmet.get(tid)}"
+                        for tid in ws.task_ids
+                    )
+                    + f"; blocked={rt.is_blocked(ws.id)}"
+                )
         assert not stuck, stuck
         live = [w for w in data.workers.values() if w.state != WorkerState.SHUTDOWN]
         assert len(live) == WORKERS and all(w.state == WorkerState.IDLE for w in live), live

@@ -144,7 +144,9 @@ class Core:
         ws = self.state.data.workstreams[task.workstream_id]
         if task.state == TaskState.RUNNING and ws.state == "pending":
             self.commit("workstream", ws.id, "running", "auto")
-        if task.state in _TERMINAL:
+        # A verdict may follow from a task ending, or from the last running task going
+        # back (pending, queued) in a workstream that a failure already settled.
+        if task.state in _TERMINAL or frm == "running":
             self.check_workstream(ws.id)
 
     def check_workstream(self, ws_id: str) -> None:
