@@ -262,6 +262,11 @@ def _human(method: str, result: Any, colour: bool) -> str:
                     f"{key}: "
                     + (", ".join(f"{k} {v}" for k, v in sorted(result[key].items())) or "none")
                 )
+            if result.get("read_only"):
+                parts.append(
+                    "READ-ONLY: no change is accepted until the state log takes writes again "
+                    f"(it retries by itself): {result['read_only']}"
+                )
             return "\n".join(parts)
     if isinstance(result, dict) and "seq" in result:
         if result["seq"] is None:

@@ -92,7 +92,15 @@ def assert_step_refused_whole(d: FaultDaemon, seq: int) -> None:
     assert last_seq(d) == seq, f"part of a refused step landed: {records(d.state_dir)[seq:]}"
     status = d.call("status")
     assert status["read_only"], status
+    assert "READ-ONLY" in d.ctl("status").stdout
     assert d.events("store_read_only"), "no store_read_only event"
+    assert '"store_read_only"' in d.output.read_text(errors="replace"), "not in the journal"
+
+
+def assert_writable_again(d: FaultDaemon) -> None:
+    """Once writes succeed, the daemon says so and is no longer read-only."""
+    Daemon.wait_for(lambda: bool(d.events("store_writable")), 5, "store_writable")
+    assert d.call("status")["read_only"] is None
 
 
 def test_start_attempt_write_error_leaves_no_task_running_without_a_run(
@@ -123,6 +131,7 @@ def test_start_attempt_write_error_leaves_no_task_running_without_a_run(
     assert_step_refused_whole(d, seq)
     fault.lift()
     wait_task_state(d, "victim", ("completed",), 8.0, "its timeout is 5 s and writes succeed again")
+    assert_writable_again(d)
     d.submit(ws("ws-later", task("later", "true")), "later.toml")
     wait_task_state(d, "later", ("completed",), 5.0, "a worker is idle")
     d.wait_ws("ws-start", "completed")

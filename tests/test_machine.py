@@ -322,6 +322,24 @@ def test_non_critical_final_failure_lets_the_rest_run() -> None:
     assert rig.state.data.workstreams["ws-n"].state == "failed"
 
 
+def test_cancelling_the_failed_critical_task_lets_its_workstream_dispatch_again() -> None:
+    """A critical task's final failure stops dispatch in its workstream; once no critical
+    task is failed (the operator cancelled it), the queued task runs and the workstream
+    completes."""
+    rig = Rig(config(workers=2))
+    rig.submit("ws-c", [cmd("a", max_retries=1), cmd("b"), cmd("c")])
+    finish(rig, "a", phase="command", exit_code=1)
+    assert rig.m.rt.is_blocked("ws-c") and rig.task("c").state == TaskState.QUEUED
+    rig.run(actions.cancel, p.CancelParams(task_id="a"))
+    rig.deliver()
+    assert not rig.m.rt.is_blocked("ws-c")
+    assert rig.task("c").state == TaskState.RUNNING
+    finish(rig, "b")
+    finish(rig, "c")
+    assert rig.state.data.workstreams["ws-c"].state == "completed"
+    assert_replays(rig)
+
+
 # -- the refused write ---------------------------------------------------------------------
 
 

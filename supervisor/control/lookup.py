@@ -36,14 +36,13 @@ def refuse_merged(s: Machine, ws_id: str) -> None:
 
 def reopen_workstream(s: Machine, ws_id: str) -> None:
     """A finished workstream that has work again runs again (call it after the records
-    that give it that work); its dispatch block (set by a critical task's final failure)
-    is lifted once no critical task is failed, and its verdict is decided again."""
+    that give it that work); its ready tasks may run again, and its verdict is decided
+    again."""
     ws = s.state.data.workstreams[ws_id]
     if ws.state in ("failed", "completed", "cancelled"):
         s.commit("workstream", ws_id, "running", "operator", ended_at=None)
     tasks = s.state.data.tasks
-    if not any(tasks[t].state == TaskState.FAILED and tasks[t].critical for t in ws.task_ids):
-        s.rt.unblock(ws_id)
+    # (Its dispatch block is lifted by Core.commit once no critical task is failed.)
     # Its ready tasks were passed over while it was finished: they may run now.
     unmet = s.state.graph.unmet
     for tid in ws.task_ids:

@@ -243,14 +243,14 @@ class Server:
                 "result": resp.result if resp.ok else msgspec.to_builtins(resp.error),
             }
             with contextlib.suppress(OSError):
-                self.engine.store.append_intervention(entry)
+                self.engine.record_intervention(entry)
         return resp
 
     async def _follow_events(
         self, stream: SocketStream, req_id: int, params: p.EventsParams
     ) -> None:
         floor = SEVERITIES.index(params.severity) if params.severity in SEVERITIES else 0
-        recv = self.engine.fx.followers.add()
+        recv = self.engine.follow_events()
         async with recv:
             async for ev in recv:
                 if SEVERITIES.index(ev.severity) >= floor:

@@ -142,6 +142,14 @@ class Core:
         if frm == "queued":
             rt.set_queued_at(task.id, None)
         ws = self.state.data.workstreams[task.workstream_id]
+        if frm == "failed" and rt.is_blocked(ws.id):
+            # Dispatch stopped for a critical task's final failure; it resumes once no
+            # critical task of the workstream is failed (retried, skipped, cancelled).
+            tasks = self.state.data.tasks
+            if not any(
+                tasks[t].state == TaskState.FAILED and tasks[t].critical for t in ws.task_ids
+            ):
+                rt.unblock(ws.id)
         if task.state == TaskState.RUNNING and ws.state == "pending":
             self.commit("workstream", ws.id, "running", "auto")
         # A verdict may follow from a task ending, or from the last running task going

@@ -56,6 +56,8 @@ def on_finished(m: Core, wid: str, msg: wire.Finished) -> None:
     ids = {"task_id": task.id, "workstream_id": task.workstream_id}
     if out.to == TaskState.COMPLETED:
         m.rt.count("completed")
+        # Every task's end is in the journal under its TASK_ID, not only its troubles.
+        m.emit("task_completed", "info", worker_id=wid, **ids)
     elif out.event == "task_interrupted":
         m.emit("task_interrupted", "warning", **ids)
     elif out.event == "task_reassigned":

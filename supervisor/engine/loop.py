@@ -26,7 +26,8 @@ from supervisor.core.config import Config
 from supervisor.core.errors import StoreWriteError
 from supervisor.core.inputs import AgentMessage, HealthReport, Input
 from supervisor.core.machine import Machine
-from supervisor.core.model import Event, State
+from supervisor.core.model import Event, State, WorkerState
+from supervisor.core.views import status_line, status_view
 from supervisor.engine.call import Call, ReadOnly
 from supervisor.engine.derived import DerivedFiles
 from supervisor.engine.effects import Effects
@@ -316,6 +317,34 @@ class Engine:
                 await anyio.sleep(0.02)
             return True
         return False
+
+    # -- what the rest of the daemon may ask of the engine -------------------------------
+
+    async def send(self, inp: Input) -> None:
+        """Hand the engine an input (a health report, …)."""
+        await self.inbox_send.send(inp)
+
+    def follow_events(self) -> MemoryObjectReceiveStream[Event]:
+        """A stream of every event from now on; closed by the engine if it falls behind."""
+        return self.fx.followers.add()
+
+    def record_intervention(self, entry: dict[str, Any]) -> None:
+        """Append an operator's action to interventions.log (an OSError is the caller's)."""
+        self.store.append_intervention(entry)
+
+    def probe_targets(self) -> list[tuple[str, int, float | None]]:
+        """(worker, pid, create time) of every worker whose agent health probes watch."""
+        watched = (WorkerState.IDLE, WorkerState.BUSY, WorkerState.UNRESPONSIVE)
+        return [
+            (w.id, w.pid, w.pid_create_time)
+            for w in self.state.data.workers.values()
+            if w.state in watched and w.pid
+        ]
+
+    def status_line(self) -> str:
+        """The one line systemd shows (`systemctl status`)."""
+        line = status_line(status_view(self.state))
+        return f"READ-ONLY (the log refuses writes); {line}" if self.read_only else line
 
     def healthy(self, limit: float) -> bool:
         """The loop stepped within `limit` seconds (for the systemd watchdog)."""

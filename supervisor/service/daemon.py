@@ -15,7 +15,6 @@ import structlog
 from supervisor.control.server import Server, SocketInUse
 from supervisor.core.config import Config
 from supervisor.core.errors import StoreCorrupt, StoreError, StoreFsyncError, StoreLocked
-from supervisor.core.views import status_line, status_view
 from supervisor.engine.loop import Engine
 from supervisor.service.notify import Notifier
 from supervisor.service.reload import Reloader
@@ -138,7 +137,7 @@ async def _status_lines(notifier: Notifier, engine: Engine) -> None:
     """A STATUS= line for `systemctl status`: what runs, waits and failed, and the workers."""
     await anyio.sleep(1.0)
     while True:
-        notifier.send("STATUS=" + status_line(status_view(engine.state)))
+        notifier.send("STATUS=" + engine.status_line())
         await anyio.sleep(STATUS_INTERVAL_S)
 
 

@@ -13,7 +13,6 @@ import psutil
 import structlog
 
 from supervisor.core.inputs import HealthReport, Probe
-from supervisor.core.model import WorkerState
 
 if TYPE_CHECKING:
     from supervisor.engine.loop import Engine
@@ -23,7 +22,6 @@ log = structlog.get_logger("orchd.health")
 _SICK_STATUSES = frozenset(
     {psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_TRACING_STOP}
 )
-_WATCHED = (WorkerState.IDLE, WorkerState.BUSY, WorkerState.UNRESPONSIVE)
 # psutil derives create_time from clock ticks (1/100 s).
 _CREATE_TIME_TOLERANCE = 0.01
 
@@ -81,17 +79,13 @@ class Health:
             late = anyio.current_time() - next_at
             # Ticks missed while the daemon itself was held up are not made up in a burst.
             next_at = max(next_at, anyio.current_time() - interval)
-            targets = [
-                (w.id, w.pid, w.pid_create_time)
-                for w in engine.state.data.workers.values()
-                if w.state in _WATCHED and w.pid
-            ]
+            targets = engine.probe_targets()
             try:
                 results = await anyio.to_thread.run_sync(self._probe_all, targets)
                 # A daemon that was itself held up (swapping, a stalled disk) has not read
                 # its pipes either: its heartbeat ages say nothing about the workers then.
                 stalled = late > engine.cfg.health.unresponsive_after_s / 2
-                await engine.inbox_send.send(HealthReport(results, stalled))
+                await engine.send(HealthReport(results, stalled))
             except Exception as exc:  # the checks must outlive one bad round
                 log.error("health_check_failed", error=repr(exc))
 
