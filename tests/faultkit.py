@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import signal
 import socket
@@ -29,7 +28,7 @@ import msgspec
 
 from supervisor.core.model import Transition
 from supervisor.store.logfile import seal
-from tests.harness import ROOT, RUN_TAG, Daemon
+from tests.harness import ROOT, Daemon
 
 # The longest repr of a time.time() float (10 integer digits, 17 significant digits): record
 # lengths are estimated with it, so an estimate is an upper bound of the real length.
@@ -38,58 +37,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 class FaultDaemon(Daemon):
-    """A Daemon started with ORCHD_FAILPOINT set (when given), whose output goes through a
-    pipe into orchd.out: the file-size limit the tests put on the daemon applies to every
-    regular file it writes, and its own log must not be one of them (under systemd it is the
-    journal, a socket)."""
-
-    def __init__(
-        self, tmp: Path, overrides: dict[str, Any] | None = None, failpoint: str | None = None
-    ) -> None:
-        super().__init__(tmp, overrides)
-        self.failpoint = failpoint
-        self._pump: threading.Thread | None = None
-
-    def start(self, timeout: float = 20.0) -> FaultDaemon:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "ORCHD_FAILPOINT"))
-        } | {"ORCHD_TEST_RUN": RUN_TAG}
-        if self.failpoint:
-            env["ORCHD_FAILPOINT"] = self.failpoint
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "supervisor",
-                "--config",
-                str(self.config_path),
-                "--log-format",
-                "json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=self.tmp,
-            env=env,
-            start_new_session=True,
-        )
-        self._pump = threading.Thread(target=self._copy_output, daemon=True)
-        self._pump.start()
-        try:
-            self.wait_for(self._answers, timeout, "the daemon to answer on its socket")
-        except BaseException:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            raise
-        return self
-
-    def _copy_output(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with self.proc.stdout as pipe, self.output.open("ab", buffering=0) as out:
-            for line in pipe:
-                out.write(line)
+    """A Daemon with what the fault tests read of it: its pid, its log, its write errors."""
 
     @property
     def pid(self) -> int:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,10 +82,16 @@ class DaemonExited(AssertionError):
 
 
 class Daemon:
-    """One orchd process on a temporary state directory."""
+    """One orchd process on a temporary state directory; `failpoint` is its
+    ORCHD_FAILPOINT (supervisor/failpoints.py). Its output goes through a pipe into
+    orchd.out, so a file-size limit put on the daemon never applies to its own log."""
 
-    def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, overrides: dict[str, Any] | None = None, failpoint: str | None = None
+    ) -> None:
         self.tmp = tmp
+        self.failpoint = failpoint
+        self._pump: threading.Thread | None = None
         self.state_dir = tmp / "state"
         self.socket = str(tmp / "orchd.sock")
         self.cfg = _merge(
@@ -99,25 +106,30 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "ORCHD_FAILPOINT"))
         } | {"ORCHD_TEST_RUN": RUN_TAG}
-        with self.output.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "supervisor",
-                    "--config",
-                    str(self.config_path),
-                    "--log-format",
-                    "json",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmp,
-                env=env,
-                start_new_session=True,
-            )
+        if self.failpoint:
+            env["ORCHD_FAILPOINT"] = self.failpoint
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "supervisor",
+                "--config",
+                str(self.config_path),
+                "--log-format",
+                "json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+            env=env,
+            start_new_session=True,
+        )
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
         try:
             self.wait_for(self._answers, timeout, "the daemon to answer on its socket")
         except BaseException:
@@ -126,6 +138,12 @@ class Daemon:
             self.proc.wait()
             raise
         return self
+
+    def _copy_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with self.proc.stdout as pipe, self.output.open("ab", buffering=0) as out:
+            for line in pipe:
+                out.write(line)
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -144,17 +162,26 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"orchd did not stop within {timeout}s") from None
+        finally:
+            self._drain_output()
+        return code
+
+    def _drain_output(self) -> None:
+        """Wait until the daemon's last lines are in orchd.out."""
+        if self._pump is not None:
+            self._pump.join(5)
 
     def kill(self) -> None:
         """SIGKILL the daemon (a crash); its agents notice EOF and kill their tasks."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+        self._drain_output()
 
     # --- talking to it -----------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from supervisor.core.machine import Machine
 from supervisor.core.model import Event, State, WorkerState
 from supervisor.core.views import status_line, status_view
 from supervisor.engine.call import Call, ReadOnly
+from supervisor.engine.commit import GroupCommit
 from supervisor.engine.derived import DerivedFiles
 from supervisor.engine.effects import Effects
 from supervisor.engine.ports import Agents, Durable
@@ -38,10 +39,6 @@ log = structlog.get_logger("orchd.engine")
 
 # After a failed append (a full disk), how long before the engine tries to write again.
 WRITE_RETRY_S = 1.0
-# Longest a record that no effect waits on stays unsynced.
-SYNC_LAG_S = 0.05
-# An fdatasync faster than this runs on the loop; a slower disk gets a worker thread.
-INLINE_SYNC_S = 0.002
 
 
 Inbox = MemoryObjectReceiveStream[Input | Call]
@@ -69,17 +66,13 @@ class Engine:
         self.m = Machine(cfg, state, store, rand=rand, now=clock(), wall=wall())
         self.fx = Effects(self.m, store, pool, inbox_send)
         self.stopped = anyio.Event()
-        self._effects: list[Any] = []
-        self._calls: list[Call] = []
-        self._urgent = False
+        self.commit = GroupCommit(store, self.fx.run, clock)
         self._deferred: list[Input] = []
         self.read_only: str | None = None
         self._read_only_since = 0.0
         self._retry_at = 0.0
         now = self.m.now
         self.last_step = now
-        self._last_sync = now
-        self._sync_s = 0.0
         self.derived = DerivedFiles(self.m, store, self.fx, clock)
 
     @property
@@ -98,10 +91,12 @@ class Engine:
     ) -> None:
         async with anyio.create_task_group() as tg:
             self.fx.tg = tg
+            await tg.start(self.commit.run)
             await recover(self.m, self.transact)
             task_status.started()
             while not self.stopped.is_set():
                 await self._step()
+            await self.commit.settle()
             tg.cancel_scope.cancel()
 
     def _wake_at(self) -> float:
@@ -112,8 +107,9 @@ class Engine:
             due.append(self.m.rt.next_due() or due[0])
             if self._deferred:
                 due.append(self._retry_at)
-        if self.store.written_seq > self.store.synced_seq:
-            due.append(self._last_sync + SYNC_LAG_S)
+        lag = self.commit.lag_due()
+        if lag is not None:
+            due.append(lag)
         return min(due)
 
     async def _step(self) -> None:
@@ -146,7 +142,7 @@ class Engine:
         else:
             inputs, self._deferred = self._deferred + inputs, []
         self._decide(now, inputs, calls, settle=not waiting)
-        await self.flush()
+        self.commit.sync_lagging()
         await self.derived.write(self.flush, writable=self.read_only is None)
 
     def _decide(self, now: float, inputs: list[Input], calls: list[Call], *, settle: bool) -> None:
@@ -172,9 +168,7 @@ class Engine:
         m.keep()
         if self.read_only is not None and step.records:
             self._leave_read_only()
-        self._effects += step.effects
-        self._calls += calls
-        self._urgent = self._urgent or step.urgent
+        self.commit.submit(step.effects, calls, urgent=step.urgent)
 
     def _run_call(self, call: Call) -> None:
         try:
@@ -232,37 +226,10 @@ class Engine:
 
     # -- group commit, then effects ------------------------------------------------------
 
-    async def flush(self, *, force: bool = False) -> None:
-        """Group commit, then the effects and replies that waited on it (the write-ahead
-        rule). Records that nothing waits on (a pid learnt from Started) ride along with
-        the next sync, at most SYNC_LAG_S later."""
-        store = self.store
-        if store.written_seq > store.synced_seq and (
-            force
-            or self._urgent
-            or self._effects
-            or self._calls
-            or self.clock() >= self._last_sync + SYNC_LAG_S
-        ):
-            started = self.clock()
-            if self._sync_s < INLINE_SYNC_S:
-                store.sync()  # a fast disk: waking a thread costs more than the sync
-            else:
-                await anyio.to_thread.run_sync(store.sync)
-            self._last_sync = self.clock()
-            self._sync_s = self._last_sync - started
-            self._urgent = False
-        effects, self._effects = self._effects, []
-        for eff in effects:
-            try:
-                await self.fx.run(eff)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                log.warning("effect_failed", effect=type(eff).__name__, error=str(exc))
-            except Exception:
-                log.exception("effect_failed", effect=type(eff).__name__)
-        calls, self._calls = self._calls, []
-        for call in calls:
-            call.finish()
+    async def flush(self, *, force: bool = True) -> None:
+        """Wait until every record appended so far is durable and every effect and reply
+        that waited on it released (for derived files, start-up and shutdown)."""
+        await self.commit.settle()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(machine, *args)` inside a step; its result once durable."""
@@ -284,8 +251,8 @@ class Engine:
             m.abort()
             raise
         m.keep()
-        self._effects += step.effects
-        await self.flush(force=True)
+        self.commit.submit(step.effects, [], urgent=True)
+        await self.commit.settle()
 
     async def drain(self) -> None:
         """Clean stop: no new dispatch, running trees killed and recorded as interrupted,

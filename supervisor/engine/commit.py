@@ -1,0 +1,117 @@
+"""Pipelined group commit: the loop appends each step's records and hands over the step's
+effects and replies; this task makes the records durable (fdatasync: on the loop while
+the disk is fast, else in a worker thread) and then releases, in order, the effects and
+replies that waited on them — the write-ahead rule. The loop goes on deciding while a sync runs, so the next sync covers
+every step appended meanwhile, and a slow disk never stalls heartbeats or the socket.
+
+Records that nothing waits on (a pid learnt from Started) ride along with the next sync,
+at most SYNC_LAG_S later. A failed fdatasync is never retried: StoreFsyncError ends the
+task, and with it the daemon (the next start recovers from what the log really holds).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import structlog
+
+from supervisor.core.effects import Effect
+from supervisor.engine.call import Call
+from supervisor.engine.ports import Durable
+
+log = structlog.get_logger("orchd.engine")
+
+# Longest a record that no effect waits on stays unsynced.
+SYNC_LAG_S = 0.05
+# An fdatasync faster than this runs on the loop; a slower disk gets a worker thread, so
+# the loop keeps deciding (and heartbeats keep being read) while it waits.
+INLINE_SYNC_S = 0.002
+
+
+class GroupCommit:
+    """See the module docstring; `run` is its service task."""
+
+    def __init__(
+        self,
+        store: Durable,
+        run_effect: Callable[[Effect], Awaitable[Any]],
+        clock: Callable[[], float],
+    ) -> None:
+        self.store, self.run_effect, self.clock = store, run_effect, clock
+        # (the seq that must be durable first, effects, replies), in step order.
+        self._waiting: deque[tuple[int, list[Effect], list[Call]]] = deque()
+        self._urgent = False
+        self._kick = anyio.Event()
+        self._progress = anyio.Event()
+        self.last_sync = clock()
+        self._sync_s = 0.0  # how long the last fdatasync took
+
+    def submit(self, effects: list[Effect], calls: list[Call], *, urgent: bool) -> None:
+        """A step is appended: release its effects and replies once it is durable."""
+        if effects or calls:
+            self._waiting.append((self.store.written_seq, effects, calls))
+        self._urgent = self._urgent or urgent
+        if self._waiting or self._urgent:
+            self._kick.set()
+
+    def lag_due(self) -> float | None:
+        """When written-but-unsynced records must be synced with nobody waiting on them."""
+        if self.store.written_seq > self.store.synced_seq:
+            return self.last_sync + SYNC_LAG_S
+        return None
+
+    def sync_lagging(self) -> None:
+        """Sync what waited SYNC_LAG_S (called by the loop when `lag_due` has passed)."""
+        due = self.lag_due()
+        if due is not None and self.clock() >= due:
+            self._urgent = True
+            self._kick.set()
+
+    async def settle(self) -> None:
+        """Wait until everything appended so far is durable and released."""
+        target = self.store.written_seq
+        while self.store.synced_seq < target or (self._waiting and self._waiting[0][0] <= target):
+            self._urgent = True
+            self._kick.set()
+            progress = self._progress
+            await progress.wait()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await self._kick.wait()
+            self._kick = anyio.Event()
+            store = self.store
+            if store.written_seq > store.synced_seq and (self._urgent or self._waiting):
+                self._urgent = False
+                started = self.clock()
+                if self._sync_s < INLINE_SYNC_S:
+                    store.sync()  # a fast disk: waking a thread costs more than the sync
+                else:
+                    await anyio.to_thread.run_sync(store.sync)
+                self.last_sync = self.clock()
+                self._sync_s = self.last_sync - started
+            synced = store.synced_seq
+            while self._waiting and self._waiting[0][0] <= synced:
+                _, effects, calls = self._waiting.popleft()
+                for eff in effects:
+                    await self._carry_out(eff)
+                for call in calls:
+                    call.finish()
+            if self._waiting or self._urgent:
+                self._kick.set()  # appended while this round ran: another round
+            progress, self._progress = self._progress, anyio.Event()
+            progress.set()
+
+    async def _carry_out(self, eff: Effect) -> None:
+        try:
+            await self.run_effect(eff)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            log.warning("effect_failed", effect=type(eff).__name__, error=str(exc))
+        except Exception:
+            log.exception("effect_failed", effect=type(eff).__name__)
