@@ -43,7 +43,7 @@ def run_orchd(n: int, tag: str) -> float:
         d.start()
         try:
             # Submitted in workstreams of at most 2,000 tasks (a request is capped at 1 MiB);
-            # none has dependencies, so together they are one wide DAG to the scheduler.
+            # none has dependencies, so together they are one wide DAG to the engine.
             texts = []
             for start in range(0, n, 2000):
                 body = "\n".join(

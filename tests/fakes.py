@@ -238,6 +238,7 @@ class FakePool:
         self.spawns: list[tuple[str, int]] = []
         self.kill_calls: list[tuple[str, tuple[int, int, float, str] | None]] = []
         self.stop_calls: list[str] = []
+        self.killed_trees: list[tuple[int, int, float, str]] = []
         self.sent: list[tuple[str, wire.ToAgent]] = []
         self.hello_on_spawn = True
         self.answer_kill = True
@@ -260,6 +261,9 @@ class FakePool:
 
     async def stop(self, worker_id: str, grace_s: float) -> None:
         self.stop_now(worker_id)
+
+    async def kill_trees(self, trees: list[tuple[int, int, float, str]], grace_s: float) -> None:
+        self.killed_trees.extend(trees)
 
     # -- the same, callable without an event loop -----------------------------------------
 

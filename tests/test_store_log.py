@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class Driver:
     """Makes legal records against an in-memory model and writes them through a Store:
-    check first, then write + sync, then apply (the scheduler's order)."""
+    check first, then write + sync, then apply (the engine's order)."""
 
     def __init__(self, store: Store, model: State | None = None) -> None:
         self.store = store

@@ -1,7 +1,8 @@
-"""Operator actions and queries, run inside the scheduler (the one writer) via `Machine.call`.
+"""Operator actions and queries, each run inside one step of the engine (`Engine.call`).
 
-Each function takes the scheduler and typed params, reads or commits, and returns a plain
-dict for the response; a refusal raises OperatorError with the protocol's error code.
+Each function takes the decision core (the Machine) and typed params, reads or commits,
+and returns a plain dict for the response; a refusal raises OperatorError with the
+protocol's error code, and the step takes back whatever the request had recorded.
 """
 
 from __future__ import annotations

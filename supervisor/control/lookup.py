@@ -1,6 +1,6 @@
 """Lookups and resets shared by the operator actions (operator.py, task_ops.py, ws_ops.py).
 
-They run inside the scheduler like the actions themselves; a refusal raises OperatorError
+They run inside a step of the engine like the actions themselves; a refusal raises OperatorError
 with the protocol's error code.
 """
 

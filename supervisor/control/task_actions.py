@@ -1,4 +1,4 @@
-"""Task-level operator actions and diagnoses, run inside the scheduler: dependencies (show,
+"""Task-level operator actions and diagnoses, run inside a step of the engine: dependencies (show,
 remove), revalidation, the debug diagnosis, and the interventions log and live metrics.
 """
 

@@ -1,4 +1,4 @@
-"""Workstream actions of the recovery guide, run inside the scheduler: retry, retry the
+"""Workstream actions of the recovery guide, run inside a step of the engine: retry, retry the
 failed tasks, resume from a task, checkpoints and rollback, mark merged, and the failure
 analysis that walks the guide's decision trees on the real state.
 """

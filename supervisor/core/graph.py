@@ -41,7 +41,7 @@ class Graph:
         self.unmet: dict[str, int] = {}
         self.holders: dict[str, list[str]] = {}
         self.ws_counts: dict[str, dict[str, int]] = {}
-        # Pending tasks whose dependencies became met; drained by the scheduler. A dict is
+        # Pending tasks whose dependencies became met; drained by dispatch. A dict is
         # an ordered set here.
         self.ready: dict[str, None] = {}
 

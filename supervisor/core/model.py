@@ -1,6 +1,6 @@
 """Entities, their states, the transition tables and `apply`. Pure: no I/O, no clock reads.
 
-Every change of state in orchd is a `Transition` record. The scheduler builds one, the
+Every change of state in orchd is a `Transition` record. The engine builds one, the
 store makes it durable, and `State.apply` performs it; replaying the log performs the
 very same `apply`, so a replayed state equals the live one by construction.
 """
@@ -330,7 +330,7 @@ class State:
         self.apply_checked(rec, self._check(rec))
 
     def check_entity(self, rec: Transition) -> Any:
-        """`check`, returning what `apply_checked` needs (the scheduler checks, writes the
+        """`check`, returning what `apply_checked` needs (the engine checks, writes the
         record to the log, then applies: one check instead of two on its hot path)."""
         return self._check(rec)
 

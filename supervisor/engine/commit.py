@@ -1,8 +1,9 @@
 """Pipelined group commit: the loop appends each step's records and hands over the step's
 effects and replies; this task makes the records durable (fdatasync: on the loop while
 the disk is fast, else in a worker thread) and then releases, in order, the effects and
-replies that waited on them — the write-ahead rule. The loop goes on deciding while a sync runs, so the next sync covers
-every step appended meanwhile, and a slow disk never stalls heartbeats or the socket.
+replies that waited on them (the write-ahead rule). The loop goes on deciding while a
+sync runs in a thread, so the next sync covers every step appended meanwhile, and a slow
+disk does not stall heartbeats or the socket.
 
 Records that nothing waits on (a pid learnt from Started) ride along with the next sync,
 at most SYNC_LAG_S later. A failed fdatasync is never retried: StoreFsyncError ends the

@@ -92,7 +92,7 @@ class Engine:
         async with anyio.create_task_group() as tg:
             self.fx.tg = tg
             await tg.start(self.commit.run)
-            await recover(self.m, self.transact)
+            await recover(self.m, self.transact, self.pool)
             task_status.started()
             while not self.stopped.is_set():
                 await self._step()

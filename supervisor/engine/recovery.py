@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import anyio
-
 from supervisor.core.dispatch import enqueue
 from supervisor.core.lifecycle import new_worker_id, spawn_worker, tree_of
 from supervisor.core.machine import Machine
 from supervisor.core.model import FailureKind, TaskState, WorkerState
 from supervisor.core.policy import StopReason
-from supervisor.workers import proctree
+from supervisor.engine.ports import Agents
 
 Transact = Callable[[Callable[[Machine], None]], Awaitable[None]]
 
@@ -68,16 +66,13 @@ def _resume(m: Machine) -> None:
         spawn_worker(m, new_worker_id(m), "recovery")
 
 
-async def recover(m: Machine, transact: Transact) -> None:
-    """Settle the old life through `transact` (the loop's: one durable step per call)."""
+async def recover(m: Machine, transact: Transact, agents: Agents) -> None:
+    """Settle the old life through `transact` (the loop's: one durable step per call);
+    the interrupted attempts' trees are killed together, within one grace."""
     await transact(_settle_old_life)
     trees = [tree_of(t.attempts[-1]) for t in m.running_tasks() if t.attempts]
     if trees:
-        grace = m.cfg.tasks.kill_grace_s
-
-        def kill_all() -> None:
-            for t in trees:
-                proctree.kill_tree(t.pgid, t.pid, t.create_time, t.marker, grace)
-
-        await anyio.to_thread.run_sync(kill_all)
+        await agents.kill_trees(
+            [(t.pgid, t.pid, t.create_time, t.marker) for t in trees], m.cfg.tasks.kill_grace_s
+        )
     await transact(_resume)

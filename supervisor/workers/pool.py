@@ -3,7 +3,7 @@
 Each agent is `python -m supervisor.workers.agent` in its own session, with frames on its stdin
 and stdout and its stderr appended to `logs/workers/<id>.log`. Every process the pool
 starts gets a generation number, and every message it reads is delivered to the inbox
-tagged with it, so the scheduler can tell a replaced process's late words from the current
+tagged with it, so the engine can tell a replaced process's late words from the current
 one's. The pool decides nothing: it reports, and it does what it is told.
 """
 
@@ -33,7 +33,7 @@ from supervisor.workers.launch import ORIGINAL_PYTHONPATH_ENV
 
 log = structlog.get_logger("orchd.pool")
 
-# A send to an agent that does not read (stopped, wedged) must not stall the scheduler.
+# A send to an agent that does not read (stopped, wedged) must not stall the engine.
 SEND_TIMEOUT_S = 5.0
 _PACKAGE_ROOT = str(Path(supervisor.__file__).resolve().parent.parent)
 
@@ -245,6 +245,13 @@ class Pool:
                 pids=list(report.signalled),
                 survivors=list(report.survivors),
             )
+
+    async def kill_trees(self, trees: list[tuple[int, int, float, str]], grace_s: float) -> None:
+        """Kill attempt trees that no agent of ours runs (a previous life's), as
+        (pgid, pid, create_time, marker), all at once: one grace for all of them."""
+        async with anyio.create_task_group() as tg:
+            for tree in trees:
+                tg.start_soon(self._kill_tree, tree, grace_s)
 
     async def _stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
