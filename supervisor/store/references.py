@@ -10,7 +10,7 @@ record), and then these checks turn silent acceptance into a refusal that names 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, Final
 
 from supervisor.core.model import State, StateData, Transition
 
@@ -98,13 +98,36 @@ def check_record(state: State, rec: Transition) -> None:
             raise DanglingReference(why)
 
 
+# The change keys that can name another entity; a record with none of them (most of a
+# log: a pid learnt, a back-off, an attempt's end) needs no look-up.
+_REFERENCING: Final = frozenset(
+    {"depends_on", "resources", "worker_id", "attempt", "task_id", "tasks", "workstream"}
+)
+
+
 def checked_apply(state: State) -> Callable[[Transition], None]:
     """`state.apply` for replay: each record's references are checked before it is applied
     (raises DanglingReference, or whatever `apply` raises)."""
-    apply = state.apply
+    apply, data, refs = state.apply, state.data, _REFERENCING
+    workers = data.workers
 
     def apply_checked(rec: Transition) -> None:
-        check_record(state, rec)
+        changes = rec.changes
+        if changes and not refs.isdisjoint(changes):
+            # The common case inline (replay runs this once per record): a task given a
+            # worker, or an attempt started on one.
+            if rec.entity == "task" and "depends_on" not in changes and "resources" not in changes:
+                wid = changes.get("worker_id")
+                attempt = changes.get("attempt")
+                if (wid is None or wid in workers) and (
+                    attempt is None
+                    or (isinstance(attempt, dict) and attempt.get("worker_id") in workers)
+                ):
+                    apply(rec)
+                    return
+            why = record_problem(data, rec)
+            if why is not None:
+                raise DanglingReference(why)
         apply(rec)
 
     return apply_checked
