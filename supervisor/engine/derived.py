@@ -1,7 +1,8 @@
-"""The files derived from the log, written right after a flush so they never run ahead of
-it: checkpoints of the workstreams that changed, the snapshot (current.json, the old one
-kept as a backup), metrics.json, and the workers' own log lines. None of them is written
-while the log refuses writes: what space there is goes to the log first.
+"""The files derived from the log, written once what is appended is durable, so they
+never run ahead of it: checkpoints of the workstreams that changed, the snapshot
+(current.json, the old one kept as a backup), metrics.json, and the workers' own log
+lines. None of them is written while the log refuses writes: what space there is goes to
+the log first.
 
 Being derived, each can be regenerated: a failed write (a full disk) is reported and
 tried again at the next interval, never fatal.
@@ -43,8 +44,8 @@ class DerivedFiles:
             due = min(due, self._next_notes)
         return min(due, self._next_checkpoint) if self.m.rt.has_dirty() else due
 
-    async def write(self, flush: Callable[..., Awaitable[None]], *, writable: bool) -> None:
-        """Write what is due; `flush(force=True)` first makes the log durable."""
+    async def write(self, settle: Callable[[], Awaitable[None]], *, writable: bool) -> None:
+        """Write what is due; `settle()` first makes everything appended durable."""
         now = self.clock()
         if self.fx.has_notes() and now >= self._next_notes:
             self.fx.write_notes()
@@ -52,7 +53,7 @@ class DerivedFiles:
         if not writable:
             return
         if now >= min(self._next_checkpoint, self._next_snapshot, self._next_metrics):
-            await flush(force=True)
+            await settle()
         st = self.m.cfg.store
         rt = self.m.rt
         state = self.m.state

@@ -1,7 +1,7 @@
 """The engine's loop, the one writer of state: a batch of inputs in, one step decided by
-the pure machine, its records appended as one batch, one group commit (fdatasync), then
-the effects and replies that waited on it; derived files (checkpoints, snapshot, metrics)
-are written right after a flush, so they never run ahead of the log.
+the pure machine, its records appended as one batch; the group commit (commit.py) makes
+them durable and then releases the effects and replies that waited on them, while the
+loop goes on; derived files (derived.py) never run ahead of the log.
 
 When the log refuses a step (a full disk, EFBIG), the step is taken back whole and the
 engine is read-only: it says so (an event, the journal, `orchctl status`), keeps
@@ -143,7 +143,7 @@ class Engine:
             inputs, self._deferred = self._deferred + inputs, []
         self._decide(now, inputs, calls, settle=not waiting)
         self.commit.sync_lagging()
-        await self.derived.write(self.flush, writable=self.read_only is None)
+        await self.derived.write(self.commit.settle, writable=self.read_only is None)
 
     def _decide(self, now: float, inputs: list[Input], calls: list[Call], *, settle: bool) -> None:
         m = self.m
@@ -225,11 +225,6 @@ class Engine:
         )
 
     # -- group commit, then effects ------------------------------------------------------
-
-    async def flush(self, *, force: bool = True) -> None:
-        """Wait until every record appended so far is durable and every effect and reply
-        that waited on it released (for derived files, start-up and shutdown)."""
-        await self.commit.settle()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(machine, *args)` inside a step; its result once durable."""
