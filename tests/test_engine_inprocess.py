@@ -1,0 +1,118 @@
+"""The real engine loop (engine/loop.py, commit.py, effects.py) in-process on the fakes:
+the in-memory store and the fake pool plug into the same ports as the real ones, so the
+loop's own behaviour (group commit, effects after the sync, read-only mode) is tested in
+milliseconds, without processes or disk."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from supervisor.control import actions
+from supervisor.control import protocol as p
+from supervisor.core import wire
+from supervisor.core.model import State
+from supervisor.engine.loop import Engine, ReadOnly
+from tests.fakes import FakePool, MemoryStore
+from tests.rig import config, workstream_toml
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Running:
+    """An Engine running in a task group on a MemoryStore and a FakePool whose agents
+    finish every Run at once (the test can hold them with `hold`)."""
+
+    def __init__(self, engine: Engine, store: MemoryStore, pool: FakePool) -> None:
+        self.engine, self.store, self.pool = engine, store, pool
+        self.held = False
+        # For each Run: was its task's running record durable when the Run went out?
+        self.durable_at_send: list[bool] = []
+
+    def on_run(self, wid: str, run: wire.Run) -> None:
+        seq = next(
+            r.seq
+            for r in reversed(self.store.records)
+            if r.entity == "task" and r.id == run.task_id and r.to == "running"
+        )
+        self.durable_at_send.append(seq <= self.store.synced_seq)
+        if not self.held:
+            self.pool.finish(wid)
+
+    async def until(self, what: Callable[[], bool], timeout: float = 5.0) -> None:
+        with anyio.fail_after(timeout):
+            while not what():
+                await anyio.sleep(0.005)
+
+    def ws_state(self, ws_id: str) -> str:
+        return str(self.engine.state.data.workstreams[ws_id].state)
+
+
+@contextlib.asynccontextmanager
+async def running_engine(root: Path) -> AsyncIterator[Running]:
+    """The engine, started; drained and stopped on the way out (within the same task: a
+    task group must be left by the task that entered it)."""
+    (root / "logs" / "workers").mkdir(parents=True)
+    send, recv = anyio.create_memory_object_stream[Any](10_000)
+    store = MemoryStore(root)
+    pool = FakePool(send)
+    engine = Engine(config(workers=2), store, State(), pool, recv, send)
+    r = Running(engine, store, pool)
+    pool.on_run = r.on_run
+    async with send, recv, anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        yield r
+        await engine.drain()
+        tg.cancel_scope.cancel()
+
+
+def chain(ws_id: str, n: int) -> str:
+    return workstream_toml(
+        ws_id,
+        [
+            {"id": f"{ws_id}-{i}", "command": "true"}
+            | ({"depends_on": [f"{ws_id}-{i - 1}"]} if i else {})
+            for i in range(n)
+        ],
+    )
+
+
+async def test_a_chain_completes_and_every_run_follows_its_sync(tmp_path: Path) -> None:
+    """A chain of 20 tasks completes on the real loop; every Run went out only after the
+    record that started its attempt was durable (the write-ahead rule)."""
+    async with running_engine(tmp_path) as running:
+        await running.engine.call(actions.submit, p.SubmitParams(text=chain("ws-c", 20)))
+        await running.until(lambda: running.ws_state("ws-c") == "completed")
+        assert len(running.durable_at_send) == 20 and all(running.durable_at_send)
+        assert running.store.replay().data == running.engine.state.data
+
+
+async def test_a_refused_write_makes_the_loop_read_only_until_writes_succeed(
+    tmp_path: Path,
+) -> None:
+    """While the store refuses writes a change is refused with "nothing was changed" and
+    status says read-only; once writes succeed the held work goes on by itself."""
+    async with running_engine(tmp_path) as running:
+        engine, store = running.engine, running.store
+        running.held = True
+        await engine.call(actions.submit, p.SubmitParams(text=chain("ws-r", 2)))
+        await running.until(lambda: bool(running.pool.current))
+        seq = store.written_seq
+        store.fail_writes = True
+        running.pool.finish(next(iter(running.pool.current)))  # its step is refused
+        await running.until(lambda: engine.read_only is not None)
+        with pytest.raises(ReadOnly, match="nothing was changed"):
+            await engine.call(actions.submit, p.SubmitParams(text=chain("ws-x", 1)))
+        status = await engine.call(actions.status, p.StatusParams())
+        assert status["read_only"] and store.written_seq == seq
+        running.held = False
+        store.fail_writes = False
+        await running.until(lambda: running.ws_state("ws-r") == "completed", timeout=5.0)
+        assert engine.read_only is None
+        assert [e.event for e in store.events].count("store_read_only") == 1
+        assert store.replay().data == engine.state.data
