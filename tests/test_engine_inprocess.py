@@ -116,3 +116,28 @@ async def test_a_refused_write_makes_the_loop_read_only_until_writes_succeed(
         assert engine.read_only is None
         assert [e.event for e in store.events].count("store_read_only") == 1
         assert store.replay().data == engine.state.data
+
+
+async def test_the_loop_idles_once_the_retry_time_has_passed(tmp_path: Path) -> None:
+    """Read-only with nothing left to retry, the loop sleeps until something is due rather
+    than turning without pause (a regression: it spun once the retry time had passed)."""
+    async with running_engine(tmp_path) as running:
+        engine, store = running.engine, running.store
+        running.held = True
+        await engine.call(actions.submit, p.SubmitParams(text=chain("ws-i", 1)))
+        await running.until(lambda: bool(running.pool.current))
+        store.fail_writes = True
+        running.pool.finish(next(iter(running.pool.current)))
+        await running.until(lambda: engine.read_only is not None)
+        store.fail_writes = False
+        await running.until(lambda: engine.read_only is None, timeout=5.0)  # retried, written
+        store.fail_writes = True
+        await engine.call(actions.status, p.StatusParams())  # no record: nothing to refuse
+        # A change refused: read-only again, and then nothing more to do.
+        with pytest.raises(ReadOnly):
+            await engine.call(actions.submit, p.SubmitParams(text=chain("ws-j", 1)))
+        store.fail_writes = False
+        await anyio.sleep(1.2)  # past the retry time
+        before = engine.steps
+        await anyio.sleep(0.5)
+        assert engine.steps - before < 20, engine.steps - before

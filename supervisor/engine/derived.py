@@ -38,11 +38,15 @@ class DerivedFiles:
         self._snapshot_seq = m.state.last_seq
         self._last_metrics: tuple[float, int] = (now, m.state.last_seq)
 
-    def next_due(self) -> float:
-        due = min(self._next_snapshot, self._next_metrics)
+    def next_due(self, *, writable: bool) -> float:
+        """When the next derived file is due (none but the workers' log lines while the
+        log refuses writes: `write` skips the others then)."""
+        due = min(self._next_snapshot, self._next_metrics) if writable else float("inf")
         if self.fx.has_notes():
             due = min(due, self._next_notes)
-        return min(due, self._next_checkpoint) if self.m.rt.has_dirty() else due
+        if writable and self.m.rt.has_dirty():
+            due = min(due, self._next_checkpoint)
+        return due
 
     async def write(self, settle: Callable[[], Awaitable[None]], *, writable: bool) -> None:
         """Write what is due; `settle()` first makes everything appended durable."""

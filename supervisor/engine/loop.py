@@ -73,6 +73,7 @@ class Engine:
         self._retry_at = 0.0
         now = self.m.now
         self.last_step = now
+        self.steps = 0  # how many times the loop turned (a figure for tests and metrics)
         self.derived = DerivedFiles(self.m, store, self.fx, clock)
 
     @property
@@ -100,13 +101,13 @@ class Engine:
             tg.cancel_scope.cancel()
 
     def _wake_at(self) -> float:
-        due = [self.derived.next_due()]
-        if self.read_only is not None:
+        now = self.clock()
+        due = [self.derived.next_due(writable=self.read_only is None), now + 1.0]
+        if self.read_only is not None and now < self._retry_at:
+            # Waiting to try the log again: timers would only make steps it refuses.
             due.append(self._retry_at)
-        else:
-            due.append(self.m.rt.next_due() or due[0])
-            if self._deferred:
-                due.append(self._retry_at)
+        elif (timer := self.m.rt.next_due()) is not None:
+            due.append(timer)
         lag = self.commit.lag_due()
         if lag is not None:
             due.append(lag)
@@ -114,7 +115,8 @@ class Engine:
 
     async def _step(self) -> None:
         self.last_step = self.clock()
-        wait = min(1.0, max(0.0, self._wake_at() - self.last_step))
+        self.steps += 1
+        wait = max(0.0, self._wake_at() - self.last_step)
         batch: list[Input | Call] = []
         with anyio.move_on_after(wait):
             batch.append(await self.inbox.receive())
