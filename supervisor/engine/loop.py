@@ -68,7 +68,6 @@ class Engine:
         self.stopped = anyio.Event()
         self.commit = GroupCommit(store, self.fx.run, clock)
         self._deferred: list[Input] = []
-        self.read_only: str | None = None
         self._read_only_since = 0.0
         self._retry_at = 0.0
         now = self.m.now
@@ -79,6 +78,11 @@ class Engine:
     @property
     def state(self) -> State:
         return self.m.state
+
+    @property
+    def read_only(self) -> str | None:
+        """Why the log refuses writes, while it does (the machine holds it, for display)."""
+        return self.m.read_only
 
     @property
     def cfg(self) -> Config:
@@ -200,8 +204,7 @@ class Engine:
             # A refused request while waiting does not push the next try further away.
             self._retry_at = now + WRITE_RETRY_S
         if self.read_only is None:
-            self.read_only, self._read_only_since = why, self.clock()
-            self.m.read_only = why
+            self.m.read_only, self._read_only_since = why, self.clock()
             # Published at once: it is about the log itself, so no record can cover it.
             self.fx.publish(
                 Event(
@@ -215,7 +218,7 @@ class Engine:
 
     def _leave_read_only(self) -> None:
         down = self.clock() - self._read_only_since
-        self.read_only = self.m.read_only = None
+        self.m.read_only = None
         self.fx.publish(
             Event(
                 event="store_writable",
