@@ -22,6 +22,9 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class WorkersConfig(_Section):
     count: int = 0  # 0 = one per CPU
     python: str = ""  # interpreter that runs the agents; "" = the daemon's own
+    # How an attempt's processes are held together: "cgroup" (one cgroup v2 per attempt),
+    # "process" (session + subreaper + marker sweep), "auto" (cgroup where one can be made).
+    containment: Literal["auto", "cgroup", "process"] = "auto"
 
 
 class HealthConfig(_Section):
