@@ -13,6 +13,7 @@ import pwd
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from anyio.abc import SocketAttribute, SocketStream
 
 from supervisor.control import protocol as p
 from supervisor.control.actions import HANDLERS, SEVERITIES
+from supervisor.control.admission import Admission, RefusalLog
 from supervisor.core.config import ControlConfig
 from supervisor.core.errors import OperatorError, OrchdError, StoreError
 from supervisor.engine.effects import FOLLOWER_BACKLOG
@@ -42,23 +44,25 @@ class Peer(msgspec.Struct, frozen=True):
     pid: int
     uid: int
     gid: int
+    # Its primary group and the groups that list its user, looked up once as it connects.
+    groups: frozenset[int] = frozenset()
 
-    @property
-    def groups(self) -> set[int]:
-        gids = {self.gid}
-        try:
-            name = pwd.getpwuid(self.uid).pw_name
-            gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
-        except KeyError:
-            pass
-        return gids
+
+def _groups_of(uid: int, gid: int) -> frozenset[int]:
+    gids = {gid}
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
+    except KeyError:
+        pass
+    return frozenset(gids)
 
 
 def peer_of(stream: SocketStream) -> Peer:
     sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid=pid, uid=uid, gid=gid)
+    return Peer(pid=pid, uid=uid, gid=gid, groups=_groups_of(uid, gid))
 
 
 def _ids(names: list[str], lookup: Any) -> set[int]:
@@ -77,8 +81,11 @@ class Access:
 
     def __init__(self, cfg: ControlConfig) -> None:
         owner = os.getuid()
-        self.write_users = _ids(cfg.users, pwd.getpwnam) | {0, owner}
-        self.write_groups = _ids(cfg.groups, grp.getgrnam)
+        # Root, the daemon's own user and the admins may use the reserved connections.
+        self.admin_users = _ids(cfg.admin_users, pwd.getpwnam) | {0, owner}
+        self.admin_groups = _ids(cfg.admin_groups, grp.getgrnam)
+        self.write_users = _ids(cfg.users, pwd.getpwnam) | self.admin_users
+        self.write_groups = _ids(cfg.groups, grp.getgrnam) | self.admin_groups
         self.read_users = _ids(cfg.read_users, pwd.getpwnam) | self.write_users
         self.read_groups = _ids(cfg.read_groups, grp.getgrnam) | self.write_groups
 
@@ -92,12 +99,17 @@ class Access:
             return True
         return bool(groups & peer.groups) if groups else False
 
+    def privileged(self, peer: Peer) -> bool:
+        """Root, the daemon's user or an admin: the reserved connections are theirs."""
+        return peer.uid in self.admin_users or bool(self.admin_groups & peer.groups)
+
 
 class Server:
     def __init__(self, path: str, engine: Engine, cfg: ControlConfig) -> None:
         self.path, self.engine, self.cfg = path, engine, cfg
         self.access = Access(cfg)
-        self.connections = 0
+        self.admission = Admission()
+        self.refusals = RefusalLog()
 
     def _access(self) -> Access:
         """The access lists in force: a config reload replaces the engine's settings."""
@@ -143,15 +155,27 @@ class Server:
 
     async def _serve(self, stream: SocketStream) -> None:
         async with stream:
-            if self.connections >= self.cfg.max_connections:
-                await stream.send(
-                    p.encode_response(p.error_response(0, "unavailable", "too many connections"))
-                )
-                return
-            self.connections += 1
             try:
                 peer = peer_of(stream)
-                await self._session(stream, peer)
+                access = self._access()
+                # A peer with no rights at all is turned away before it takes a slot.
+                if not access.allows(peer, changes=False):
+                    await self._refuse(
+                        stream,
+                        peer,
+                        "permission_denied",
+                        f"uid {peer.uid} may not use this socket (control.users/groups, "
+                        "read_users/read_groups or admin_users/admin_groups in the config)",
+                    )
+                    return
+                why = self.admission.enter(peer.uid, access.privileged(peer), self.cfg)
+                if why is not None:
+                    await self._refuse(stream, peer, "unavailable", why)
+                    return
+                try:
+                    await self._session(stream, peer)
+                finally:
+                    self.admission.leave(peer.uid)
             except (
                 anyio.EndOfStream,
                 anyio.BrokenResourceError,
@@ -159,8 +183,23 @@ class Server:
                 ConnectionError,
             ):
                 pass
-            finally:
-                self.connections -= 1
+
+    async def _refuse(self, stream: SocketStream, peer: Peer, code: str, message: str) -> None:
+        """Send the refusal as an error frame and log it (rate-limited: a flood of
+        connections makes one line every few seconds, with the count left out)."""
+        reason = "no_rights" if code == "permission_denied" else "too_many_connections"
+        suppressed = self.refusals.should_log(reason, peer.uid, time.monotonic())
+        if suppressed is not None:
+            log.warning(
+                "control_connection_refused",
+                reason=reason,
+                uid=peer.uid,
+                pid=peer.pid,
+                open=self.admission.total,
+                open_by_uid=self.admission.by_uid[peer.uid],
+                suppressed=suppressed,
+            )
+        await stream.send(p.encode_response(p.error_response(0, code, message)))
 
     async def _read_exact(self, stream: SocketStream, n: int) -> bytes:
         buf = bytearray()

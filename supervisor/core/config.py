@@ -62,7 +62,14 @@ class ControlConfig(_Section):
     groups: list[str] = []
     read_users: list[str] = []
     read_groups: list[str] = []
+    # Admins have every right of `users` and may also take the reserved connections.
+    admin_users: list[str] = []
+    admin_groups: list[str] = []
     max_connections: int = 64
+    # No one uid holds more than this many connections at once (root included).
+    max_connections_per_uid: int = 16
+    # Of max_connections, these are only for root, the daemon's own user and the admins.
+    reserved_connections: int = 8
     idle_timeout_s: float = 300.0
     request_timeout_s: float = 30.0
 
@@ -128,6 +135,14 @@ def _check_ranges(cfg: Config, where: str) -> None:
         if res.max_holders < 1:
             problems.append(f"{where}: `resources.{rid}.max_holders` must be >= 1")
     positive("shutdown_grace_s", cfg.shutdown_grace_s)
+    ctl = cfg.control
+    positive("control.max_connections", ctl.max_connections)
+    positive("control.max_connections_per_uid", ctl.max_connections_per_uid)
+    if not 0 <= ctl.reserved_connections < ctl.max_connections:
+        problems.append(
+            f"{where}: `control.reserved_connections` must be >= 0 and below "
+            f"`control.max_connections` ({ctl.max_connections}), got {ctl.reserved_connections}"
+        )
     if problems:
         raise ConfigError("\n".join(problems))
 
