@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--severity", choices=["debug", "info", "warning", "error", "critical"])
     sp.add_argument("-n", "--limit", type=int, default=100)
     sub.add_parser("workers", help="list workers")
+    sp = sub.add_parser("top", help="live view: running, waiting, workers, resources, events")
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    sp.add_argument("-n", "--count", type=int, default=0, help="stop after N refreshes")
     sub.add_parser("resources", help="resources, holders and waiters")
     sp = sub.add_parser("retry", help="reset a task to pending (fresh retries)")
     sp.add_argument("task")
@@ -310,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "state":
         return statedir.run(args)
+    if args.cmd == "top":
+        from ctl import top  # imports rich: only for this command, so the others start fast
+
+        return top.run(args)
     if args.cmd == "completion":
         print(completion.SHELLS[args.shell](completion.command_tree(parser)), end="")
         return EXIT_OK

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "supervisor" / "core"
 # Every module of the core package is pure; so are these modules of the client.
 PURE = sorted(f"supervisor.core.{p.stem}" for p in CORE.glob("*.py") if p.stem != "__init__")
-PURE += ["ctl.render", "ctl.dag", "ctl.prometheus", "ctl.exitcodes"]
+PURE += ["ctl.render", "ctl.dag", "ctl.prometheus", "ctl.exitcodes", "ctl.topview"]
 # The packages of the I/O side, and the libraries that do I/O or run an event loop.
 FORBIDDEN = [
     "anyio",
