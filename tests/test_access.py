@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -268,6 +270,28 @@ def test_peer_with_no_rights_is_refused_at_connect_and_takes_no_slot(
     finally:
         for f in floods:
             f.close()
+        d.stop()
+        assert_no_leftovers()
+
+
+def test_client_stalling_mid_request_is_cut_off_and_the_socket_stays_open(
+    sock_dir: Path,
+) -> None:
+    """A client that sends a frame's header and stalls gets an error after
+    request_timeout_s and is closed; the socket keeps serving everyone else (it used to
+    close for good)."""
+    d = Daemon(sock_dir, {"control": {"request_timeout_s": 0.3}}).start()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(d.socket)
+            s.sendall(struct.pack(">I", 100) + b'{"id": 1')
+            (n,) = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))
+            err = json.loads(s.recv(n, socket.MSG_WAITALL))["error"]
+            assert "not complete within 0.3s" in err["message"]
+            assert s.recv(1) == b""  # closed
+        assert d.ctl("status").returncode == 0
+    finally:
         d.stop()
         assert_no_leftovers()
 

@@ -183,6 +183,22 @@ class Server:
                 ConnectionError,
             ):
                 pass
+            except TimeoutError:
+                # A request begun and not finished in time: this connection ends, and never
+                # the listener (an escaping error would close the socket to everyone).
+                with contextlib.suppress(anyio.BrokenResourceError, ConnectionError):
+                    await stream.send(
+                        p.encode_response(
+                            p.error_response(
+                                0,
+                                "invalid",
+                                "the request was not complete within "
+                                f"{self.cfg.request_timeout_s}s (control.request_timeout_s)",
+                            )
+                        )
+                    )
+            except Exception:  # a bug must not take the socket from everyone else
+                log.exception("control_connection_failed")
 
     async def _refuse(self, stream: SocketStream, peer: Peer, code: str, message: str) -> None:
         """Send the refusal as an error frame and log it (rate-limited: a flood of
