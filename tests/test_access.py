@@ -127,10 +127,15 @@ class Flood:
             cwd=ROOT,
             env=_env(uid),
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, f"the flood of uid {uid} exited {self.proc.wait(10)}"
-        report = json.loads(line)
+        try:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            assert line, f"the flood of uid {uid} exited {self.proc.wait(10)}"
+            report = json.loads(line)
+        except BaseException:
+            self.proc.kill()
+            self.close()
+            raise
         self.open: int = report["open"]
         self.refused: list[dict[str, str]] = report["refused"]
 
