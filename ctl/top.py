@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import os
 import select
+import signal
 import socket
 import sys
 import termios
@@ -227,6 +228,12 @@ def _live(args: argparse.Namespace, source: Source, first: topview.Snapshot, col
     for fd in (wake_r, wake_w):
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
     follower = Follower(args.socket, wake_w)
+
+    def resized(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(wake_w, b"r")  # redrawn at the new size at once, like an event
+
+    old_winch = signal.signal(signal.SIGWINCH, resized)
     follower.start(first.events)
     snap, shown = first, 0
     try:
@@ -258,6 +265,7 @@ def _live(args: argparse.Namespace, source: Source, first: topview.Snapshot, col
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
+        signal.signal(signal.SIGWINCH, old_winch)
         follower.stop()
         source.close()
         os.close(wake_r)

@@ -83,8 +83,8 @@ class Tmux:
         subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=30)
 
 
-def _top_in_tmux(d: Daemon, tmux: Tmux, rc_file: Path, env: str = "") -> None:
-    ctl = f"{shlex.quote(sys.executable)} -m ctl --socket {shlex.quote(d.socket)} top"
+def _top_in_tmux(d: Daemon, tmux: Tmux, rc_file: Path, env: str = "", args: str = "") -> None:
+    ctl = f"{shlex.quote(sys.executable)} -m ctl --socket {shlex.quote(d.socket)} top {args}"
     # The shell outlives top (Ctrl-C only runs its trap), writes top's exit status, and
     # stays so the screen after top can be looked at; kill-server ends it.
     command = (
@@ -136,6 +136,26 @@ def test_top_under_tmux_shows_running_queued_and_workers_and_q_exits_0(
         # An event (a new workstream) shows up without waiting for a refresh.
         busy.submit('id = "ws-late"\n[[tasks]]\nid = "late"\ncommand = "true"\n', "late.toml")
         tmux.wait_screen("workstream_submitted", "ws-late")
+        tmux("send-keys", "-t", "top", "q")
+        assert _wait_rc(rc_file) == "0"
+        assert "Running (1)" not in tmux.screen()  # the terminal's own screen is back
+    finally:
+        tmux.kill()
+
+
+@needs_tmux
+def test_top_redraws_at_once_when_the_terminal_is_resized(busy: Daemon, tmp_path: Path) -> None:
+    """With a long interval and nothing happening, a resize of the terminal still redraws
+    the screen at once, fitted to the new width."""
+    tmux, rc_file = Tmux("resize"), tmp_path / "rc"
+    try:
+        _top_in_tmux(busy, tmux, rc_file, args="--interval 600")
+        wide = tmux.wait_screen("Running (1)", "(held by holder)")
+        assert "WAITS ON" in wide
+        tmux("resize-window", "-t", "top", "-x", "60", "-y", "40")
+        narrow = tmux.wait_screen("Running (1)", "…", timeout=10)
+        assert all(len(line) <= 60 for line in narrow.splitlines())
+        assert "(held by holder)" not in narrow  # the reason is clipped to fit
         tmux("send-keys", "-t", "top", "q")
         assert _wait_rc(rc_file) == "0"
     finally:
