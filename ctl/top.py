@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 EVENTS_KEPT = 10
 # Waiting tasks whose reason is asked for in a snapshot (more than a screen shows).
 WHY_LOOKUPS = 30
+# A pending task's reason is asked for again after this long even when its dependencies
+# look unchanged (the daemon works it out over the task's whole workstream, cycles
+# included: not something to ask for every task every second).
+PENDING_WHY_TTL_S = 5.0
 # Refreshes caused by events come at most this often.
 MIN_GAP_S = 0.25
 # A broken event stream is followed again after this long.
@@ -66,6 +70,8 @@ class Source:
     def __init__(self, path: str) -> None:
         self.path = path
         self._client: Client | None = None
+        # A pending task's reason: what its dependencies looked like, when, the reason.
+        self._pending_why: dict[str, tuple[tuple[str, ...], float, str]] = {}
 
     def close(self) -> None:
         if self._client is not None:
@@ -88,10 +94,27 @@ class Source:
         snap.status = self._call("status")
         for state in ("running", "queued", "pending"):
             snap.tasks += self._call("tasks", state=state)
-        waiting = topview.waiting_rows(snap.tasks, {})[:WHY_LOOKUPS]
-        for task_id, *_ in waiting:
+        states = {t["id"]: t["state"] for t in snap.tasks}
+        by_id = {t["id"]: t for t in snap.tasks}
+        kept: dict[str, tuple[tuple[str, ...], float, str]] = {}
+        for task_id, _ws, state, _ in topview.waiting_rows(snap.tasks, {})[:WHY_LOOKUPS]:
+            # A dependency in none of the three lists has ended (completed, failed...).
+            seen = tuple(states.get(d, "ended") for d in by_id[task_id].get("depends_on", []))
+            cached = self._pending_why.get(task_id)
+            if (
+                state == "pending"
+                and cached is not None
+                and cached[0] == seen
+                and snap.taken_at - cached[1] < PENDING_WHY_TTL_S
+            ):
+                snap.why[task_id] = cached[2]
+                kept[task_id] = cached
+                continue
             with contextlib.suppress(RemoteError):  # it may have moved on meanwhile
                 snap.why[task_id] = self._call("deps", task_id=task_id)["why"]
+                if state == "pending":
+                    kept[task_id] = (seen, snap.taken_at, snap.why[task_id])
+        self._pending_why = kept
         snap.workers = self._call("workers")
         snap.resources = self._call("resources")
         snap.events = self._call("events", limit=EVENTS_KEPT) if events is None else events

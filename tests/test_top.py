@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ctl import topview
+from ctl import top, topview
 from tests.harness import ROOT, Daemon, assert_no_leftovers
 
 # One task holds git_repo_write, one waits for it, one waits for that one.
@@ -193,6 +193,25 @@ def test_top_through_a_pipe_prints_plain_snapshots(busy: Daemon) -> None:
     snap = json.loads(r.stdout)
     assert [t["id"] for t in snap["tasks"] if t["state"] == "running"] == ["holder"]
     assert snap["why"]["blocked"].startswith("queued: resource git_repo_write")
+
+
+def test_a_pending_tasks_reason_follows_its_dependency_at_once(sock_dir: Path) -> None:
+    """top keeps a pending task's reason between snapshots only while its dependencies
+    look the same: once the dependency starts, the next snapshot says so."""
+    d = Daemon(sock_dir).start()
+    source = top.Source(d.socket)
+    try:
+        d.submit(HELD.replace('command = "true"', 'command = "sleep 30"'))
+        d.wait_task("blocked", "queued")
+        assert source.take(None).why["after"].endswith("blocked (queued)")
+        assert source.take(None).why["after"].endswith("blocked (queued)")
+        d.call("cancel", task_id="holder")
+        d.wait_task("blocked", "running")
+        assert source.take(None).why["after"].endswith("blocked (running)")
+    finally:
+        source.close()
+        d.stop()
+        assert_no_leftovers()
 
 
 def test_top_without_a_daemon_exits_7(tmp_path: Path) -> None:
