@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from ctl import completion, dag, menu, prometheus, render, statedir
 from ctl.client import Client, DaemonUnreachable, RemoteError
 from ctl.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from supervisor.control.protocol import EXIT_CODES
+from supervisor.control.protocol import EXIT_CODES, drain_words
 
 SERVICE_SOCKET = "/run/orchd/orchd.sock"
+# How often `drain --wait` asks whether tasks still run.
+DRAIN_POLL_S = 0.2
 
 
 def default_socket() -> str:
@@ -109,6 +112,20 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--from-task", required=True, metavar="TASK")
         if name == "rollback":
             sp.add_argument("--to-checkpoint", required=True, metavar="latest|N")
+    for name, text in (
+        ("pause", "start nothing new in it (running tasks finish); undo with unpause"),
+        ("unpause", "a paused workstream starts tasks again"),
+    ):
+        sp = ws.add_parser(name, help=text)
+        sp.add_argument("workstream")
+        sp.add_argument("--reason")
+    sp = sub.add_parser("drain", help="start no new task anywhere (running tasks finish)")
+    sp.add_argument("--reason")
+    sp.add_argument(
+        "--wait", action="store_true", help="return once no task runs any more (then stop it)"
+    )
+    sp = sub.add_parser("undrain", help="start tasks again after a drain")
+    sp.add_argument("--reason")
     wk = sub.add_parser("worker", help="one worker").add_subparsers(
         dest="worker_cmd", required=True, metavar="ACTION"
     )
@@ -191,6 +208,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 params["from_task"] = args.from_task
             if args.ws_cmd == "rollback":
                 params["to_checkpoint"] = args.to_checkpoint
+            if args.ws_cmd in ("pause", "unpause"):
+                params["reason"] = args.reason
             return "ws_" + args.ws_cmd.replace("-", "_"), params
         case "worker":
             if args.worker_cmd == "shutdown":
@@ -202,6 +221,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             if args.worker_cmd == "logs":
                 return "worker_logs", {"worker_id": args.worker, "lines": args.lines}
             return f"worker_{args.worker_cmd}", {"worker_id": args.worker}
+        case "drain" | "undrain":
+            return args.cmd, {"reason": args.reason}
         case "resource":
             return "resource_set_limit", {
                 "resource_id": args.resource,
@@ -238,11 +259,12 @@ def _human(method: str, result: Any, colour: bool) -> str:
             return "\n".join(result["lines"])
         case "ws_list":
             return render.table(
-                ["workstream", "state", "tasks", "counts"],
+                ["workstream", "state", "dispatch", "tasks", "counts"],
                 [
                     (
                         w["id"],
                         w["state"],
+                        "paused" if w.get("paused") else "-",
                         w["tasks"],
                         " ".join(f"{k}={v}" for k, v in w["counts"].items()),
                     )
@@ -252,9 +274,12 @@ def _human(method: str, result: Any, colour: bool) -> str:
                 state_col=1,
             )
         case "ws_show":
-            return f"workstream {result['id']}: {result['state']}\n" + render.tasks_table(
+            paused = " (paused: nothing new starts)" if result.get("paused") else ""
+            return f"workstream {result['id']}: {result['state']}{paused}\n" + render.tasks_table(
                 result["tasks"], colour
             )
+        case "ws_pause" | "ws_unpause" | "drain" | "undrain":
+            return _hold_words(method, result)
         case "status":
             parts = [
                 f"last seq {result['last_seq']}, up {result['uptime_s']:.0f}s"
@@ -265,6 +290,14 @@ def _human(method: str, result: Any, colour: bool) -> str:
                     f"{key}: "
                     + (", ".join(f"{k} {v}" for k, v in sorted(result[key].items())) or "none")
                 )
+            if result.get("drain"):
+                since = result["drain"].get("reason") or "an operator's drain"
+                parts.append(
+                    f"{drain_words(result['drain']).upper()}: no task starts until "
+                    f"`orchctl undrain` ({since})"
+                )
+            if result.get("paused_workstreams"):
+                parts.append("paused workstreams: " + ", ".join(result["paused_workstreams"]))
             if result.get("read_only"):
                 parts.append(
                     "READ-ONLY: no change is accepted until the state log takes writes again "
@@ -279,6 +312,45 @@ def _human(method: str, result: Any, colour: bool) -> str:
         rest = ", ".join(f"{k}={v}" for k, v in result.items() if k != "seq")
         return f"ok (seq {result['seq']}): {rest}"
     return render.to_json(result)
+
+
+def _hold_words(method: str, result: dict[str, Any]) -> str:
+    """What a pause, unpause, drain or undrain did, in a sentence."""
+    seq = result["seq"]
+    ws = result.get("workstream")
+    if seq is None:
+        return {
+            "ws_pause": f"workstream {ws} was paused already: nothing to change",
+            "ws_unpause": f"workstream {ws} was not paused: nothing to change",
+            "drain": f"drained already ({result.get('running')} running): nothing to change",
+            "undrain": "the daemon was not drained: nothing to change",
+        }[method]
+    match method:
+        case "ws_pause":
+            return (
+                f"workstream {ws} paused (seq {seq}); its {result['running']} running task(s) "
+                f"finish, nothing new starts until `orchctl ws unpause {ws}`"
+            )
+        case "ws_unpause":
+            return f"workstream {ws} starts tasks again (seq {seq})"
+        case "drain":
+            return (
+                f"drained (seq {seq}); {result['running']} running task(s) finish, no task "
+                "starts until `orchctl undrain`"
+            )
+    return f"the daemon starts tasks again (seq {seq})"
+
+
+def _wait_drained(client: Client) -> int:
+    """`drain --wait`: poll until no task runs any more."""
+    while True:
+        drain = client.call("status").get("drain")
+        if drain is None:
+            print("orchctl: the daemon was undrained meanwhile", file=sys.stderr)
+            return EXIT_FAILED
+        if drain["running"] == 0:
+            return EXIT_OK
+        time.sleep(DRAIN_POLL_S)
 
 
 _DAG = {"text": dag.text, "dot": dag.dot, "mermaid": dag.mermaid}
@@ -341,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
             if method in ("events", "logs") and args.follow:
                 return _follow(client, method, params, args)
             result = client.call(method, **params)
+            if method == "drain" and args.wait:
+                print(_output(args, method, result), flush=True)
+                code = _wait_drained(client)
+                if code == EXIT_OK and not args.json:
+                    print("drained: nothing running")
+                return code
     except DaemonUnreachable as exc:
         print(f"orchctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -12,6 +12,8 @@ from supervisor.core.errors import IllegalTransition
 from supervisor.core.model import (
     TABLES,
     Attempt,
+    Daemon,
+    DaemonState,
     Entity,
     Resource,
     State,
@@ -32,7 +34,13 @@ ALL_STATES: dict[str, set[str]] = {
     entity: {s for s in table if s is not None} | {s for v in table.values() for s in v}
     for entity, table in TABLES.items()
 }
-ENTITY_ID = {"task": "t1", "workstream": "ws-1", "worker": "w1", "resource": "r1"}
+ENTITY_ID = {
+    "task": "t1",
+    "workstream": "ws-1",
+    "worker": "w1",
+    "resource": "r1",
+    "daemon": "orchd",
+}
 
 
 def state_with(entity: str, current: str) -> State:
@@ -60,6 +68,11 @@ def state_with(entity: str, current: str) -> State:
             "w1": Worker(id="w1", state=WorkerState(current if entity == "worker" else "idle"))
         },
         resources={"r1": Resource(id="r1")},
+        daemon={
+            "orchd": Daemon(
+                id="orchd", state=DaemonState(current if entity == "daemon" else "running")
+            )
+        },
     )
     return State(data)
 

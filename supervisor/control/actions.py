@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from supervisor.control import protocol as p
+from supervisor.control import quiesce_actions as hold_ops
 from supervisor.control import task_actions as task_ops
 from supervisor.control import ws_actions as ws_ops
 from supervisor.control.lookup import fresh_changes
@@ -49,6 +50,7 @@ def status(s: Machine, _: p.StatusParams) -> dict[str, Any]:
         "queued_ready": s.rt.queue_length(),
         "state_dir": str(s.files.state_dir),
         "read_only": s.read_only,
+        "paused_workstreams": [w.id for w in s.state.data.workstreams.values() if w.paused],
     }
     return out
 
@@ -139,6 +141,7 @@ def ws_list(s: Machine, _: p.WsListParams) -> list[dict[str, Any]]:
                 "counts": counts,
                 "submitted_at": ws.submitted_at,
                 "ended_at": ws.ended_at,
+                "paused": ws.paused,
             }
         )
     return out
@@ -152,6 +155,7 @@ def ws_show(s: Machine, params: p.WsShowParams) -> dict[str, Any]:
         )
     out: dict[str, Any] = msgspec.to_builtins(ws)
     out["state"] = str(ws.state)
+    out["paused"] = ws.paused
     out["tasks"] = [task_view(s.state.data.tasks[t]) for t in ws.task_ids]
     return out
 
@@ -356,5 +360,9 @@ HANDLERS: dict[str, Any] = {
     "ws_rollback": ws_ops.ws_rollback,
     "ws_mark_merged": ws_ops.ws_mark_merged,
     "ws_analyze": ws_ops.ws_analyze,
+    "ws_pause": hold_ops.ws_pause,
+    "ws_unpause": hold_ops.ws_unpause,
+    "drain": hold_ops.drain,
+    "undrain": hold_ops.undrain,
 }
 assert set(HANDLERS) == set(p.METHODS), "every protocol method has a handler"

@@ -196,6 +196,24 @@ class RevalidateParams(_Params):
     reason: str | None = None
 
 
+class WsPauseParams(_Params):
+    workstream: str
+    reason: str | None = None
+
+
+class WsUnpauseParams(_Params):
+    workstream: str
+    reason: str | None = None
+
+
+class DrainParams(_Params):
+    reason: str | None = None
+
+
+class UndrainParams(_Params):
+    reason: str | None = None
+
+
 # The explicit dispatch table: method name -> (params type, changes state?).
 METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "status": (StatusParams, False),
@@ -229,6 +247,10 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "ws_rollback": (WsRollbackParams, True),
     "ws_mark_merged": (WsMarkMergedParams, True),
     "revalidate": (RevalidateParams, True),
+    "ws_pause": (WsPauseParams, True),
+    "ws_unpause": (WsUnpauseParams, True),
+    "drain": (DrainParams, True),
+    "undrain": (UndrainParams, True),
 }
 
 Params = _Params
@@ -304,3 +326,10 @@ def frame_length(header: bytes, limit: int) -> int:
 
 
 response_decoder: Final = msgspec.json.Decoder(Response)
+
+
+def drain_words(drain: dict[str, Any]) -> str:
+    """An operator's drain, as `orchctl status` and systemd's STATUS= line both say it:
+    "draining: N running", or "drained: nothing running" once N is 0."""
+    n = drain["running"]
+    return f"draining: {n} running" if n else "drained: nothing running"

@@ -43,6 +43,10 @@ def why_waits(s: Machine, task: Task) -> str:
         return f"its workstream is {ws.state}: nothing in it is dispatched"
     if s.rt.is_blocked(task.workstream_id):
         return "dispatch in its workstream is stopped after a critical task failed"
+    if ws.paused and task.state == TaskState.QUEUED:
+        return f"queued: its workstream is paused (`orchctl ws unpause {ws.id}`)"
+    if s.state.data.draining() and task.state == TaskState.QUEUED:
+        return "queued: the daemon is drained, nothing starts (`orchctl undrain`)"
     if task.state == TaskState.QUEUED:
         res = s.rt.parked_on(task.id)
         if res is not None:

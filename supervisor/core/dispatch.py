@@ -1,9 +1,17 @@
 """Readiness and dispatch: pending tasks whose dependencies are met (and back-off is over)
 become queued; queued tasks go to idle workers in priority order when all their resources
 have room (all or none, no hold-and-wait). Pure: no I/O.
+
+Nothing starts while an operator holds dispatch: in a paused workstream (its queued tasks
+are parked on it, as after a critical failure) or anywhere while the daemon is drained
+(the queue is left as it is). Queued tasks stay queued either way, and their queue-wait
+alert is not raised while they are held: the wait is the operator's choice. It is armed
+again, a full `queue_timeout_s` away, when the hold is lifted (`rearm_queue_alerts`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from supervisor.core import wire
 from supervisor.core.context import Core
@@ -53,12 +61,29 @@ def enqueue(m: Core, task: Task) -> None:
         rt.arm("queue_alert", task.id, (rt.queued_at(task.id) or m.now) + qt)
 
 
+def held(m: Core, task: Task) -> bool:
+    """An operator holds dispatch for this task: the daemon is drained or its workstream
+    is paused."""
+    return m.state.data.draining() or m.state.data.workstreams[task.workstream_id].paused
+
+
+def rearm_queue_alerts(m: Core, tasks: Iterable[Task]) -> None:
+    """Dispatch is no longer held for `tasks`: each queued one is reported if it still
+    waits a full queue timeout from now."""
+    for task in tasks:
+        qt = task.queue_timeout_s or m.cfg.tasks.queue_timeout_s
+        if qt and task.state == TaskState.QUEUED and not held(m, task):
+            m.rt.arm("queue_alert", task.id, m.now + qt)
+
+
 def dispatch(m: Core) -> None:
     """Give queued tasks to idle workers while both last."""
     rt = m.rt
-    if rt.draining:
+    data = m.state.data
+    if rt.draining or data.draining():
         return
-    tasks, resources, graph = m.state.data.tasks, m.state.data.resources, m.state.graph
+    tasks, resources, graph = data.tasks, data.resources, m.state.graph
+    workstreams = data.workstreams
     while rt.has_idle():
         entry = rt.pop()
         if entry is None:
@@ -66,8 +91,9 @@ def dispatch(m: Core) -> None:
         task = tasks.get(entry[2])
         if task is None or task.state != TaskState.QUEUED:
             continue
-        if rt.is_blocked(task.workstream_id):
-            rt.park_ws(task.workstream_id, entry)
+        ws_id = task.workstream_id
+        if rt.is_blocked(ws_id) or workstreams[ws_id].paused:
+            rt.park_ws(ws_id, entry)
             continue
         full = next(
             (

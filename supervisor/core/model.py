@@ -34,6 +34,13 @@ class WorkstreamState(enum.StrEnum):
     MERGED = "merged"
 
 
+class DaemonState(enum.StrEnum):
+    """Whether the daemon starts new tasks: `draining` is an operator's `orchctl drain`."""
+
+    RUNNING = "running"
+    DRAINING = "draining"
+
+
 class WorkerState(enum.StrEnum):
     STARTING = "starting"
     IDLE = "idle"
@@ -52,7 +59,7 @@ class FailureKind(enum.StrEnum):
     INTERRUPTED = "interrupted"
 
 
-Entity = Literal["task", "workstream", "worker", "resource"]
+Entity = Literal["task", "workstream", "worker", "resource", "daemon"]
 Cause = Literal[
     "submit", "auto", "timeout", "failure", "health", "operator", "recovery", "shutdown", "config"
 ]
@@ -90,12 +97,20 @@ RESOURCE_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
     None: frozenset({"defined"}),
     "defined": frozenset({"defined"}),
 }
+# The daemon itself, one entity (DAEMON_ID), made by its first drain or undrain.
+DAEMON_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
+    None: frozenset({"running", "draining"}),
+    "running": frozenset({"running", "draining"}),
+    "draining": frozenset({"draining", "running"}),
+}
 TABLES: Final[dict[str, dict[str | None, frozenset[str]]]] = {
     "task": TASK_TRANSITIONS,
     "workstream": WORKSTREAM_TRANSITIONS,
     "worker": WORKER_TRANSITIONS,
     "resource": RESOURCE_TRANSITIONS,
+    "daemon": DAEMON_TRANSITIONS,
 }
+DAEMON_ID: Final = "orchd"
 
 TERMINAL_TASK_STATES: Final = frozenset(
     {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED}
@@ -174,6 +189,8 @@ class Workstream(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     ended_at: float | None = None
     source: str | None = None
     reason: str | None = None
+    # `orchctl ws pause`: nothing new starts in it until `ws unpause`; running tasks go on.
+    paused: bool = False
 
 
 class Worker(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -191,6 +208,15 @@ class Resource(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     id: str
     max_holders: int = 1
     state: str = "defined"
+
+
+class Daemon(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """The daemon's own durable state: whether an operator drained it, since when, why."""
+
+    id: str
+    state: DaemonState = DaemonState.RUNNING
+    since: float | None = None
+    reason: str | None = None
 
 
 class Transition(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -229,6 +255,13 @@ class StateData(msgspec.Struct, kw_only=True):
     workstreams: dict[str, Workstream] = {}
     workers: dict[str, Worker] = {}
     resources: dict[str, Resource] = {}
+    # At most one entry, DAEMON_ID; absent until the first drain.
+    daemon: dict[str, Daemon] = {}
+
+    def draining(self) -> bool:
+        """An operator drained the daemon: no task starts anywhere."""
+        d = self.daemon.get(DAEMON_ID)
+        return d is not None and d.state == DaemonState.DRAINING
 
 
 _ATTEMPT_FIELDS: Final = frozenset(Attempt.__struct_fields__)
@@ -240,6 +273,7 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
     | {"workstream", "tasks"},
     "worker": frozenset(Worker.__struct_fields__) - {"id", "state"},
     "resource": frozenset(Resource.__struct_fields__) - {"id", "state"},
+    "daemon": frozenset(Daemon.__struct_fields__) - {"id", "state"},
 }
 
 
@@ -249,10 +283,12 @@ _ENTITY_ATTR: Final[dict[str, str]] = {
     "workstream": "workstreams",
     "worker": "workers",
     "resource": "resources",
+    "daemon": "daemon",
 }
 _TASK_STATE: Final = {s.value: s for s in TaskState}
 _WORKSTREAM_STATE: Final = {s.value: s for s in WorkstreamState}
 _WORKER_STATE: Final = {s.value: s for s in WorkerState}
+_DAEMON_STATE: Final = {s.value: s for s in DaemonState}
 # Task change keys that are not a plain field assignment.
 _TASK_SPECIAL: Final = frozenset({"attempt", "attempt_update", "depends_on"})
 # entity -> (its StateData attribute, its transition table, the keys its changes may carry)
@@ -367,6 +403,8 @@ class State:
             obj.state = _WORKER_STATE[rec.to]
         elif entity == "workstream":
             self._apply_workstream(rec)
+        elif entity == "daemon":
+            self._apply_daemon(rec)
         else:
             self._apply_resource(rec)
         self.data.last_seq = rec.seq
@@ -385,6 +423,14 @@ class State:
         for key, value in rec.changes.items():
             setattr(ws, key, value)
         ws.state = _WORKSTREAM_STATE[rec.to]
+
+    def _apply_daemon(self, rec: Transition) -> None:
+        d = self.data.daemon.get(rec.id)
+        if d is None:
+            d = self.data.daemon[rec.id] = Daemon(id=rec.id)
+        for key, value in rec.changes.items():
+            setattr(d, key, value)
+        d.state = _DAEMON_STATE[rec.to]
 
     def _apply_resource(self, rec: Transition) -> None:
         res = self.data.resources.get(rec.id)

@@ -6,6 +6,7 @@ be written is armed again by the step's rollback, so it fires again once they ca
 from __future__ import annotations
 
 from supervisor.core.context import Core
+from supervisor.core.dispatch import held
 from supervisor.core.lifecycle import stop_task
 from supervisor.core.model import TaskState
 from supervisor.core.policy import StopReason
@@ -34,7 +35,9 @@ def on_timers(m: Core) -> None:
                 rt.set_backoff_until(key, m.now)  # over, whatever the wall clock says
                 m.state.graph.mark_ready(key)
         elif kind == "queue_alert":
-            if task.state == TaskState.QUEUED:
+            # Held by an operator (paused, drained): not a wait to report; armed again
+            # when the hold is lifted.
+            if task.state == TaskState.QUEUED and not held(m, task):
                 m.emit(
                     "task_queue_timeout",
                     "warning",

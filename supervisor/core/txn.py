@@ -19,7 +19,13 @@ import msgspec
 from supervisor.core.model import State, Task, Transition
 
 _replace = msgspec.structs.replace
-_ATTR = {"task": "tasks", "workstream": "workstreams", "worker": "workers", "resource": "resources"}
+_ATTR = {
+    "task": "tasks",
+    "workstream": "workstreams",
+    "worker": "workers",
+    "resource": "resources",
+    "daemon": "daemon",
+}
 
 
 def _copy(obj: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor.core.model import State, Task, Worker
+from supervisor.core.model import DAEMON_ID, State, Task, Worker
 
 
 def task_view(task: Task) -> dict[str, Any]:
@@ -58,11 +58,16 @@ def status_view(state: State) -> dict[str, Any]:
     tasks = Counter(str(t.state) for t in state.data.tasks.values())
     ws = Counter(str(w.state) for w in state.data.workstreams.values())
     workers = Counter(str(w.state) for w in state.data.workers.values() if w.state != "shutdown")
+    drain = None
+    if state.data.draining():
+        d = state.data.daemon[DAEMON_ID]
+        drain = {"since": d.since, "reason": d.reason, "running": tasks.get("running", 0)}
     return {
         "last_seq": state.last_seq,
         "tasks": dict(tasks),
         "workstreams": dict(ws),
         "workers": dict(workers),
+        "drain": drain,
     }
 
 
@@ -71,7 +76,12 @@ def status_line(status: dict[str, Any]) -> str:
     tasks, workers = status["tasks"], status["workers"]
     live = sum(workers.values())
     up = workers.get("idle", 0) + workers.get("busy", 0)
-    return (
+    drain, held = status.get("drain"), ""
+    if drain:
+        # The words of orchctl status (control.protocol.drain_words).
+        n = drain["running"]
+        held = (f"draining: {n} running" if n else "drained: nothing running") + "; "
+    return held + (
         f"{tasks.get('running', 0)} running, {tasks.get('queued', 0)} queued, "
         f"{tasks.get('pending', 0)} pending, {tasks.get('failed', 0)} failed; "
         f"workers {up}/{live} up"
