@@ -21,6 +21,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from supervisor import failpoints
+from supervisor.core import quiesce
 from supervisor.core import shutdown as drain
 from supervisor.core.config import Config
 from supervisor.core.errors import StoreWriteError
@@ -312,6 +313,10 @@ class Engine:
         """The one line systemd shows (`systemctl status`)."""
         line = status_line(status_view(self.state))
         return f"READ-ONLY (the log refuses writes); {line}" if self.read_only else line
+
+    def drain_state(self) -> tuple[bool, int]:
+        """(an operator drained the daemon, tasks running): cheap, for noticing a change."""
+        return self.state.data.draining(), quiesce.running_count(self.m)
 
     def healthy(self, limit: float) -> bool:
         """The loop stepped within `limit` seconds (for the systemd watchdog)."""

@@ -26,6 +26,9 @@ log = structlog.get_logger("orchd")
 
 EXIT_CORRUPT = 65
 STATUS_INTERVAL_S = 5.0
+# While an operator drains it, how often the daemon looks whether the line has news
+# (the drain began or ended, a task finished): `systemctl status` then says it at once.
+STATUS_DRAIN_POLL_S = 0.25
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another daemon owns the state directory
 EXIT_IOERR = 74  # EX_IOERR: the state directory could not be read or repaired
 
@@ -138,7 +141,10 @@ async def _status_lines(notifier: Notifier, engine: Engine) -> None:
     await anyio.sleep(1.0)
     while True:
         notifier.send("STATUS=" + engine.status_line())
-        await anyio.sleep(STATUS_INTERVAL_S)
+        seen = engine.drain_state()
+        with anyio.move_on_after(STATUS_INTERVAL_S):
+            while engine.drain_state() == seen or not (seen[0] or engine.drain_state()[0]):
+                await anyio.sleep(STATUS_DRAIN_POLL_S)
 
 
 async def _watchdog(notifier: Notifier, engine: Engine) -> None:

@@ -56,6 +56,7 @@ def encode_snapshot(state: State, *, log_offset: int | None, log_crc: int | None
         workstreams=d.workstreams,
         workers=d.workers,
         resources=d.resources,
+        daemon=d.daemon,
         log_offset=log_offset,
         log_crc=log_crc,
         written_at=iso_utc(),
@@ -110,6 +111,7 @@ def snapshot_state(snap: SnapshotFile) -> StateData:
         workstreams=snap.workstreams,
         workers=snap.workers,
         resources=snap.resources,
+        daemon=snap.daemon,
     )
 
 
