@@ -412,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.socket) as client:
             if method in ("events", "logs") and args.follow:
                 return _follow(client, method, params, args)
-            result = client.call(method, **params)
+            if method == "submit":
+                result = client.submit(**params)
+            else:
+                result = client.call(method, **params)
             if method == "drain" and args.wait:
                 print(_output(args, method, result), flush=True)
                 code = _wait_drained(client)

@@ -71,7 +71,7 @@ class Client:
             raise RemoteError(
                 "too_large",
                 f"the request is {len(frame) - 4} bytes, over the daemon's "
-                f"{p.MAX_REQUEST}-byte limit (split a large workstream into several files)",
+                f"{p.MAX_REQUEST}-byte limit",
             )
         # If the daemon refuses part-way its error response is still there to be read.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -83,6 +83,18 @@ class Client:
                 err.code if err else "failed", err.message if err else "unknown error"
             )
         return resp.result
+
+    def submit(self, text: str, source: str | None = None, **params: Any) -> Any:
+        """Submit a workstream file: in one request when it fits in a frame, else uploaded
+        in chunks on this connection and then submitted whole (the daemon checks the whole
+        file before it records anything)."""
+        data = text.encode()
+        if len(data) <= p.UPLOAD_CHUNK:
+            return self.call("submit", text=text, source=source, **params)
+        self.call("upload_begin", size=len(data))
+        for start in range(0, len(data), p.UPLOAD_CHUNK):
+            self.call("upload_chunk", data=data[start : start + p.UPLOAD_CHUNK])
+        return self.call("submit", upload=True, source=source, **params)
 
     def stream(self, method: str, **params: Any) -> Iterator[Any]:
         """Send a streaming request; yield each result until the daemon closes."""

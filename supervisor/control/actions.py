@@ -176,6 +176,7 @@ def submit(s: Machine, params: p.SubmitParams) -> dict[str, Any]:
             known_resources=set(s.state.data.resources),
             existing_task_ids=set(s.state.data.tasks),
             new_id=lambda: new_ulid(time.time(), __import__("os").urandom(10)),
+            document=params.document if isinstance(params, p.PreparedSubmit) else None,
         )
     except WorkstreamFileError as exc:
         raise OperatorError("invalid", str(exc)) from None

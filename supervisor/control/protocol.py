@@ -3,6 +3,11 @@
 A frame is a 4-byte big-endian length followed by a JSON body. A request is
 `{id, method, params}`; a response is `{id, ok, result}` or `{id, ok: false, error:
 {code, message}}`. Each method has one typed params Struct that refuses unknown fields.
+
+A workstream file bigger than a frame is uploaded on one connection: `upload_begin`
+(its size), `upload_chunk` (n times) (at most UPLOAD_CHUNK bytes each, base64 in the JSON),
+then `submit` with `upload: true`. The upload belongs to its connection (SESSION_METHODS
+are answered by the server itself) and is dropped with it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import msgspec
 
 MAX_REQUEST: Final = 1024 * 1024
 MAX_RESPONSE: Final = 256 * 1024 * 1024
+# Raw bytes per upload chunk: base64 makes 4/3 of it, well under MAX_REQUEST.
+UPLOAD_CHUNK: Final = 512 * 1024
 _LEN = struct.Struct(">I")
 
 # Error codes and the orchctl exit code each maps to (DESIGN.md §6).
@@ -119,8 +126,25 @@ class DebugParams(_Params):
 
 
 class SubmitParams(_Params):
-    text: str
+    text: str = ""
     source: str | None = None
+    # The file is this connection's completed upload, not `text`.
+    upload: bool = False
+
+
+class PreparedSubmit(SubmitParams):
+    """A submit as the server hands it to the engine: `document` is `text` decoded off
+    the engine's loop. Never decoded from the wire (it is in no table)."""
+
+    document: dict[str, Any] | None = None
+
+
+class UploadBeginParams(_Params):
+    size: int  # bytes the upload will carry, in all
+
+
+class UploadChunkParams(_Params):
+    data: bytes  # base64 in the JSON
 
 
 class RetryParams(_Params):
@@ -253,6 +277,12 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "undrain": (UndrainParams, True),
 }
 
+# Answered by the server for its connection, never by the engine: an upload's parts.
+SESSION_METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
+    "upload_begin": (UploadBeginParams, True),
+    "upload_chunk": (UploadChunkParams, True),
+}
+
 Params = _Params
 
 
@@ -292,7 +322,7 @@ def decode_request(body: bytes) -> tuple[Request, _Params, bool]:
         req = _request_decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError("invalid", f"malformed request: {exc}") from None
-    entry = METHODS.get(req.method)
+    entry = METHODS.get(req.method) or SESSION_METHODS.get(req.method)
     if entry is None:
         raise ProtocolError("invalid", f"unknown method {req.method!r}", req.id)
     ptype, changes = entry

@@ -25,8 +25,10 @@ from anyio.abc import SocketAttribute, SocketStream
 from supervisor.control import protocol as p
 from supervisor.control.actions import HANDLERS, SEVERITIES
 from supervisor.control.admission import Admission, RefusalLog
+from supervisor.control.upload import Upload, Uploads
 from supervisor.core.config import ControlConfig
-from supervisor.core.errors import OperatorError, OrchdError, StoreError
+from supervisor.core.errors import OperatorError, OrchdError, StoreError, WorkstreamFileError
+from supervisor.core.submission import decode_document
 from supervisor.engine.effects import FOLLOWER_BACKLOG
 from supervisor.engine.loop import Engine
 
@@ -38,6 +40,15 @@ FOLLOW_POLL_S = 0.2
 
 class SocketInUse(OrchdError):
     """Raised at start when another process already listens on the control socket's path."""
+
+
+class Connection:
+    """What one connection holds between its requests: an upload in progress."""
+
+    __slots__ = ("upload",)
+
+    def __init__(self) -> None:
+        self.upload: Upload | None = None
 
 
 class Peer(msgspec.Struct, frozen=True):
@@ -110,6 +121,7 @@ class Server:
         self.access = Access(cfg)
         self.admission = Admission()
         self.refusals = RefusalLog()
+        self.uploads = Uploads()
 
     def _access(self) -> Access:
         """The access lists in force: a config reload replaces the engine's settings."""
@@ -155,6 +167,7 @@ class Server:
 
     async def _serve(self, stream: SocketStream) -> None:
         async with stream:
+            conn = Connection()
             try:
                 peer = peer_of(stream)
                 access = self._access()
@@ -173,7 +186,7 @@ class Server:
                     await self._refuse(stream, peer, "unavailable", why)
                     return
                 try:
-                    await self._session(stream, peer)
+                    await self._session(stream, peer, conn)
                 finally:
                     self.admission.leave(peer.uid)
             except (
@@ -199,6 +212,8 @@ class Server:
                     )
             except Exception:  # a bug must not take the socket from everyone else
                 log.exception("control_connection_failed")
+            finally:
+                self._drop_upload(conn, "connection_closed")
 
     async def _refuse(self, stream: SocketStream, peer: Peer, code: str, message: str) -> None:
         """Send the refusal as an error frame and log it (rate-limited: a flood of
@@ -223,7 +238,7 @@ class Server:
             buf += await stream.receive(n - len(buf))
         return bytes(buf)
 
-    async def _session(self, stream: SocketStream, peer: Peer) -> None:
+    async def _session(self, stream: SocketStream, peer: Peer, conn: Connection) -> None:
         while True:
             with anyio.move_on_after(self.cfg.idle_timeout_s) as idle:
                 header = await self._read_exact(stream, 4)
@@ -236,11 +251,13 @@ class Server:
                 return  # the body would be unread garbage: close the connection
             with anyio.fail_after(self.cfg.request_timeout_s):
                 body = await self._read_exact(stream, n)
-            streaming = await self._request(stream, peer, body)
+            streaming = await self._request(stream, peer, body, conn)
             if streaming:
                 return
 
-    async def _request(self, stream: SocketStream, peer: Peer, body: bytes) -> bool:
+    async def _request(
+        self, stream: SocketStream, peer: Peer, body: bytes, conn: Connection
+    ) -> bool:
         try:
             req, params, changes = p.decode_request(body)
         except p.ProtocolError as exc:
@@ -266,16 +283,88 @@ class Server:
         if isinstance(params, p.LogsParams) and params.follow:
             await self._follow_log(stream, req.id, params)
             return True
-        resp = await self._dispatch(req, params, changes, peer)
+        if req.method in p.SESSION_METHODS:
+            resp = self._upload_part(req, params, conn)
+        else:
+            resp = await self._dispatch(req, params, changes, peer, conn)
         await stream.send(p.encode_response(resp))
         return False
 
+    # -- an upload: its parts, then the submit that takes it ----------------------------
+
+    def _upload_part(self, req: p.Request, params: p.Params, conn: Connection) -> p.Response:
+        """upload_begin or upload_chunk: answered here, for this connection alone."""
+        try:
+            if isinstance(params, p.UploadBeginParams):
+                self._drop_upload(conn, "replaced")
+                conn.upload = Upload(params.size, self._access_cfg().max_submit_bytes)
+                self.uploads.add(conn.upload)
+                log.info("upload_begun", size=params.size)
+            else:
+                assert isinstance(params, p.UploadChunkParams)
+                if conn.upload is None:
+                    raise OperatorError(
+                        "invalid", "no upload on this connection: send upload_begin first"
+                    )
+                try:
+                    conn.upload.add(params.data)
+                except OperatorError:
+                    self._drop_upload(conn, "overflow")
+                    raise
+        except OperatorError as exc:
+            return p.error_response(req.id, exc.code, str(exc))
+        up = conn.upload
+        assert up is not None
+        return p.Response(id=req.id, ok=True, result={"received": up.received, "size": up.size})
+
+    def _drop_upload(self, conn: Connection, why: str) -> None:
+        up, conn.upload = conn.upload, None
+        if up is not None:
+            self.uploads.discard(up)
+            if why != "taken":
+                log.info("upload_dropped", why=why, received=up.received, size=up.size)
+
+    def _access_cfg(self) -> ControlConfig:
+        self._access()
+        return self.cfg
+
+    async def _prepared(self, params: p.SubmitParams, conn: Connection) -> p.PreparedSubmit:
+        """The file of a submit (inline, or this connection's upload), decoded off the
+        engine's loop: a big file's TOML takes about a second per 20,000 tasks, and the
+        loop keeps stepping meanwhile. A file that is not TOML is refused here, whole."""
+        if params.upload:
+            up = conn.upload
+            if up is None:
+                raise OperatorError(
+                    "invalid", "no upload on this connection: send upload_begin and the chunks"
+                )
+            try:
+                data = up.take()
+            finally:
+                self._drop_upload(conn, "taken")
+        else:
+            data = params.text.encode()
+        source = params.source or "<submitted>"
+        try:
+            text, doc = await anyio.to_thread.run_sync(_decode_file, data, source)
+        except WorkstreamFileError as exc:
+            raise OperatorError("invalid", str(exc)) from None
+        return p.PreparedSubmit(text=text, source=params.source, document=doc)
+
     async def _dispatch(
-        self, req: p.Request, params: p.Params, changes: bool, peer: Peer
+        self, req: p.Request, params: p.Params, changes: bool, peer: Peer, conn: Connection
     ) -> p.Response:
         handler = HANDLERS[req.method]
+        logged: Any = None
         try:
+            if isinstance(params, p.SubmitParams):
+                # The interventions log names the file, not its (maybe megabytes of) text.
+                logged = {"source": params.source, "upload": params.upload}
+                params = await self._prepared(params, conn)
+                logged["bytes"] = len(params.text.encode())
             result = await self.engine.call(handler, params)
+            if req.method == "status":
+                result["uploads"] = self.uploads.figures()
             resp = p.Response(id=req.id, ok=True, result=result)
         except OperatorError as exc:
             resp = p.error_response(req.id, exc.code, str(exc))
@@ -293,7 +382,7 @@ class Server:
                 "method": req.method,
                 "uid": peer.uid,
                 "pid": peer.pid,
-                "params": msgspec.to_builtins(params),
+                "params": logged if logged is not None else msgspec.to_builtins(params),
                 "ok": resp.ok,
                 "result": resp.result if resp.ok else msgspec.to_builtins(resp.error),
             }
@@ -357,6 +446,15 @@ class Server:
                     await stream.send(
                         p.encode_response(p.Response(id=req_id, ok=True, result={"lines": new}))
                     )
+
+
+def _decode_file(data: bytes, source: str) -> tuple[str, dict[str, Any]]:
+    """A submitted file's text and its TOML document (run in a worker thread)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkstreamFileError([f"{source}: not UTF-8 text: {exc}"]) from None
+    return text, decode_document(data, source)
 
 
 def _tail_at(path: Path, lines: int) -> tuple[list[str], int]:

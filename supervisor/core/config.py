@@ -72,6 +72,8 @@ class ControlConfig(_Section):
     reserved_connections: int = 8
     idle_timeout_s: float = 300.0
     request_timeout_s: float = 30.0
+    # The largest workstream file `orchctl submit` may upload (in chunks, on one connection).
+    max_submit_bytes: int = 64 * 1024 * 1024
 
 
 class LogConfig(_Section):
@@ -143,6 +145,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
             f"{where}: `control.reserved_connections` must be >= 0 and below "
             f"`control.max_connections` ({ctl.max_connections}), got {ctl.reserved_connections}"
         )
+    positive("control.max_submit_bytes", cfg.control.max_submit_bytes)
     if problems:
         raise ConfigError("\n".join(problems))
 

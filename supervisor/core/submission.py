@@ -79,6 +79,16 @@ def creation_changes(ws: Workstream, tasks: Iterable[Task]) -> dict[str, Any]:
     }
 
 
+def decode_document(text: bytes, source: str) -> dict[str, Any]:
+    """The TOML of a workstream file as a table (the slow part of a big file: the control
+    socket runs it off the engine's loop and hands the result to `parse_workstream`)."""
+    try:
+        doc: dict[str, Any] = msgspec.toml.decode(text)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise WorkstreamFileError([f"{source}: not valid TOML: {exc}"]) from None
+    return doc
+
+
 def parse_workstream(
     text: bytes,
     *,
@@ -89,19 +99,18 @@ def parse_workstream(
     new_id: Callable[[], str],
     existing_workstream_ids: Collection[str] = (),
     now: float = 0.0,
+    document: dict[str, Any] | None = None,
 ) -> tuple[Workstream, list[Task]]:
     """Decode and check a workstream file; return the workstream and its tasks, ready for
     `creation_changes`. Raises WorkstreamFileError naming every problem, each prefixed with
-    `source`. A dependency may name a task of this file or one the daemon already has."""
+    `source`. A dependency may name a task of this file or one the daemon already has.
+    `document` is `text` already decoded by `decode_document`, when the caller did that."""
     problems: list[str] = []
 
     def problem(msg: str) -> None:
         problems.append(f"{source}: {msg}")
 
-    try:
-        doc = msgspec.toml.decode(text)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise WorkstreamFileError([f"{source}: not valid TOML: {exc}"]) from None
+    doc = document if document is not None else decode_document(text, source)
 
     for key in sorted(set(doc) - _TOP_LEVEL_KEYS):
         problem(f"unknown top-level field `{key}` (allowed: id, tasks)")
