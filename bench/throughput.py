@@ -42,19 +42,14 @@ def run_orchd(n: int, tag: str) -> float:
         d = Daemon(Path(tmp), BENCH_CONFIG)
         d.start()
         try:
-            # Submitted in workstreams of at most 2,000 tasks (a request is capped at 1 MiB);
-            # none has dependencies, so together they are one wide DAG to the engine.
-            texts = []
-            for start in range(0, n, 2000):
-                body = "\n".join(
-                    f'[[tasks]]\nid = "{tag}-{i}"\ncommand = ["true"]\ntimeout_s = 60'
-                    for i in range(start, min(n, start + 2000))
-                )
-                texts.append(f'id = "ws-{tag}-{start}"\n' + body)
+            # One workstream, however big (a file over one frame is uploaded in chunks);
+            # no dependencies, so it is one wide DAG to the engine.
+            body = "\n".join(
+                f'[[tasks]]\nid = "{tag}-{i}"\ncommand = ["true"]\ntimeout_s = 60' for i in range(n)
+            )
             with Client(d.socket) as client:  # one connection, polled gently
                 started = time.perf_counter()
-                for text in texts:
-                    client.call("submit", text=text, source="bench")
+                client.submit(f'id = "ws-{tag}"\n' + body, source="bench")
                 while True:
                     ws = client.call("ws_list")
                     if all(w["state"] in ("completed", "failed") for w in ws):

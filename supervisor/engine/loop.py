@@ -40,6 +40,8 @@ log = structlog.get_logger("orchd.engine")
 
 # After a failed append (a full disk), how long before the engine tries to write again.
 WRITE_RETRY_S = 1.0
+# A step that holds the loop longer than this is logged (`slow_step`), with what it did.
+SLOW_STEP_S = 0.25
 
 
 Inbox = MemoryObjectReceiveStream[Input | Call]
@@ -149,6 +151,14 @@ class Engine:
         else:
             inputs, self._deferred = self._deferred + inputs, []
         self._decide(now, inputs, calls, settle=not waiting)
+        took = self.clock() - now
+        if took > SLOW_STEP_S:
+            log.warning(
+                "slow_step",
+                seconds=round(took, 3),
+                inputs=len(inputs),
+                calls=[getattr(c.fn, "__name__", "?") for c in calls],
+            )
         self.commit.sync_lagging()
         await self.derived.write(self.commit.settle, writable=self.read_only is None)
 
