@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,9 +186,18 @@ def test_a_client_killed_mid_upload_leaves_nothing_behind(daemon: Daemon) -> Non
         "the upload buffer to be released",
     )
     assert last_seq(d) == before and d.call("ws_list") == []
-    dropped = [
-        json.loads(line) for line in d.output.read_text().splitlines() if '"upload_dropped"' in line
-    ]
+    dropped: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        dropped[:] = [
+            json.loads(line)
+            for line in d.output.read_text().splitlines()
+            if '"upload_dropped"' in line
+        ]
+        return bool(dropped)
+
+    # The daemon's log reaches orchd.out through a pipe: it may lag the socket a little.
+    d.wait_for(logged, 10, "the upload_dropped log line")
     assert [(e["why"], e["size"]) for e in dropped] == [("connection_closed", path.stat().st_size)]
 
 
