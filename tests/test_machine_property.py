@@ -4,7 +4,8 @@ A Hypothesis state machine drives the Machine through tests/rig.py (a MemoryStor
 FakePool, a FakeClock): it submits random DAG workstreams, lets agents finish attempts
 (success, failure, a failed validation or spawn), lets time pass (timeouts, back-offs),
 steps the wall clock, kills agents, silences their heartbeats, cancels and retries tasks,
-and makes the log refuse writes at random (a refused step is taken back and its inputs
+pauses and unpauses workstreams, drains and undrains the daemon, and makes the log refuse
+writes at random (a refused step is taken back and its inputs
 are handled again later). After every step:
 
 - the live state equals a replay of the durable log (and so do the graph's counts);
@@ -14,7 +15,8 @@ are handled again later). After every step:
 - every Run sent names the task's current running attempt;
 - a running task not being stopped has its timeout armed, a ready pending task its
   back-off, and a queued task waits only for a reason (no idle worker, a full resource,
-  a blocked workstream).
+  a blocked or paused workstream, a drained daemon);
+- no task starts an attempt while an operator holds it (paused, drained) throughout.
 
 At the end, writes succeed and agents behave: the rig steps time forward until nothing is
 due, and then nothing that could run is left waiting and the pool has its size again.
@@ -34,6 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from supervisor.control import actions
 from supervisor.control import protocol as p
+from supervisor.control import quiesce_actions as hold
 from supervisor.core.inputs import HealthReport, Probe
 from supervisor.core.model import TaskState, WorkerState, equal_states
 from tests.rig import Rig, config
@@ -69,6 +72,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.ws_count = 0
         self.silent: set[str] = set()
         self.broken = False  # an invariant failed: teardown adds nothing to the report
+        # task id -> (attempts, held by an operator) at the last check
+        self.seen: dict[str, tuple[int, bool]] = {}
 
     # -- work -------------------------------------------------------------------------
 
@@ -189,7 +194,41 @@ class CoreMachine(RuleBasedStateMachine):
             self.rig.run(actions.retry, p.RetryParams(task_id=tid))
             self.rig.deliver()
 
+    @rule(data=st.data(), pause=st.booleans())
+    def operator_pauses_or_unpauses(self, data: st.DataObject, pause: bool) -> None:
+        wss = sorted(self.rig.state.data.workstreams)
+        if wss:
+            ws = data.draw(st.sampled_from(wss))
+            if pause:
+                self.rig.run(hold.ws_pause, p.WsPauseParams(workstream=ws))
+            else:
+                self.rig.run(hold.ws_unpause, p.WsUnpauseParams(workstream=ws))
+            self.rig.deliver()
+
+    @rule(drain=st.booleans())
+    def operator_drains_or_undrains(self, drain: bool) -> None:
+        if drain:
+            self.rig.run(hold.drain, p.DrainParams())
+        else:
+            self.rig.run(hold.undrain, p.UndrainParams())
+        self.rig.deliver()
+
     # -- after every step ---------------------------------------------------------------
+
+    @invariant()
+    @checked
+    def nothing_starts_while_held(self) -> None:
+        data = self.rig.state.data
+        drained = data.draining()
+        now = {
+            t.id: (len(t.attempts), drained or data.workstreams[t.workstream_id].paused)
+            for t in data.tasks.values()
+        }
+        for tid, (n, held) in now.items():
+            before = self.seen.get(tid)
+            if before is not None and before[1] and held:
+                assert n <= before[0], f"{tid} started while held"
+        self.seen = now
 
     @invariant()
     @checked
@@ -255,8 +294,14 @@ class CoreMachine(RuleBasedStateMachine):
                 if ws.state in ACTIVE_WS:
                     assert rt.armed("backoff", t.id) is not None, t
             elif t.state == TaskState.QUEUED and rt.has_idle() and not rt.draining:
-                assert rt.is_blocked(t.workstream_id) or any(
-                    len(graph.holders_of(r)) >= data.resources[r].max_holders for r in t.resources
+                assert (
+                    rt.is_blocked(t.workstream_id)
+                    or ws.paused
+                    or data.draining()
+                    or any(
+                        len(graph.holders_of(r)) >= data.resources[r].max_holders
+                        for r in t.resources
+                    )
                 ), t
 
     # -- the end: writes succeed, agents behave ------------------------------------------
@@ -267,6 +312,9 @@ class CoreMachine(RuleBasedStateMachine):
         rig = self.rig
         rig.store.fail_writes = False
         rig.store.fail_next_writes(0)
+        rig.run(hold.undrain, p.UndrainParams())
+        for ws_id in sorted(rig.state.data.workstreams):
+            rig.run(hold.ws_unpause, p.WsUnpauseParams(workstream=ws_id))
         for _ in range(2000):
             rig.deliver()
             if rig.pool.current:
