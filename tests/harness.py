@@ -107,11 +107,15 @@ class Daemon:
     def start(self, timeout: float = 20.0, env_extra: dict[str, str] | None = None) -> Daemon:
         """Start it and wait until it answers; `env_extra` (e.g. NOTIFY_SOCKET) is added to
         the environment after the inherited systemd variables are taken out."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "ORCHD_FAILPOINT"))
-        } | {"ORCHD_TEST_RUN": RUN_TAG} | (env_extra or {})
+        env = (
+            {
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "ORCHD_FAILPOINT"))
+            }
+            | {"ORCHD_TEST_RUN": RUN_TAG}
+            | (env_extra or {})
+        )
         if self.failpoint:
             env["ORCHD_FAILPOINT"] = self.failpoint
         self.proc = subprocess.Popen(
