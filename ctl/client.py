@@ -23,6 +23,12 @@ class RemoteError(Exception):
         super().__init__(message)
 
 
+def _fits(params: dict[str, Any]) -> bool:
+    """The request fits in one frame (JSON escapes can make a text up to six times longer)."""
+    frame = p.encode_request(0, "submit", {k: v for k, v in params.items() if v is not None})
+    return len(frame) - 4 <= p.MAX_REQUEST
+
+
 class Client:
     def __init__(self, path: str, timeout_s: float = 60.0) -> None:
         self.path = path
@@ -89,8 +95,9 @@ class Client:
         in chunks on this connection and then submitted whole (the daemon checks the whole
         file before it records anything)."""
         data = text.encode()
-        if len(data) <= p.UPLOAD_CHUNK:
-            return self.call("submit", text=text, source=source, **params)
+        inline = {"text": text, "source": source, **params}
+        if len(data) <= p.UPLOAD_CHUNK and _fits(inline):
+            return self.call("submit", **inline)
         self.call("upload_begin", size=len(data))
         for start in range(0, len(data), p.UPLOAD_CHUNK):
             self.call("upload_chunk", data=data[start : start + p.UPLOAD_CHUNK])

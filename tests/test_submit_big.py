@@ -221,3 +221,21 @@ def test_upload_out_of_order_is_refused_clearly(daemon: Daemon) -> None:
         with pytest.raises(RemoteError, match="overflow"):
             c.call("upload_chunk", data=b"1234")
     assert last_seq(d) == before
+
+
+def test_a_small_file_that_escapes_past_one_frame_is_uploaded(daemon: Daemon) -> None:
+    """A file under the chunk size whose JSON escapes (a control character is six bytes
+    there) pass the frame limit still goes in whole: orchctl uploads it."""
+    d = settled(daemon)
+    pad = "\x01" * 300_000  # refused by TOML, but the daemon must get to say so
+    path = d.tmp / "escaped.toml"
+    path.write_text(f'# {pad}\nid = "ws-x"\n[[tasks]]\nid = "x"\ncommand = "true"\n')
+    r = d.ctl("submit", str(path))
+    assert r.returncode == 2 and "not valid TOML" in r.stderr, r.stderr
+    path.write_text(
+        'id = "ws-y"\n[[tasks]]\nid = "y"\ncommand = "true"\n'
+        + f"env = {{ PAD = '{chr(92) * 400_000}' }}\n"
+    )
+    r = d.ctl("submit", str(path))
+    assert r.returncode == 0, r.stderr
+    assert d.task("y")["env"]["PAD"] == "\\" * 400_000
