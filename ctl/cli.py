@@ -334,10 +334,13 @@ def _hold_words(method: str, result: dict[str, Any]) -> str:
         case "ws_unpause":
             return f"workstream {ws} starts tasks again (seq {seq})"
         case "drain":
-            return (
-                f"drained (seq {seq}); {result['running']} running task(s) finish, no task "
-                "starts until `orchctl undrain`"
+            n = result["running"]
+            held = (
+                f"draining (seq {seq}): {n} running task(s) finish"
+                if n
+                else (f"drained (seq {seq}): nothing running")
             )
+            return f"{held}, no task starts until `orchctl undrain`"
     return f"the daemon starts tasks again (seq {seq})"
 
 

@@ -97,7 +97,7 @@ def test_drain_holds_every_start_until_undrain_across_a_restart(tmp_path: Path) 
         d.wait_task("q2", "completed")
         d.wait_task("g", "running")
         out = ok(d, "drain", "--reason", "kernel update")
-        assert "drained (seq" in out and "1 running" in out
+        assert "draining (seq" in out and "1 running task(s) finish" in out
         status = ok(d, "status")
         assert "DRAINING: 1 RUNNING" in status and "kernel update" in status
         d.submit('id = "ws-b"\n' + quick("b1"), "b.toml")
