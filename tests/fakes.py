@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import msgspec
 
 from supervisor.core import wire
+from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.errors import StoreFsyncError, StoreWriteError
 from supervisor.core.inputs import AgentExited, AgentMessage, Input
 from supervisor.core.model import Event, State, StateData, Transition
@@ -236,9 +237,15 @@ class FakePool:
         self.runs: list[tuple[str, wire.Run]] = []
         self.kills_sent: list[tuple[str, wire.Kill]] = []
         self.spawns: list[tuple[str, int]] = []
-        self.kill_calls: list[tuple[str, tuple[int, int, float, str] | None]] = []
+        self.kill_calls: list[tuple[str, TaskTree | None]] = []
         self.stop_calls: list[str] = []
-        self.killed_trees: list[tuple[int, int, float, str]] = []
+        self.killed_trees: list[TaskTree] = []
+        self.killed_old_agents: list[OldAgent] = []
+        # What a kill of the tree with this marker leaves alive, as (pid, start ticks).
+        self.survivors: dict[str, tuple[tuple[int, int], ...]] = {}
+        # Survivors still alive when checked again (CheckSurvivors).
+        self.stuck: set[tuple[int, int]] = set()
+        self.may_kill = False
         self.sent: list[tuple[str, wire.ToAgent]] = []
         self.hello_on_spawn = True
         self.answer_kill = True
@@ -255,15 +262,25 @@ class FakePool:
         return self.send_now(worker_id, msg)
 
     async def kill(
-        self, worker_id: str, *, task_tree: tuple[int, int, float, str] | None, grace_s: float
-    ) -> None:
-        self.kill_now(worker_id, task_tree)
+        self, worker_id: str, *, task_tree: TaskTree | None, grace_s: float
+    ) -> tuple[tuple[int, int], ...]:
+        return self.kill_now(worker_id, task_tree)
 
-    async def stop(self, worker_id: str, grace_s: float) -> None:
+    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> None:
         self.stop_now(worker_id)
 
-    async def kill_trees(self, trees: list[tuple[int, int, float, str]], grace_s: float) -> None:
+    async def kill_old_life(
+        self, agents: list[OldAgent], trees: list[TaskTree], grace_s: float
+    ) -> dict[str, tuple[tuple[int, int], ...]]:
+        self.killed_old_agents.extend(agents)
         self.killed_trees.extend(trees)
+        return {t.marker: self.survivors.get(t.marker, ()) for t in trees}
+
+    def shutdown_recorded(self) -> None:
+        self.may_kill = True
+
+    def pid(self, worker_id: str) -> int | None:
+        return self.pids.get(worker_id) if worker_id in self.alive else None
 
     # -- the same, callable without an event loop -----------------------------------------
 
@@ -302,11 +319,12 @@ class FakePool:
                 self._exit(worker_id, gen, 0)
         return True
 
-    def kill_now(self, worker_id: str, task_tree: tuple[int, int, float, str] | None) -> None:
+    def kill_now(self, worker_id: str, task_tree: TaskTree | None) -> tuple[tuple[int, int], ...]:
         self.kill_calls.append((worker_id, task_tree))
         gen = self.alive.get(worker_id)
         if gen is not None:
             self._exit(worker_id, gen, -15)
+        return () if task_tree is None else self.survivors.get(task_tree.marker, ())
 
     def stop_now(self, worker_id: str) -> None:
         self.stop_calls.append(worker_id)

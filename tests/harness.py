@@ -104,9 +104,16 @@ class Daemon:
 
     # --- process -----------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0, env_extra: dict[str, str] | None = None) -> Daemon:
+    def start(
+        self,
+        timeout: float = 20.0,
+        env_extra: dict[str, str] | None = None,
+        *,
+        prefix: list[str] | None = None,
+    ) -> Daemon:
         """Start it and wait until it answers; `env_extra` (e.g. NOTIFY_SOCKET) is added to
-        the environment after the inherited systemd variables are taken out."""
+        the environment after the inherited systemd variables are taken out, and `prefix`
+        goes before its command line (a wrapper that execs it, keeping the pid)."""
         env = (
             {
                 k: v
@@ -120,6 +127,7 @@ class Daemon:
             env["ORCHD_FAILPOINT"] = self.failpoint
         self.proc = subprocess.Popen(
             [
+                *(prefix or []),
                 sys.executable,
                 "-m",
                 "supervisor",

@@ -23,6 +23,7 @@ from supervisor.core.config import Config, HealthConfig, ResourceConfig, TasksCo
 from supervisor.core.config import WorkersConfig as WorkersCfg
 from supervisor.core.effects import (
     Archive,
+    CheckSurvivors,
     Effect,
     Emit,
     KillStarting,
@@ -33,7 +34,14 @@ from supervisor.core.effects import (
     Spawn,
 )
 from supervisor.core.errors import StoreWriteError
-from supervisor.core.inputs import Input, Replace, Spawned, SpawnFailed, TreeKilled
+from supervisor.core.inputs import (
+    Input,
+    Replace,
+    Spawned,
+    SpawnFailed,
+    SurvivorsChecked,
+    TreeKilled,
+)
 from supervisor.core.machine import Machine, Step
 from supervisor.core.model import State, Task, TaskState, WorkerState
 from tests.fakes import FakeClock, FakePool, ListBox, MemoryStore
@@ -207,8 +215,8 @@ class Rig:
             case Note():
                 self.notes.append(eff)
             case KillTree(worker_id=wid, attempt_id=aid, tree=t):
-                pool.kill_now(wid, (t.pgid, t.pid, t.create_time, t.marker))
-                self.box.send_nowait(TreeKilled(wid, aid))
+                left = pool.kill_now(wid, t)
+                self.box.send_nowait(TreeKilled(wid, aid, left))
             case Spawn(worker_id=wid, delay_s=delay):
                 if delay:
                     self.delayed.append((self.clock.now + delay, eff))
@@ -218,18 +226,18 @@ class Rig:
                 tree = eff.tree
                 if eff.graceful:
                     pool.stop_now(eff.worker_id)
-                pool.kill_now(
-                    eff.worker_id,
-                    None if tree is None else (tree.pgid, tree.pid, tree.create_time, tree.marker),
-                )
+                left = pool.kill_now(eff.worker_id, tree)
                 if eff.attempt_id is not None:
-                    self.box.send_nowait(TreeKilled(eff.worker_id, eff.attempt_id))
+                    self.box.send_nowait(TreeKilled(eff.worker_id, eff.attempt_id, left))
                 if eff.replace:
                     self.box.send_nowait(Replace(eff.worker_id, eff.same_id, eff.cause))
             case KillStarting(worker_id=wid, restarts=restarts):
                 w = self.m.state.data.workers.get(wid)
                 if w is not None and w.state == WorkerState.STARTING and w.restarts == restarts:
                     pool.kill_now(wid, None)
+            case CheckSurvivors(task_id=tid, survivors=surv):
+                left = tuple(x for x in surv if x in pool.stuck)
+                self.box.send_nowait(SurvivorsChecked(tid, left))
             case Archive(workstream_id=ws_id, payload=payload):
                 self.store.write_json(f"archive/{ws_id}.json", payload)
 

@@ -78,7 +78,7 @@ class Driver:
                 assert done.attempt_id == msg.attempt_id and done.pid is None
                 return msg.pid, done
             assert isinstance(msg, wire.Finished), f"expected Started or Finished, got {msg}"
-            assert msg.pid is not None and msg.create_time
+            assert msg.pid is not None and msg.start_ticks
             return msg.pid, msg
 
     async def outcome(self, run: wire.Run, timeout_s: float = 5.0) -> wire.Finished:
@@ -371,7 +371,7 @@ async def test_quick_command_is_reported_by_finished_alone(tmp_path: Path) -> No
     async with agent(tmp_path) as a:
         await a.send(a.run("quick", ["true"]))
         first = await a.expect(wire.Finished)
-        assert first.phase == "done" and first.pid is not None and first.create_time
+        assert first.phase == "done" and first.pid is not None and first.start_ticks
         await a.send(a.run("slow", "sleep 0.3"))
         started = await a.expect(wire.Started)
         assert started.attempt_id == MARK + "slow"

@@ -52,24 +52,48 @@ def test_create_time_matches_psutil() -> None:
         assert proctree.create_time(pid) == psutil.Process(pid).create_time()
 
 
+def test_start_ticks_are_psutils_monotonic_create_time() -> None:
+    """start_ticks is field 22 of /proc/PID/stat: psutil's create time, less the boot
+    time, in clock ticks."""
+    hz = os.sysconf("SC_CLK_TCK")
+    for pid in (1, os.getpid()):
+        since_boot = psutil.Process(pid).create_time() - psutil.boot_time()
+        assert proctree.start_ticks(pid) == round(since_boot * hz)
+
+
 def test_process_identity_of_a_reaped_process_is_none() -> None:
-    """A pid that no longer exists has no identity."""
+    """A pid that no longer exists has no identity; a live one is (pid, start ticks)."""
     proc = subprocess.Popen(["true"])
     proc.wait()
     assert proctree.process_identity(proc.pid) is None
     assert proctree.process_identity(os.getpid()) == (
         os.getpid(),
-        psutil.Process().create_time(),
+        proctree.start_ticks(os.getpid()),
     )
 
 
-def test_find_tree_refuses_a_root_with_another_create_time() -> None:
-    """A root whose create time does not match (a reused pid) is not part of any tree."""
+def test_find_tree_refuses_a_root_with_other_start_ticks() -> None:
+    """A root whose start ticks do not match (a reused pid) is not part of any tree."""
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        ct = proctree.create_time(proc.pid)
-        assert [p.pid for p in proctree.find_tree(proc.pid, ct, None)] == [proc.pid]
-        assert proctree.find_tree(proc.pid, ct + 1.0, None) == []
+        ticks = proctree.start_ticks(proc.pid)
+        assert [p.pid for p in proctree.find_tree(proc.pid, ticks, None)] == [proc.pid]
+        assert proctree.find_tree(proc.pid, ticks + 1, None) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_legacy_epoch_create_time_is_still_compared() -> None:
+    """A record from before start ticks (epoch create time only) still finds its root when
+    the boot time has not moved, and no other process."""
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        ct = psutil.Process(proc.pid).create_time()
+        found = proctree.find_tree(proc.pid, None, None, legacy_create_time=ct)
+        assert [p.pid for p in found] == [proc.pid]
+        assert proctree.find_tree(proc.pid, None, None, legacy_create_time=ct + 1.0) == []
+        assert proctree.find_tree(proc.pid, None, None) == []
     finally:
         proc.kill()
         proc.wait()
@@ -84,12 +108,12 @@ def test_find_tree_finds_descendants_and_marked_escapees() -> None:
     )
     try:
         _until(lambda: len(_alive_marked("find")) == 3)
-        tree = proctree.find_tree(proc.pid, proctree.create_time(proc.pid), MARK + "find")
+        tree = proctree.find_tree(proc.pid, proctree.start_ticks(proc.pid), MARK + "find")
         assert {p.pid for p in tree} == {p.pid for p in _alive_marked("find")}
         escapee = [p for p in tree if os.getsid(p.pid) != proc.pid]
         assert len(escapee) == 1 and escapee[0].ppid() != proc.pid
     finally:
-        proctree.kill_tree(proc.pid, proc.pid, proctree.create_time(proc.pid), MARK + "find", 0.5)
+        proctree.kill_tree(proc.pid, proc.pid, proctree.start_ticks(proc.pid), MARK + "find", 0.5)
         proc.wait()
 
 
@@ -103,7 +127,7 @@ def test_kill_tree_escalates_to_sigkill_for_a_term_ignoring_group() -> None:
     _until(lambda: len(_alive_marked("trap")) >= 2)
     started = time.monotonic()
     report = proctree.kill_tree(
-        proc.pid, proc.pid, proctree.create_time(proc.pid), MARK + "trap", 0.3
+        proc.pid, proc.pid, proctree.start_ticks(proc.pid), MARK + "trap", 0.3
     )
     assert proc.wait(timeout=2) == -9
     assert time.monotonic() - started < 1.3
@@ -124,7 +148,7 @@ def test_kill_tree_finds_a_double_forked_escapee_by_marker() -> None:
     # on the way, so wait for exactly those three (by name).
     _until(lambda: _names(_alive_marked("escape")) == ["sh", "sleep", "sleep"])
     report = proctree.kill_tree(
-        proc.pid, proc.pid, proctree.create_time(proc.pid), MARK + "escape", 0.5
+        proc.pid, proc.pid, proctree.start_ticks(proc.pid), MARK + "escape", 0.5
     )
     proc.wait(timeout=2)
     assert report.survivors == ()
@@ -133,15 +157,15 @@ def test_kill_tree_finds_a_double_forked_escapee_by_marker() -> None:
 
 
 def test_kill_tree_never_signals_an_unverified_pid() -> None:
-    """With a create time that does not match, the process and its group are left alone."""
+    """With start ticks that do not match, the process and its group are left alone."""
     proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
-        ct = proctree.create_time(proc.pid)
-        report = proctree.kill_tree(proc.pid, proc.pid, ct + 5.0, None, 0.1)
+        ticks = proctree.start_ticks(proc.pid)
+        report = proctree.kill_tree(proc.pid, proc.pid, ticks + 500, None, 0.1)
         assert report.signalled == () and not report.group_signalled
         assert proc.poll() is None
         # pgid 0 would be our own group: it is never signalled either.
-        report = proctree.kill_tree(0, 0, 0.0, None, 0.1)
+        report = proctree.kill_tree(0, 0, None, None, 0.1)
         assert report.signalled == () and not report.group_signalled
     finally:
         proc.kill()

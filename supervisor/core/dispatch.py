@@ -26,6 +26,8 @@ def promote(m: Core) -> None:
         task = tasks.get(tid)
         if task is None or task.state != TaskState.PENDING or graph.unmet.get(tid):
             continue
+        if task.survivors:
+            continue  # held back (core/survivors.py): marked ready again on its release
         ws = m.state.data.workstreams[task.workstream_id]
         if ws.state not in ("pending", "running"):
             continue
@@ -91,6 +93,8 @@ def dispatch(m: Core) -> None:
         task = tasks.get(entry[2])
         if task is None or task.state != TaskState.QUEUED:
             continue
+        if task.survivors:
+            continue  # held back (core/survivors.py): queued again on its release
         ws_id = task.workstream_id
         if rt.is_blocked(ws_id) or workstreams[ws_id].paused:
             rt.park_ws(ws_id, entry)

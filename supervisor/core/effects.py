@@ -13,13 +13,26 @@ from supervisor.core.model import Cause, Event
 
 
 class TaskTree(msgspec.Struct, frozen=True):
-    """How to find an attempt's processes: its group and leader (pid + create time, so a
-    reused pid is never signalled) and the marker its environment carries."""
+    """How to find an attempt's processes: its group and leader (pid + start ticks, so a
+    reused pid is never signalled) and the marker its environment carries.
+    `legacy_create_time` is the epoch create time of a record from before start ticks."""
 
     pgid: int
     pid: int
-    create_time: float
+    start_ticks: int | None
     marker: str
+    legacy_create_time: float | None = None
+
+
+class OldAgent(msgspec.Struct, frozen=True):
+    """An agent of the daemon's previous life, as its worker record had it: pid and
+    start ticks (or a legacy epoch create time), and the attempt it ran, if any."""
+
+    worker_id: str
+    pid: int
+    start_ticks: int | None
+    legacy_create_time: float | None = None
+    attempt_id: str | None = None
 
 
 class Send(msgspec.Struct, tag=True):
@@ -30,8 +43,8 @@ class Send(msgspec.Struct, tag=True):
 
 
 class KillTree(msgspec.Struct, tag=True):
-    """Kill the worker's agent and the attempt's tree from the daemon, then report
-    TreeKilled (the agent cannot be asked: it is gone or wedged)."""
+    """Kill the attempt's tree and then the worker's agent from the daemon, then report
+    TreeKilled with any survivors (the agent cannot be asked: it is gone or wedged)."""
 
     worker_id: str
     attempt_id: str
@@ -70,6 +83,14 @@ class KillStarting(msgspec.Struct, tag=True):
     grace_s: float
 
 
+class CheckSurvivors(msgspec.Struct, tag=True):
+    """SIGKILL again what survived a kill of the task's attempt (the task's `survivors`
+    record says which and why), then report SurvivorsChecked."""
+
+    task_id: str
+    survivors: tuple[tuple[int, int], ...]
+
+
 class Emit(msgspec.Struct, tag=True):
     """Publish an event: events.jsonl, the journal and every follower."""
 
@@ -91,4 +112,4 @@ class Archive(msgspec.Struct, tag=True):
     payload: dict[str, Any]
 
 
-Effect = Send | KillTree | Spawn | Retire | KillStarting | Emit | Note | Archive
+Effect = Send | KillTree | Spawn | Retire | KillStarting | CheckSurvivors | Emit | Note | Archive

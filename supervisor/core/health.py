@@ -102,8 +102,8 @@ def _shutdown(m: Core, wid: str) -> None:
 
 def check_starting(m: Core) -> None:
     """An agent that started but never said hello within shutdown_after_s is killed (once
-    per start); its exit then counts as a failed start (growing back-off, an event). The
-    event says why its process is signalled."""
+    per start); its exit then counts as a failed start (growing back-off, an event). A
+    record (the worker's `stopping`) and the event say why its process is signalled."""
     h = m.cfg.health
     for wid, w in list(m.state.data.workers.items()):
         if w.state != WorkerState.STARTING or m.rt.start_killed(wid, w.restarts):
@@ -112,6 +112,8 @@ def check_starting(m: Core) -> None:
         if seen is None or m.now - seen < h.shutdown_after_s:
             continue
         m.rt.set_start_killed(wid, w.restarts)
+        # The record of why comes before the signal (write-ahead), as for every kill.
+        m.commit("worker", wid, "starting", "health", stopping="start_timeout")
         m.emit(
             "worker_start_timeout",
             "error",

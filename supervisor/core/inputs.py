@@ -31,17 +31,29 @@ class AgentExited(msgspec.Struct, tag=True):
 
 
 class TreeKilled(msgspec.Struct, tag=True):
-    """The daemon itself killed an attempt's tree (the agent could not be asked to)."""
+    """The daemon itself killed an attempt's tree (the agent could not be asked to);
+    `survivors` are the processes, as (pid, start ticks), that outlived the kill."""
 
     worker_id: str
     attempt_id: str
+    survivors: tuple[tuple[int, int], ...] = ()
+
+
+class SurvivorsChecked(msgspec.Struct, tag=True):
+    """The survivors of a task's kill were checked (and SIGKILLed again): those left."""
+
+    task_id: str
+    left: tuple[tuple[int, int], ...]
 
 
 class Spawned(msgspec.Struct, tag=True):
-    """An agent process was started for `worker_id` as `generation`."""
+    """An agent process was started for `worker_id` as `generation`, with that pid and
+    start ticks (0 when unknown)."""
 
     worker_id: str
     generation: int
+    pid: int = 0
+    start_ticks: int | None = None
 
 
 class SpawnFailed(msgspec.Struct, tag=True):
@@ -80,4 +92,13 @@ class HealthReport(msgspec.Struct, tag=True):
     stalled: bool = False
 
 
-Input = AgentMessage | AgentExited | TreeKilled | Spawned | SpawnFailed | Replace | HealthReport
+Input = (
+    AgentMessage
+    | AgentExited
+    | TreeKilled
+    | SurvivorsChecked
+    | Spawned
+    | SpawnFailed
+    | Replace
+    | HealthReport
+)

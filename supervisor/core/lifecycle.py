@@ -18,9 +18,16 @@ from supervisor.core.policy import STOP_RULES, StopReason
 
 
 def tree_of(attempt: Attempt) -> TaskTree:
-    """Where an attempt's processes are: its session (led by the recorded pid) and marker."""
+    """Where an attempt's processes are: its session (led by the recorded pid, known by its
+    start ticks, or by the epoch create time of an older record) and marker."""
     pid = attempt.pid or 0
-    return TaskTree(pid, pid, attempt.pid_create_time or 0.0, attempt.attempt_id)
+    return TaskTree(
+        pid,
+        pid,
+        attempt.pid_start_ticks,
+        attempt.attempt_id,
+        legacy_create_time=None if attempt.pid_start_ticks is not None else attempt.pid_create_time,
+    )
 
 
 def new_worker_id(m: Core) -> str:
@@ -42,11 +49,13 @@ def spawn_worker(m: Core, wid: str, cause: Cause, delay: float = 0.0) -> None:
         "starting",
         cause,
         pid=None,
+        pid_start_ticks=None,
         pid_create_time=None,
         task_id=None,
         attempt_id=None,
         started_at=m.wall,
         restarts=restarts,
+        stopping=None,
     )
     m.rt.expect_beat(wid, m.now + delay)
     m.effect(Spawn(wid, restarts, delay))
@@ -56,6 +65,19 @@ def spawn_wanted(m: Core, wid: str, restarts: int) -> bool:
     """A delayed spawn is still wanted: the worker was not retired or restarted since."""
     w = m.state.data.workers.get(wid)
     return w is not None and w.state == WorkerState.STARTING and w.restarts == restarts
+
+
+def on_spawned(m: Core, wid: str, generation: int, pid: int, ticks: int | None) -> bool:
+    """An agent was started: its pid and identity are recorded at once (before its hello),
+    so that a daemon that dies meanwhile leaves a record by which the next one finds it.
+    True when a record was made (one nothing waits on: it rides with the next sync)."""
+    if not fresh(m, wid, generation):
+        return False
+    worker = m.state.data.workers.get(wid)
+    if worker is None or worker.state != WorkerState.STARTING or not pid or worker.pid:
+        return False
+    m.commit("worker", wid, "starting", "auto", pid=pid, pid_start_ticks=ticks)
+    return True
 
 
 def fresh(m: Core, wid: str, generation: int) -> bool:
@@ -77,7 +99,7 @@ def on_hello(m: Core, wid: str, msg: wire.Hello) -> None:
         "idle",
         "auto",
         pid=msg.pid,
-        pid_create_time=msg.create_time,
+        pid_start_ticks=msg.start_ticks,
         started_at=m.wall,
     )
     m.rt.set_up_since(wid, m.now)
@@ -108,7 +130,7 @@ def on_started(m: Core, wid: str, msg: wire.Started) -> bool:
         "running",
         "auto",
         pid=msg.pid,
-        attempt_update={"pid": msg.pid, "pid_create_time": msg.create_time},
+        attempt_update={"pid": msg.pid, "pid_start_ticks": msg.start_ticks},
     )
     return True
 

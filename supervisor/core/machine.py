@@ -28,18 +28,22 @@ from supervisor.core.inputs import (
     Replace,
     Spawned,
     SpawnFailed,
+    SurvivorsChecked,
     TreeKilled,
 )
 from supervisor.core.lifecycle import (
+    attempt_task,
     fresh,
     on_agent_exit,
     on_hello,
     on_replace,
     on_spawn_failed,
+    on_spawned,
     on_started,
 )
-from supervisor.core.model import Transition
+from supervisor.core.model import Task, Transition
 from supervisor.core.outcome import on_finished
+from supervisor.core.survivors import hold, on_checked
 from supervisor.core.timers import on_timers
 from supervisor.core.txn import Txn
 
@@ -88,16 +92,30 @@ class Machine(Core):
                 self._on_agent(wid, gen, msg)
             case AgentExited(worker_id=wid, generation=gen, returncode=rc):
                 on_agent_exit(self, wid, gen, rc)
-            case TreeKilled(worker_id=wid, attempt_id=aid):
+            case TreeKilled(worker_id=wid, attempt_id=aid, survivors=left):
+                task = attempt_task(self, wid, aid) if left else None
                 on_finished(self, wid, wire.Finished(attempt_id=aid, phase="command", killed=True))
-            case Spawned(worker_id=wid, generation=gen):
-                fresh(self, wid, gen)
+                if left:
+                    task = task or self._task_of_attempt(aid)
+                    if task is not None:
+                        hold(self, task, aid, left)
+            case SurvivorsChecked(task_id=tid, left=left):
+                on_checked(self, tid, left)
+            case Spawned(worker_id=wid, generation=gen, pid=pid, start_ticks=ticks):
+                if on_spawned(self, wid, gen, pid, ticks):
+                    self._lazy += 1  # nothing waits on it: it rides with the next sync
             case SpawnFailed(worker_id=wid, message=message):
                 on_spawn_failed(self, wid, message)
             case Replace(worker_id=wid, same_id=same, cause=cause):
                 on_replace(self, wid, same, cause)
             case HealthReport():
                 evaluate(self, inp)
+
+    def _task_of_attempt(self, attempt_id: str) -> Task | None:
+        for task in self.state.data.tasks.values():
+            if any(a.attempt_id == attempt_id for a in task.attempts):
+                return task
+        return None
 
     def _on_agent(self, wid: str, gen: int, msg: wire.FromAgent) -> None:
         if not fresh(self, wid, gen):

@@ -139,6 +139,9 @@ class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     worker_id: str
     started_at: float
     pid: int | None = None
+    # The command's identity: its start time in clock ticks since boot (a clock step
+    # leaves it alone). Records from before it carry the epoch `pid_create_time` only.
+    pid_start_ticks: int | None = None
     pid_create_time: float | None = None
     ended_at: float | None = None
     exit_code: int | None = None
@@ -179,6 +182,9 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     stopping: str | None = None
     # The next attempt runs only the validate step (`orchctl revalidate`).
     revalidate: bool = False
+    # Processes of an attempt that outlived its kill, as [pid, start ticks]: the task is
+    # held back (not queued or dispatched) until they are gone.
+    survivors: list[list[int]] = []
 
 
 class Workstream(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -197,11 +203,15 @@ class Worker(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     id: str
     state: WorkerState = WorkerState.STARTING
     pid: int | None = None
+    # The agent's identity: start ticks since boot (older records: `pid_create_time`).
+    pid_start_ticks: int | None = None
     pid_create_time: float | None = None
     task_id: str | None = None
     attempt_id: str | None = None
     started_at: float | None = None
     restarts: int = 0
+    # Why the daemon is killing this worker's agent (recorded before the signal).
+    stopping: str | None = None
 
 
 class Resource(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -40,7 +40,7 @@ def on_finished(m: Core, wid: str, msg: wire.Finished) -> None:
     if msg.message:
         upd["message"] = msg.message
     if msg.pid is not None:  # it ended before a Started was worth sending
-        upd["pid"], upd["pid_create_time"] = msg.pid, msg.create_time
+        upd["pid"], upd["pid_start_ticks"] = msg.pid, msg.start_ticks
     if out.kind is not None:
         upd["failure_kind"] = out.kind
     if out.event == "task_reassigned":

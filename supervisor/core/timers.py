@@ -1,10 +1,12 @@
-"""Due timers: attempt timeouts, the end of a back-off, queue-wait and resource alerts.
+"""Due timers: attempt timeouts, the end of a back-off, queue-wait and resource alerts, the
+re-check of a held task's survivors.
 Pure: no I/O. Deadlines are monotonic; a timer that fires in a step whose records cannot
 be written is armed again by the step's rollback, so it fires again once they can.
 """
 
 from __future__ import annotations
 
+from supervisor.core import survivors
 from supervisor.core.context import Core
 from supervisor.core.dispatch import held
 from supervisor.core.lifecycle import stop_task
@@ -34,6 +36,8 @@ def on_timers(m: Core) -> None:
             if task.state == TaskState.PENDING:
                 rt.set_backoff_until(key, m.now)  # over, whatever the wall clock says
                 m.state.graph.mark_ready(key)
+        elif kind == "survivors":
+            survivors.on_due(m, task)
         elif kind == "queue_alert":
             # Held by an operator (paused, drained): not a wait to report; armed again
             # when the hold is lifted.

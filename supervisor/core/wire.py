@@ -54,9 +54,12 @@ class Stop(msgspec.Struct, tag=True, kw_only=True):
 
 
 class Hello(msgspec.Struct, tag=True, kw_only=True):
+    """The agent is up: its pid and identity (start ticks since boot)."""
+
     worker_id: str
     pid: int
-    create_time: float
+    create_time: float = 0.0
+    start_ticks: int | None = None
 
 
 class Heartbeat(msgspec.Struct, tag=True, kw_only=True):
@@ -68,7 +71,8 @@ class Started(msgspec.Struct, tag=True, kw_only=True):
 
     attempt_id: str
     pid: int
-    create_time: float
+    create_time: float = 0.0
+    start_ticks: int | None = None
 
 
 class Finished(msgspec.Struct, tag=True, kw_only=True):
@@ -85,9 +89,10 @@ class Finished(msgspec.Struct, tag=True, kw_only=True):
     validate_exit_code: int | None = None
     killed: bool = False
     message: str | None = None
-    # The command's pid and create time when no Started was sent (it ended that quickly).
+    # The command's pid and identity when no Started was sent (it ended that quickly).
     pid: int | None = None
     create_time: float | None = None
+    start_ticks: int | None = None
 
 
 ToAgent = Run | Kill | Stop

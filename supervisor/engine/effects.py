@@ -20,6 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from supervisor.core import lifecycle
 from supervisor.core.effects import (
     Archive,
+    CheckSurvivors,
     Effect,
     Emit,
     KillStarting,
@@ -29,11 +30,12 @@ from supervisor.core.effects import (
     Send,
     Spawn,
 )
-from supervisor.core.inputs import Replace, Spawned, SpawnFailed, TreeKilled
+from supervisor.core.inputs import Replace, Spawned, SpawnFailed, SurvivorsChecked, TreeKilled
 from supervisor.core.machine import Machine
 from supervisor.core.model import Event, WorkerState
 from supervisor.engine.ports import Agents, Durable
 from supervisor.store.snapshot import iso_utc
+from supervisor.workers import proctree
 
 log = structlog.get_logger("orchd.engine")
 
@@ -97,6 +99,8 @@ class Effects:
                 self._background(lambda: self._retire(eff))
             case KillStarting():
                 self._background(lambda: self._kill_starting(eff))
+            case CheckSurvivors():
+                self._background(lambda: self._check_survivors(eff))
             case Archive(workstream_id=ws_id, payload=payload):
                 self._background(
                     lambda: anyio.to_thread.run_sync(
@@ -155,11 +159,12 @@ class Effects:
         self.tg.start_soon(guarded)
 
     async def _kill_tree(self, eff: KillTree) -> None:
-        t = eff.tree
-        await self.pool.kill(
-            eff.worker_id, task_tree=(t.pgid, t.pid, t.create_time, t.marker), grace_s=eff.grace_s
-        )
-        await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id))
+        left = await self.pool.kill(eff.worker_id, task_tree=eff.tree, grace_s=eff.grace_s)
+        await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id, left))
+
+    async def _check_survivors(self, eff: CheckSurvivors) -> None:
+        left = await anyio.to_thread.run_sync(proctree.kill_survivors, eff.survivors)
+        await self.inbox.send(SurvivorsChecked(eff.task_id, left))
 
     async def _spawn(self, eff: Spawn) -> None:
         if eff.delay_s:
@@ -172,24 +177,16 @@ class Effects:
         except OSError as exc:
             await self.inbox.send(SpawnFailed(eff.worker_id, str(exc)))
             return
-        await self.inbox.send(Spawned(eff.worker_id, gen))
+        pid = self.pool.pid(eff.worker_id) or 0
+        ident = proctree.process_identity(pid) if pid else None
+        await self.inbox.send(Spawned(eff.worker_id, gen, pid, None if ident is None else ident[1]))
 
     async def _retire(self, eff: Retire) -> None:
-        tree = (
-            None
-            if eff.tree is None
-            else (
-                eff.tree.pgid,
-                eff.tree.pid,
-                eff.tree.create_time,
-                eff.tree.marker,
-            )
-        )
         if eff.graceful:
             await self.pool.stop(eff.worker_id, eff.grace_s)
-        await self.pool.kill(eff.worker_id, task_tree=tree, grace_s=eff.grace_s)
+        left = await self.pool.kill(eff.worker_id, task_tree=eff.tree, grace_s=eff.grace_s)
         if eff.attempt_id is not None:
-            await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id))
+            await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id, left))
         if eff.replace:
             await self.inbox.send(Replace(eff.worker_id, eff.same_id, eff.cause))
 

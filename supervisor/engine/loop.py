@@ -62,8 +62,11 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = failpoints.wall,
         rand: Callable[[], float] = random.random,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.store, self.pool = store, pool
+        # systemd's notify protocol, for recovery's EXTEND_TIMEOUT_USEC (None: not used).
+        self.notify = notify
         self.inbox, self.inbox_send = inbox, inbox_send
         self.clock, self.wall = clock, wall
         self.m = Machine(cfg, state, store, rand=rand, now=clock(), wall=wall())
@@ -100,7 +103,7 @@ class Engine:
         async with anyio.create_task_group() as tg:
             self.fx.tg = tg
             await tg.start(self.commit.run)
-            await recover(self.m, self.transact, self.pool)
+            await recover(self.m, self.transact, self.pool, self.notify)
             task_status.started()
             while not self.stopped.is_set():
                 await self._step()
@@ -276,6 +279,8 @@ class Engine:
             await self._settled(self.cfg.tasks.kill_grace_s + 5.0)
         self.fx.write_notes()
         await self._call_until(drain.end, within=grace)
+        # The workers' shutdown is on record: an agent that does not stop may be killed.
+        self.pool.shutdown_recorded()
         self.stopped.set()
 
     async def _call_until(self, fn: Callable[..., Any], *args: Any, within: float) -> None:
@@ -310,11 +315,11 @@ class Engine:
         """Append an operator's action to interventions.log (an OSError is the caller's)."""
         self.store.append_intervention(entry)
 
-    def probe_targets(self) -> list[tuple[str, int, float | None]]:
-        """(worker, pid, create time) of every worker whose agent health probes watch."""
+    def probe_targets(self) -> list[tuple[str, int, int | None]]:
+        """(worker, pid, start ticks) of every worker whose agent health probes watch."""
         watched = (WorkerState.IDLE, WorkerState.BUSY, WorkerState.UNRESPONSIVE)
         return [
-            (w.id, w.pid, w.pid_create_time)
+            (w.id, w.pid, w.pid_start_ticks)
             for w in self.state.data.workers.values()
             if w.state in watched and w.pid
         ]

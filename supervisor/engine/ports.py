@@ -12,7 +12,11 @@ from typing import Any, Protocol
 
 from supervisor.core import wire
 from supervisor.core.context import Files
+from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.model import Event, State, Transition
+
+# Processes that outlived a kill, as (pid, start ticks).
+Survivors = tuple[tuple[int, int], ...]
 
 
 class Durable(Files, Protocol):
@@ -50,12 +54,25 @@ class Agents(Protocol):
 
     async def send(self, worker_id: str, msg: wire.ToAgent) -> bool: ...
 
+    def pid(self, worker_id: str) -> int | None:
+        """The pid of the worker's running agent, if there is one."""
+        ...
+
     async def kill(
-        self, worker_id: str, *, task_tree: tuple[int, int, float, str] | None, grace_s: float
-    ) -> None: ...
+        self, worker_id: str, *, task_tree: TaskTree | None, grace_s: float
+    ) -> Survivors:
+        """Kill the attempt's tree, then the agent; what of the tree survived."""
+        ...
 
-    async def stop(self, worker_id: str, grace_s: float) -> None: ...
+    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> None: ...
 
-    async def kill_trees(self, trees: list[tuple[int, int, float, str]], grace_s: float) -> None:
-        """Kill attempt trees no agent runs (a previous life's), all within one grace."""
+    async def kill_old_life(
+        self, agents: list[OldAgent], trees: list[TaskTree], grace_s: float
+    ) -> dict[str, Survivors]:
+        """Kill a previous life's attempt trees and then its agents, all within one grace;
+        the survivors by attempt marker."""
+        ...
+
+    def shutdown_recorded(self) -> None:
+        """Every worker's shutdown is durable: agents that do not stop may be killed."""
         ...

@@ -80,7 +80,7 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         inbox=send,
         kill_grace_s=cfg.tasks.kill_grace_s,
     )
-    engine = Engine(cfg, store, state, pool, recv, send)
+    engine = Engine(cfg, store, state, pool, recv, send, notify=notifier.send)
     health = Health(engine)
     clean = True
     try:

@@ -67,7 +67,12 @@ class Agent:
         me = psutil.Process()
         log.info("agent_started", pid=me.pid, subreaper=subreaper)
         await self._channel.send(
-            wire.Hello(worker_id=self._worker_id, pid=me.pid, create_time=me.create_time())
+            wire.Hello(
+                worker_id=self._worker_id,
+                pid=me.pid,
+                create_time=me.create_time(),
+                start_ticks=proctree.start_ticks(me.pid),
+            )
         )
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -201,7 +206,7 @@ class Agent:
             )
             self._attempt = None
             if not attempt.started_sent and attempt.command_pid is not None:
-                result.pid, result.create_time = attempt.command_pid, attempt.command_create_time
+                result.pid, result.start_ticks = attempt.command_pid, attempt.command_start_ticks
             await self._channel.send(result)
             attempt.done.set()
 

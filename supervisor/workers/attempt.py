@@ -44,12 +44,13 @@ class RunningAttempt:
     run: wire.Run
     step: str = "command"
     pid: int | None = None
-    create_time: float = 0.0
+    # The step's identity: start ticks since boot (None once it was reaped).
+    start_ticks: int | None = None
     kill_requested: bool = False
     # Set once Started went out; a command that ends sooner is reported by Finished alone.
     started_sent: bool = False
     command_pid: int | None = None
-    command_create_time: float = 0.0
+    command_start_ticks: int | None = None
     kill_done: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -72,12 +73,12 @@ class AttemptRunner:
         try:
             # No step has started yet: the attempt task sees the flag and never spawns.
             if attempt.pid is not None:
-                pid, create_time = attempt.pid, attempt.create_time
+                pid, ticks = attempt.pid, attempt.start_ticks
                 report = await anyio.to_thread.run_sync(
                     lambda: proctree.kill_tree(
                         pid,
                         pid,
-                        create_time,
+                        ticks,
                         attempt.run.attempt_id,
                         grace_s,
                         children_of=os.getpid(),
@@ -88,7 +89,7 @@ class AttemptRunner:
                     attempt_id=attempt.run.attempt_id,
                     reason=reason,
                     pids=list(report.signalled),
-                    survivors=list(report.survivors),
+                    survivors=report.survivor_pids,
                 )
         finally:
             attempt.kill_done.set()
@@ -176,22 +177,22 @@ class AttemptRunner:
         self._direct.add(pid)
         attempt.step, attempt.pid = step, pid
         try:
-            attempt.create_time = proctree.create_time(pid)
+            attempt.start_ticks = proctree.start_ticks(pid)
         except (OSError, ValueError, IndexError):
-            attempt.create_time = 0.0  # already reaped; nothing to kill
+            attempt.start_ticks = None  # already reaped; nothing to kill
         pidfd = os.pidfd_open(pid)
         try:
             exec_error = await launch.read_exec_status(status_r) if status_r is not None else ""
             exited = False
             if not exec_error and step == "command":
-                attempt.command_pid, attempt.command_create_time = pid, attempt.create_time
+                attempt.command_pid, attempt.command_start_ticks = pid, attempt.start_ticks
                 with anyio.move_on_after(STARTED_DELAY_S):
                     await anyio.wait_readable(pidfd)
                     exited = True
                 if not exited:
                     attempt.started_sent = await self._channel.send(
                         wire.Started(
-                            attempt_id=run.attempt_id, pid=pid, create_time=attempt.create_time
+                            attempt_id=run.attempt_id, pid=pid, start_ticks=attempt.start_ticks
                         )
                     )
             if not exited:
@@ -237,12 +238,12 @@ class AttemptRunner:
         still alive keeps a live child of ours, so no children means nothing is left."""
         if not self.reap():
             return
-        pid, create_time = attempt.pid, attempt.create_time
+        pid, ticks = attempt.pid, attempt.start_ticks
         report = await anyio.to_thread.run_sync(
             lambda: proctree.kill_tree(
                 pid,
                 pid,
-                create_time,
+                ticks,
                 attempt.run.attempt_id,
                 self._kill_grace_s,
                 children_of=os.getpid(),

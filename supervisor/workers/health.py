@@ -1,5 +1,5 @@
 """Worker health probes: every `health_check_interval_s` each live worker's process is
-probed with psutil in a thread (exists with the same create time, not a zombie, not
+probed with psutil in a thread (exists with the same start ticks, not a zombie, not
 stopped; CPU, RSS and open fds kept for display), and the round goes to the engine as a
 HealthReport, where core/health.py turns it into verdicts.
 """
@@ -13,6 +13,7 @@ import psutil
 import structlog
 
 from supervisor.core.inputs import HealthReport, Probe
+from supervisor.workers import proctree
 
 if TYPE_CHECKING:
     from supervisor.engine.loop import Engine
@@ -22,24 +23,18 @@ log = structlog.get_logger("orchd.health")
 _SICK_STATUSES = frozenset(
     {psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_TRACING_STOP}
 )
-# psutil derives create_time from clock ticks (1/100 s).
-_CREATE_TIME_TOLERANCE = 0.01
 
 
-def probe(pid: int, create_time: float | None, procs: dict[int, psutil.Process]) -> Probe:
+def probe(pid: int, ticks: int | None, procs: dict[int, psutil.Process]) -> Probe:
     """psutil's view of one worker process (blocking; run in a thread). `procs` caches the
-    Process objects between checks so that cpu_percent measures since the previous one."""
+    Process objects between checks so that cpu_percent measures since the previous one.
+    The identity is the start ticks since boot, which a clock step leaves alone."""
     try:
         proc = procs.get(pid)
-        if proc is None or (
-            create_time is not None
-            and abs(proc.create_time() - create_time) > _CREATE_TIME_TOLERANCE
-        ):
+        if proc is None or not proc.is_running():
             proc = procs[pid] = psutil.Process(pid)
-        if (
-            create_time is not None
-            and abs(proc.create_time() - create_time) > _CREATE_TIME_TOLERANCE
-        ):
+        if ticks is not None and proctree.process_identity(pid) != (pid, ticks):
+            procs.pop(pid, None)
             return Probe(pid=pid, ok=False, status="gone (pid reused)")
         with proc.oneshot():
             status = proc.status()
@@ -89,7 +84,7 @@ class Health:
             except Exception as exc:  # the checks must outlive one bad round
                 log.error("health_check_failed", error=repr(exc))
 
-    def _probe_all(self, targets: list[tuple[str, int, float | None]]) -> dict[str, Probe]:
+    def _probe_all(self, targets: list[tuple[str, int, int | None]]) -> dict[str, Probe]:
         out = {wid: probe(pid, ct, self._procs) for wid, pid, ct in targets}
         live = {pid for _, pid, _ in targets}
         for pid in [p for p in self._procs if p not in live]:

@@ -13,12 +13,16 @@ import contextlib
 import errno
 import itertools
 import os
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
 import msgspec
+import psutil
 import structlog
 from anyio.abc import Process, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -27,6 +31,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 import supervisor
 from supervisor import failpoints
 from supervisor.core import wire
+from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.inputs import AgentExited, AgentMessage
 from supervisor.workers import proctree
 from supervisor.workers.launch import ORIGINAL_PYTHONPATH_ENV
@@ -39,6 +44,8 @@ _PACKAGE_ROOT = str(Path(supervisor.__file__).resolve().parent.parent)
 
 
 Inbox = MemoryObjectSendStream[AgentMessage | AgentExited]
+# Processes that outlived a kill, as (pid, start ticks).
+Survivors = tuple[tuple[int, int], ...]
 
 
 @dataclass(eq=False)
@@ -70,6 +77,7 @@ class Pool:
         self._generations = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._env = agent_env(dict(os.environ))
+        self._may_kill = False
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the agents' reader tasks; on cancellation stop every agent (Stop, then kill)."""
@@ -144,26 +152,100 @@ class Pool:
         self,
         worker_id: str,
         *,
-        task_tree: tuple[int, int, float, str] | None,
+        task_tree: TaskTree | None,
         grace_s: float,
-    ) -> None:
-        """Kill the worker's agent (TERM, KILL after grace_s) and, if given as (pgid, pid,
-        create_time, marker), the task tree too. Needs nothing from the agent, so it works
-        on one that is stopped or wedged."""
-        agent = self._agents.get(worker_id)
-        async with anyio.create_task_group() as tg:
-            if agent is not None:
-                tg.start_soon(self._kill_agent, agent, grace_s)
-            if task_tree is not None:
-                tg.start_soon(self._kill_tree, task_tree, grace_s)
-        if task_tree is not None:
-            # Whatever the dead agent had adopted (a double-forked escapee) is now re-parented
-            # further up; one more sweep finds it by its marker.
-            await self._kill_tree(task_tree, 0.0)
+    ) -> Survivors:
+        """Kill the attempt's tree, then the worker's agent (TERM, KILL after grace_s), then
+        sweep the tree once more; the tree's survivors, as (pid, start ticks). Needs nothing
+        from the agent, so it works on one that is stopped or wedged.
 
-    async def stop(self, worker_id: str, grace_s: float) -> None:
+        The tree goes first: the agent is a child subreaper, so the attempt's orphans (a
+        `setsid` escapee with a cleared environment, which neither its group nor the marker
+        finds) are its children, and /proc lists them even while it is stopped. Once the
+        agent died they would be re-parented to init, out of anyone's sight."""
+        agent = self._agents.get(worker_id)
+        survivors: Survivors = ()
+        if task_tree is not None:
+            parent = _live_child(agent)
+            survivors = await self._kill_tree(task_tree, grace_s, children_of=parent)
+        if agent is not None:
+            await self._kill_agent(agent, grace_s)
+        if task_tree is not None:
+            # Whatever was forked meanwhile or re-parented as the agent died: one more sweep.
+            again = await self._kill_tree(task_tree, 0.0)
+            survivors = await anyio.to_thread.run_sync(
+                proctree.living, sorted(set(survivors) | set(again))
+            )
+        return survivors
+
+    async def kill_old_life(
+        self, agents: list[OldAgent], trees: list[TaskTree], grace_s: float
+    ) -> dict[str, Survivors]:
+        """Kill what a previous life of the daemon left running, all at once (one grace for
+        all of it): every attempt's tree (each with the descendants of the old agent that
+        ran it), then the old agents themselves (each found by pid + start ticks, never by
+        pid alone), then one more sweep of each tree. The survivors by attempt marker."""
+
+        def find_agents() -> dict[str, psutil.Process]:
+            found = {}
+            for a in agents:
+                proc = proctree.verified(
+                    a.pid, a.start_ticks, legacy_create_time=a.legacy_create_time
+                )
+                if proc is not None:
+                    found[a.worker_id] = proc
+            return found
+
+        live = await anyio.to_thread.run_sync(find_agents)
+        ran = {
+            a.attempt_id: live[a.worker_id] for a in agents if a.attempt_id and a.worker_id in live
+        }
+        markers = {t.marker for t in trees}
+        out: dict[str, Survivors] = {}
+
+        async def one(tree: TaskTree, parent: psutil.Process | None) -> None:
+            out[tree.marker] = await self._kill_tree(tree, grace_s, children_of=parent)
+
+        async def orphans_of(proc: psutil.Process) -> None:
+            # An old agent with no attempt of record: whatever it had adopted goes too.
+            await anyio.to_thread.run_sync(
+                lambda: proctree.kill_tree(None, None, None, None, grace_s, children_of=proc)
+            )
+
+        async with anyio.create_task_group() as tg:
+            for tree in trees:
+                tg.start_soon(one, tree, ran.get(tree.marker))
+            for a in agents:
+                if a.worker_id in live and a.attempt_id not in markers:
+                    tg.start_soon(orphans_of, live[a.worker_id])
+        async with anyio.create_task_group() as tg:
+            for wid, proc in live.items():
+                tg.start_soon(self._kill_old_agent, wid, proc, grace_s)
+
+        async def sweep(tree: TaskTree) -> None:
+            again = await self._kill_tree(tree, 0.0)
+            out[tree.marker] = await anyio.to_thread.run_sync(
+                proctree.living, sorted(set(out.get(tree.marker, ())) | set(again))
+            )
+
+        async with anyio.create_task_group() as tg:
+            for tree in trees:
+                tg.start_soon(sweep, tree)
+        return out
+
+    async def _kill_old_agent(self, worker_id: str, proc: psutil.Process, grace_s: float) -> None:
+        gone = await anyio.to_thread.run_sync(proctree.kill_process, proc, grace_s)
+        log.info("old_agent_killed", worker_id=worker_id, pid=proc.pid, gone=gone)
+
+    def shutdown_recorded(self) -> None:
+        """Every worker's shutdown is durable: from now on the pool may kill an agent that
+        does not stop when asked (before that, on an exit with no such record, it only
+        closes the agents' pipes and they stop by themselves)."""
+        self._may_kill = True
+
+    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> None:
         """Ask the agent to stop (it kills its attempt first); kill it if it is not gone
-        within grace_s and a little more."""
+        within grace_s and a little more (only when `kill`: a record says why)."""
         agent = self._agents.get(worker_id)
         if agent is None or agent.process.returncode is not None:
             return
@@ -171,8 +253,9 @@ class Pool:
             with anyio.move_on_after(grace_s + 2.0):
                 await agent.process.wait()
         if agent.process.returncode is None:
-            log.warning("agent_stop_timeout", worker_id=worker_id, pid=agent.process.pid)
-            await self._kill_agent(agent, 0.0)
+            log.warning("agent_stop_timeout", worker_id=worker_id, pid=agent.process.pid, kill=kill)
+            if kill:
+                await self._kill_agent(agent, 0.0)
         await _close(agent)
 
     def pid(self, worker_id: str) -> int | None:
@@ -200,8 +283,9 @@ class Pool:
             pass  # the agent closed its end: it is exiting
         except (ValueError, msgspec.DecodeError) as exc:
             log.error("agent_protocol_error", worker_id=agent.worker_id, error=str(exc))
-            with contextlib.suppress(ProcessLookupError):
-                agent.process.kill()
+            # No signal without a record of why: at EOF on its stdin the agent kills its
+            # attempt and exits; one that does not goes silent, and health retires it.
+            await _hang_up(agent)
         except anyio.BrokenResourceError:
             inbox_open = False
         returncode = await agent.process.wait()
@@ -219,6 +303,8 @@ class Pool:
             return
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
+            # A stopped agent would hold the TERM pending for ever: let it act on it.
+            os.kill(process.pid, signal.SIGCONT)
         with anyio.move_on_after(grace_s):
             await process.wait()
         if process.returncode is None:
@@ -228,10 +314,27 @@ class Pool:
         await _close(agent)
         log.info("agent_killed", worker_id=agent.worker_id, returncode=process.returncode)
 
-    async def _kill_tree(self, tree: tuple[int, int, float, str], grace_s: float) -> None:
-        pgid, pid, create_time, marker = tree
+    async def _kill_tree(
+        self,
+        tree: TaskTree,
+        grace_s: float,
+        *,
+        children_of: psutil.Process | None = None,
+    ) -> Survivors:
+        """Kill one attempt's tree in process mode (session + subreaper + marker sweep); its
+        survivors. The log line gives when it began and ended, so that kills meant to run
+        together can be seen to overlap."""
+        began = time.monotonic()
         report = await anyio.to_thread.run_sync(
-            lambda: proctree.kill_tree(pgid, pid, create_time, marker, grace_s)
+            lambda: proctree.kill_tree(
+                tree.pgid,
+                tree.pid,
+                tree.start_ticks,
+                tree.marker,
+                grace_s,
+                children_of=children_of,
+                legacy_create_time=tree.legacy_create_time,
+            )
         )
         # If this daemon is a subreaper, the killed processes may be its zombies now; they
         # are never agents (those are waited for by their process objects).
@@ -239,24 +342,46 @@ class Pool:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(killed, os.WNOHANG)
         if report.signalled or report.survivors:
-            log.info(
+            (log.error if report.survivors else log.info)(
                 "task_tree_killed",
-                marker=marker,
+                marker=tree.marker,
                 pids=list(report.signalled),
-                survivors=list(report.survivors),
+                survivors=report.survivor_pids,
+                grace_s=grace_s,
+                began=round(began, 4),
+                ended=round(time.monotonic(), 4),
             )
-
-    async def kill_trees(self, trees: list[tuple[int, int, float, str]], grace_s: float) -> None:
-        """Kill attempt trees that no agent of ours runs (a previous life's), as
-        (pgid, pid, create_time, marker), all at once: one grace for all of them."""
-        async with anyio.create_task_group() as tg:
-            for tree in trees:
-                tg.start_soon(self._kill_tree, tree, grace_s)
+        return report.survivors
 
     async def _stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
             for worker_id in list(self._agents):
-                tg.start_soon(self.stop, worker_id, self._kill_grace_s)
+                tg.start_soon(
+                    partial(self.stop, worker_id, self._kill_grace_s, kill=self._may_kill)
+                )
+
+
+def _live_child(agent: _Agent | None) -> psutil.Process | None:
+    """The agent's process for `children_of`, while it is alive (a zombie's children are
+    already re-parented)."""
+    if agent is None or agent.process.returncode is not None:
+        return None
+    try:
+        return psutil.Process(agent.process.pid)
+    except psutil.Error:
+        return None
+
+
+async def _hang_up(agent: _Agent) -> None:
+    """Close the agent's stdin and read its stdout to the end, discarding it."""
+    stdin, stdout = agent.process.stdin, agent.process.stdout
+    with contextlib.suppress(
+        anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+    ):
+        if stdin is not None:
+            await stdin.aclose()
+        while stdout is not None:
+            await stdout.receive()
 
 
 async def _close(agent: _Agent) -> None:

@@ -4,11 +4,19 @@ Shared by the worker agent (killing its own attempts) and the daemon (killing th
 an agent that cannot answer, or of an attempt found running after a restart).
 
 An attempt's processes are found three ways, because each alone can miss some:
-- the root (only after its create time matched: a pid is never signalled on its number
+- the root (only after its start time matched: a pid is never signalled on its number
   alone, since the number may have been reused) and the root's descendants;
 - the descendants of a given parent, typically the agent, which is a child subreaper so
   that double-forked escapees are re-parented to it rather than to init;
 - every process whose environment carries ``ORCHD_ATTEMPT_ID=<marker>``.
+
+A process's identity is its pid and its start time in clock ticks since boot (field 22 of
+/proc/PID/stat). Unlike a create time in epoch seconds (ticks / HZ + the boot time), it
+does not move when the clock is stepped: the kernel's boot time (`btime` in /proc/stat)
+is derived from the wall clock, so every epoch create time shifts with a clock step and
+stops matching what was recorded. Records written before start ticks carry the epoch
+create time; those are still compared as before (a mismatch fails safe: the process is
+not signalled, and only the marker sweep finds the tree).
 
 All functions here block; async callers run them in a worker thread. None of them ever
 waits for (reaps) a process: the caller may own a child watcher that expects to collect
@@ -44,11 +52,16 @@ _SWEEP_WAIT_S = 1.0
 
 
 class KillReport(msgspec.Struct, frozen=True, kw_only=True):
-    """What `kill_tree` did: every pid it signalled and any it could not get rid of."""
+    """What `kill_tree` did: every pid it signalled and any it could not get rid of, the
+    latter as (pid, start ticks), so that they can be checked again safely later."""
 
     signalled: tuple[int, ...]
-    survivors: tuple[int, ...]
+    survivors: tuple[tuple[int, int], ...]
     group_signalled: bool
+
+    @property
+    def survivor_pids(self) -> list[int]:
+        return [pid for pid, _ in self.survivors]
 
 
 def set_child_subreaper() -> bool:
@@ -60,12 +73,30 @@ def set_child_subreaper() -> bool:
         return False
 
 
-def process_identity(pid: int) -> tuple[int, float] | None:
-    """(pid, create_time) of a live process, or None when there is no such process."""
+def process_identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start ticks) of a live process, or None when there is no such process."""
     try:
-        return pid, create_time(pid)
+        return pid, start_ticks(pid)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def start_ticks(pid: int) -> int:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat):
+    monotonic, never moved by a clock step. One unbuffered read of /proc/<pid>/stat (this
+    is on the spawn path of every task). Raises OSError when there is no such process."""
+    return int(_stat_fields(pid)[19])
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    # Fields after the command name, which is in parentheses and may contain anything;
+    # the start time is the 20th of them (field 22 of the whole line).
+    return data[data.rindex(b")") + 2 :].split(None, 20)
 
 
 def create_time(pid: int) -> float:
@@ -74,15 +105,9 @@ def create_time(pid: int) -> float:
     psutil.Process(pid) costs about a millisecond (it re-reads /proc/stat on every call);
     this is on the spawn path of every task, so it reads only /proc/<pid>/stat, with one
     unbuffered read, and keeps the boot time for a second. Raises OSError when there is no
-    such process."""
-    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
-    # Fields after the command name, which is in parentheses and may contain anything;
-    # the start time is the 20th of them (field 22 of the whole line).
-    return float(data[data.rindex(b")") + 2 :].split(None, 20)[19]) / _CLOCK_TICKS + _boot_time()
+    such process. Moves with the boot time when the clock is stepped: for display only,
+    identities use `start_ticks`."""
+    return float(_stat_fields(pid)[19]) / _CLOCK_TICKS + _boot_time()
 
 
 def _boot_time() -> float:
@@ -109,17 +134,35 @@ def inheritable_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def verified(pid: int, create_time: float) -> psutil.Process | None:
-    """The process `pid` if it still is the one that started at `create_time`."""
-    if pid <= 0:
+def verified(
+    pid: int, ticks: int | None, *, legacy_create_time: float | None = None
+) -> psutil.Process | None:
+    """The process `pid` if it still is the one that started at `ticks` (start ticks since
+    boot). Without ticks, a record from before them: compared by its epoch create time
+    (which a clock step since then makes fail, safely). Nothing known: None."""
+    if pid <= 0 or (ticks is None and not legacy_create_time):
         return None
     try:
+        # The Process is made first: psutil fixes its own (monotonic) identity now, so if the
+        # pid is reused after the check below, psutil refuses to signal the newcomer.
         proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) <= _CREATE_TIME_TOLERANCE:
+        if ticks is not None:
+            if start_ticks(pid) == ticks and proc.is_running():
+                return proc
+        elif (
+            legacy_create_time is not None
+            and abs(proc.create_time() - legacy_create_time) <= _CREATE_TIME_TOLERANCE
+        ):
             return proc
-    except psutil.Error:
+    except (psutil.Error, OSError, ValueError, IndexError):
         pass
     return None
+
+
+def identity_of(proc: psutil.Process) -> tuple[int, int] | None:
+    """(pid, start ticks) of a psutil process, None once it is gone."""
+    ident = process_identity(proc.pid)
+    return ident if ident is not None and proc.is_running() else None
 
 
 def find_marked(marker: str, *, prefix: bool = False) -> list[psutil.Process]:
@@ -141,27 +184,35 @@ def find_marked(marker: str, *, prefix: bool = False) -> list[psutil.Process]:
 
 def find_tree(
     pid: int | None,
-    create_time: float | None,
+    ticks: int | None,
     marker: str | None,
     *,
-    children_of: int | None = None,
+    children_of: int | psutil.Process | None = None,
+    legacy_create_time: float | None = None,
 ) -> list[psutil.Process]:
     """The attempt's processes: verified root and its descendants, `children_of`'s
-    descendants, and every process carrying the marker."""
+    descendants (a pid of our own child, or a verified Process), and every process
+    carrying the marker."""
     found: dict[int, psutil.Process] = {}
 
     def add(procs: Iterable[psutil.Process]) -> None:
         for p in procs:
             found.setdefault(p.pid, p)
 
-    if pid is not None and pid > 0 and create_time is not None:
-        root = verified(pid, create_time)
+    if pid is not None and pid > 0:
+        root = verified(pid, ticks, legacy_create_time=legacy_create_time)
         if root is not None:
             add([root])
             add(_descendants(root))
     if children_of is not None:
         with contextlib.suppress(psutil.Error):
-            add(_descendants(psutil.Process(children_of)))
+            parent = (
+                children_of
+                if isinstance(children_of, psutil.Process)
+                else psutil.Process(children_of)
+            )
+            # Listed from /proc even while the parent is stopped: it need not answer.
+            add(_descendants(parent))
     if marker:
         add(find_marked(marker))
     found.pop(os.getpid(), None)
@@ -171,16 +222,23 @@ def find_tree(
 def kill_tree(
     pgid: int | None,
     pid: int | None,
-    create_time: float | None,
+    ticks: int | None,
     marker: str | None,
     grace_s: float,
     *,
-    children_of: int | None = None,
+    children_of: int | psutil.Process | None = None,
+    legacy_create_time: float | None = None,
 ) -> KillReport:
     """SIGTERM the attempt's group and tree, SIGKILL what is left after `grace_s`, then sweep
     (by marker and descendants) until nothing is left. Blocks for up to grace_s + a few s."""
     signalled: set[int] = set()
-    procs = find_tree(pid, create_time, marker, children_of=children_of)
+
+    def find() -> list[psutil.Process]:
+        return find_tree(
+            pid, ticks, marker, children_of=children_of, legacy_create_time=legacy_create_time
+        )
+
+    procs = find()
     # pgid 0 (or less) would mean our own group to killpg: never.
     group = pgid is not None and pgid > 0 and _group_is_ours(pgid, procs)
     if group:
@@ -201,7 +259,7 @@ def kill_tree(
     # Processes forked while we were signalling, or adopted by a subreaper meanwhile.
     left: list[psutil.Process] = []
     for _ in range(_SWEEP_ROUNDS):
-        left = [p for p in find_tree(pid, create_time, marker, children_of=children_of) if alive(p)]
+        left = [p for p in find() if alive(p)]
         if not left:
             break
         for proc in left:
@@ -210,9 +268,52 @@ def kill_tree(
         left = _wait_gone(left, _SWEEP_WAIT_S)
     return KillReport(
         signalled=tuple(sorted(signalled)),
-        survivors=tuple(sorted(p.pid for p in left)),
+        survivors=_identities(left),
         group_signalled=group,
     )
+
+
+def kill_process(proc: psutil.Process, grace_s: float) -> bool:
+    """SIGTERM (and SIGCONT, should it be stopped) one verified process, SIGKILL it after
+    `grace_s`; True once it is gone. For an agent of a previous life, which is not our
+    child (nothing here waits for it)."""
+    if not alive(proc):
+        return True
+    _signal(proc, signal.SIGTERM)
+    _signal(proc, signal.SIGCONT)
+    if not _wait_gone([proc], grace_s):
+        return True
+    _signal(proc, signal.SIGKILL)
+    return not _wait_gone([proc], _SWEEP_WAIT_S)
+
+
+def kill_survivors(survivors: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """SIGKILL again the survivors of an earlier kill that are still the same processes
+    (pid + start ticks); those still there after a short wait."""
+    procs = [p for pid, ticks in survivors if (p := verified(pid, ticks)) is not None]
+    for proc in procs:
+        _signal(proc, signal.SIGKILL)
+    return _identities(_wait_gone(procs, 0.2))
+
+
+def living(idents: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Those of (pid, start ticks) that are still the same, live (not zombie) processes."""
+    return tuple(
+        sorted(
+            (pid, ticks)
+            for pid, ticks in idents
+            if (p := verified(pid, ticks)) is not None and alive(p)
+        )
+    )
+
+
+def _identities(procs: Iterable[psutil.Process]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for proc in procs:
+        ident = identity_of(proc)
+        if ident is not None:
+            out.append(ident)
+    return tuple(sorted(out))
 
 
 def alive(proc: psutil.Process) -> bool:

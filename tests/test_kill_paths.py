@@ -1,0 +1,455 @@
+"""Every path by which the daemon kills a task, in process containment (session, subreaper
+and marker sweep, no cgroups), against the real daemon and real processes: a SIGSTOPped
+worker shut down, a timeout, `orchctl cancel`, a daemon SIGKILL and restart, a tree of 200
+processes, recovery of 10 interrupted attempts that ignore SIGTERM, and a clock step of the
+boot time. The escapee `(setsid env -i sleep …&)` is in a session of its own with a cleared
+environment, so neither its process group nor the attempt marker finds it; only the
+agent (a child subreaper that adopted it) does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from supervisor.workers import proctree
+from tests.harness import Daemon, assert_no_leftovers, marker_processes, orchd_processes
+
+GRACE_S = 0.3
+PROCESS_MODE = {
+    "workers": {"count": 2, "containment": "process"},
+    "tasks": {"kill_grace_s": GRACE_S},
+}
+
+
+def _overrides(**extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(PROCESS_MODE))
+    for key, value in extra.items():
+        out.setdefault(key, {}).update(value)
+    return out
+
+
+def _resume_all() -> None:
+    for proc in orchd_processes():
+        try:
+            if proc.status() == psutil.STATUS_STOPPED:
+                proc.resume()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _finish(*daemons: Daemon, seconds: str | None = None) -> None:
+    """Stop every daemon still running; nothing of theirs may be left (escapees included:
+    they carry no marker and no test tag, so they are looked up by their command line)."""
+    _resume_all()
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+    try:
+        assert_no_leftovers()
+    finally:
+        if seconds is not None:
+            left = _sleepers(seconds)
+            for proc in left:
+                proc.kill()
+            assert not left, f"escapees left behind: {[p.pid for p in left]}"
+
+
+@pytest.fixture
+def seconds() -> str:
+    """A sleep length no other test uses: it names this test's escapee."""
+    return f"313.{random.randrange(10**6):06d}"
+
+
+def _sleepers(seconds: str) -> list[psutil.Process]:
+    """Live `sleep SECONDS` processes (the escapee, found by its command line alone)."""
+    out = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["cmdline"] == ["sleep", seconds] and proc.info["status"] != "zombie":
+            out.append(proc)
+    return out
+
+
+def _escapee_command(tmp: Path, seconds: str, rest: str = "sleep 300") -> str:
+    """The first attempt starts the escapee; any later one only runs `rest`."""
+    flag = tmp / f"escaped-{seconds}"
+    return f"if [ ! -e {flag} ]; then touch {flag}; (setsid env -i sleep {seconds} &); fi; {rest}"
+
+
+def _submit(d: Daemon, task_id: str, command: str, **extra: Any) -> None:
+    fields = "".join(f"\n{k} = {json.dumps(v)}" for k, v in extra.items())
+    d.submit(
+        f'id = "ws-{task_id}"\n[[tasks]]\nid = "{task_id}"\ncommand = {json.dumps(command)}'
+        f"{fields}\n",
+        f"{task_id}.toml",
+    )
+
+
+def _running(d: Daemon, task_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(task, its busy worker) once the task's process is known."""
+    found: dict[str, Any] = {}
+
+    def check() -> bool:
+        t = d.task(task_id)
+        if t["state"] != "running" or t.get("pid") is None:
+            return False
+        w = next(w for w in d.workers() if w["id"] == t["worker_id"])
+        found.update(task=t, worker=w)
+        return bool(w["state"] == "busy")
+
+    Daemon.wait_for(check, 40, f"{task_id} to run on a busy worker")
+    return found["task"], found["worker"]
+
+
+def _escapee(seconds: str) -> psutil.Process:
+    box: list[psutil.Process] = []
+
+    def up() -> bool:
+        box[:] = _sleepers(seconds)
+        return len(box) == 1
+
+    Daemon.wait_for(up, 10, f"the escapee sleep {seconds}")
+    return box[0]
+
+
+def _gone_within(procs: list[psutil.Process], within_s: float, what: str) -> None:
+    """psutil finds none of `procs` alive within `within_s`."""
+    Daemon.wait_for(lambda: not any(proctree.alive(p) for p in procs), within_s, what)
+
+
+def _agent(worker: dict[str, Any]) -> psutil.Process:
+    return psutil.Process(worker["pid"])
+
+
+# --- the escapee, by every kill path ---------------------------------------------------
+
+
+def test_escapee_of_a_stopped_worker_shut_down_at_shutdown_after_s(
+    tmp_path: Path, seconds: str
+) -> None:
+    """A SIGSTOPped worker shut down at shutdown_after_s: its attempt's tree, the
+    env-cleared setsid escapee included, is killed before the agent, within the grace."""
+    d = Daemon(tmp_path, _overrides()).start()
+    try:
+        _submit(d, "held", _escapee_command(tmp_path, seconds))
+        task, worker = _running(d, "held")
+        escapee, agent = _escapee(seconds), _agent(worker)
+        first = task["attempts"][-1]["attempt_id"]
+        agent.suspend()
+        d.wait_event("worker_shutdown", timeout=15, worker_id=worker["id"])
+        _gone_within([escapee], GRACE_S + 1.0, "the escapee to be killed")
+        _gone_within([agent], GRACE_S + 1.0, "the stopped agent to be killed")
+        assert not marker_processes(first)
+        assert not d.events("task_tree_survivors")
+        t = d.wait_task("held", "running")  # reassigned, on another worker
+        assert t["worker_id"] != worker["id"] and t["retry_count"] == 0
+    finally:
+        _finish(d, seconds=seconds)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["healthy", "stopped"])
+def test_escapee_of_a_timed_out_attempt(tmp_path: Path, seconds: str, stopped: bool) -> None:
+    """A timeout kills the escapee, whether the agent handles it or (stopped) the daemon."""
+    d = Daemon(tmp_path, _overrides()).start()
+    try:
+        _submit(d, "slow", _escapee_command(tmp_path, seconds), timeout_s=1.5, max_retries=1)
+        _, worker = _running(d, "slow")
+        escapee, agent = _escapee(seconds), _agent(worker)
+        if stopped:
+            agent.suspend()
+        d.wait_event("task_timeout", task_id="slow")
+        _gone_within([escapee], GRACE_S + 1.0 + (2.0 if stopped else 0.0), "the escapee")
+        t = d.wait_task("slow", "failed")
+        assert t["failure_kind"] == "timeout"
+        if stopped:
+            _gone_within([agent], GRACE_S + 1.0, "the stopped agent to be killed")
+    finally:
+        _finish(d, seconds=seconds)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["healthy", "stopped"])
+def test_escapee_of_a_cancelled_task(tmp_path: Path, seconds: str, stopped: bool) -> None:
+    """`orchctl cancel` kills the escapee, whether the agent handles it or (stopped, so
+    unresponsive) the daemon kills the tree and then the agent."""
+    d = Daemon(tmp_path, _overrides()).start()
+    try:
+        _submit(d, "doomed", _escapee_command(tmp_path, seconds))
+        _, worker = _running(d, "doomed")
+        escapee, agent = _escapee(seconds), _agent(worker)
+        if stopped:
+            agent.suspend()
+            d.wait_event("worker_unresponsive", worker_id=worker["id"])
+        r = d.ctl("--yes", "cancel", "doomed")
+        assert r.returncode == 0, r.stderr
+        _gone_within([escapee], GRACE_S + 1.0, "the escapee")
+        assert d.wait_task("doomed", "cancelled")["state"] == "cancelled"
+        if stopped:
+            _gone_within([agent], GRACE_S + 1.0, "the stopped agent to be killed")
+    finally:
+        _finish(d, seconds=seconds)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["healthy", "stopped"])
+def test_escapee_after_a_daemon_sigkill_and_restart(
+    tmp_path: Path, seconds: str, stopped: bool
+) -> None:
+    """After kill -9 of the daemon, the escapee is gone: killed by its agent at EOF, or,
+    when that agent is stopped, by the next daemon's recovery (the old agent's children,
+    found by its recorded pid and start ticks), before it answers on its socket."""
+    d = Daemon(tmp_path, _overrides()).start()
+    d2 = Daemon(tmp_path, d.cfg)
+    try:
+        _submit(d, "cut", _escapee_command(tmp_path, seconds))
+        _, worker = _running(d, "cut")
+        escapee, agent = _escapee(seconds), _agent(worker)
+        if stopped:
+            agent.suspend()
+        d.kill()
+        if stopped:
+            assert proctree.alive(escapee) and proctree.alive(agent)
+        d2.start()
+        _gone_within([escapee, agent], GRACE_S + 1.0, "the escapee and the old agent")
+        t = d2.task("cut")
+        assert t["attempts"][0]["failure_kind"] == "interrupted" and t["retry_count"] == 0
+        assert not d2.events("task_tree_survivors")
+    finally:
+        _finish(d, d2, seconds=seconds)
+
+
+# --- a big tree ------------------------------------------------------------------------
+
+# Four sessions of 40 sleeps under a shell each, a job-control shell putting 34 sleeps in
+# process groups of their own, and one double-forked escapee: 200 processes below the
+# attempt's own shell.
+_BIG_TREE = (
+    "for s in 1 2 3 4; do setsid sh -c 'for i in $(seq 40); do sleep 300 & done; wait' & done; "
+    "bash -c 'set -m; for i in $(seq 34); do sleep 300 & done; wait' & "
+    "(setsid sleep 300 &); "
+    "wait"
+)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["healthy", "stopped"])
+def test_two_hundred_children_in_sessions_and_groups_killed_on_timeout(
+    tmp_path: Path, stopped: bool
+) -> None:
+    """A task with 200 sleeping children in several sessions and process groups is killed
+    whole on timeout: by its agent, or by the daemon when the agent is stopped."""
+    d = Daemon(tmp_path, _overrides()).start()
+    try:
+        _submit(d, "big", _BIG_TREE, timeout_s=6.0, max_retries=1)
+        task, worker = _running(d, "big")
+        aid = task["attempts"][-1]["attempt_id"]
+        Daemon.wait_for(lambda: len(marker_processes(aid)) >= 201, 15, "200 children")
+        procs = marker_processes(aid)
+        sessions = {os.getsid(p.pid) for p in procs}
+        groups = {os.getpgid(p.pid) for p in procs}
+        assert len(sessions) >= 6 and len(groups) >= 30
+        agent = _agent(worker)
+        if stopped:
+            agent.suspend()
+        d.wait_event("task_timeout", timeout=15, task_id="big")
+        _gone_within(procs, GRACE_S + 1.0 + (2.0 if stopped else 0.0), "the 201 processes")
+        assert d.wait_task("big", "failed")["failure_kind"] == "timeout"
+        assert not marker_processes(aid)
+    finally:
+        _finish(d)
+
+
+# --- recovery --------------------------------------------------------------------------
+
+
+def _kill_lines(d: Daemon, markers: set[str]) -> list[dict[str, Any]]:
+    out = []
+    for line in d.output.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "task_tree_killed" and rec.get("marker") in markers:
+            out.append(rec)
+    return out
+
+
+def test_recovery_kills_ten_term_ignoring_attempts_within_one_grace(tmp_path: Path) -> None:
+    """Ten interrupted attempts that ignore SIGTERM, nine of their agents stopped: after
+    kill -9 of the daemon the next one kills every tree at once (one shared grace: the
+    kills overlap), then every old agent, and only then says READY=1 (after telling
+    systemd to extend its start timeout) and listens; each task runs again."""
+    n, grace = 10, 1.0
+    d = Daemon(tmp_path, _overrides(workers={"count": n}, tasks={"kill_grace_s": grace})).start()
+    d2 = Daemon(tmp_path, d.cfg)
+    notify_path = str(tmp_path / "notify.sock")
+    try:
+        for i in range(n):
+            flag = tmp_path / f"ignored-{i}"
+            _submit(
+                d,
+                f"t{i}",
+                f"if [ ! -e {flag} ]; then touch {flag}; trap '' TERM; fi; "
+                "while :; do sleep 0.05; done",
+            )
+        running = [_running(d, f"t{i}") for i in range(n)]
+        markers = {t["attempts"][-1]["attempt_id"] for t, _ in running}
+        trees = [p for m in markers for p in marker_processes(m)]
+        agents = [_agent(w) for _, w in running]
+        for agent in agents[1:]:
+            agent.suspend()
+        d.kill()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+            ns.bind(notify_path)
+            began = time.monotonic()
+            d2.start(env_extra={"NOTIFY_SOCKET": notify_path})
+            ready_s = time.monotonic() - began
+            ns.settimeout(5)
+            said: list[str] = []
+            while not any("READY=1" in s for s in said):
+                said.append(ns.recv(4096).decode())
+        print(
+            f"recovery of {n} TERM-ignoring attempts, grace {grace}s: socket after {ready_s:.2f}s"
+        )
+        assert not any(proctree.alive(p) for p in trees + agents)
+        # The one healthy agent killed its own tree at EOF; the daemon killed the others.
+        held = {t["attempts"][-1]["attempt_id"] for t, _ in running[1:]}
+        first: dict[str, dict[str, Any]] = {}
+        for rec in _kill_lines(d2, held):
+            first.setdefault(rec["marker"], rec)
+        assert set(first) == held, "every stopped agent's attempt tree was killed"
+        # One shared grace: every kill began before any of them ended.
+        assert max(r["began"] for r in first.values()) < min(r["ended"] for r in first.values())
+        assert all(r["grace_s"] == grace for r in first.values())
+        # systemd was asked to wait longer before READY=1 came.
+        ready_at = next(i for i, s in enumerate(said) if "READY=1" in s)
+        assert any("EXTEND_TIMEOUT_USEC=" in s for s in said[:ready_at])
+        ev = d2.events("recovery_kill")
+        assert len(ev) == 1 and len(ev[0]["data"]["attempts"]) == n
+        assert len(ev[0]["data"]["agents"]) == n
+        for i in range(n):
+            t = d2.task(f"t{i}")
+            assert t["attempts"][0]["failure_kind"] == "interrupted" and t["retry_count"] == 0
+        assert not d2.events("task_tree_survivors")
+    finally:
+        _finish(d, d2)
+
+
+# --- identity across a clock step of the boot time --------------------------------------
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
+    reason="needs root, unshare and nsenter (a private mount namespace)",
+)
+
+
+def _fake_stat(path: Path, shift_s: int) -> Path:
+    """/proc/stat with its btime moved by `shift_s` (as a clock step moves it)."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    out = [
+        f"btime {int(line.split()[1]) + shift_s}" if line.startswith("btime ") else line
+        for line in lines
+    ]
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def _btime_seen_by(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/root/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return int(line.split()[1])
+    raise AssertionError("no btime")
+
+
+def _in_namespace(stat: Path) -> list[str]:
+    """A wrapper: a private mount namespace with `stat` bound over /proc/stat, then exec."""
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount --bind {stat} /proc/stat && exec "$@"',
+        "sh",
+    ]
+
+
+def _real_btime() -> int:
+    return _btime_seen_by(os.getpid())
+
+
+@needs_root
+def test_identities_match_after_a_boot_time_step_across_a_restart(
+    tmp_path: Path, seconds: str
+) -> None:
+    """The next daemon sees a boot time 1000 s later (a clock step): the recorded start
+    ticks still match, so it kills the old (stopped) agent and the attempt's root, which
+    carries no marker (`exec env -i`), found by its pid + start ticks alone."""
+    d = Daemon(tmp_path, _overrides()).start()
+    d2 = Daemon(tmp_path, d.cfg)
+    try:
+        _submit(d, "root", f"exec env -i sleep {seconds}")
+        task, worker = _running(d, "root")
+        root, agent = psutil.Process(task["pid"]), _agent(worker)
+        assert root.cmdline() == ["sleep", seconds]
+        agent.suspend()
+        d.kill()
+        d2.start(prefix=_in_namespace(_fake_stat(tmp_path / "stat", 1000)))
+        assert d2.proc is not None
+        assert _btime_seen_by(d2.proc.pid) == _real_btime() + 1000
+        _gone_within([root, agent], GRACE_S + 1.0, "the root and the old agent")
+    finally:
+        _finish(d, d2, seconds=seconds)
+
+
+@needs_root
+def test_a_boot_time_step_while_running_leaves_workers_healthy_and_kills_right(
+    tmp_path: Path, seconds: str
+) -> None:
+    """A boot time step under a running daemon: health probes still recognise every agent
+    (no worker taken for gone), and a timeout still kills the unmarked root by identity."""
+    d = Daemon(tmp_path, _overrides()).start(prefix=_in_namespace(_fake_stat(tmp_path / "s0", 0)))
+    try:
+        assert d.proc is not None
+        _submit(d, "before", "true")
+        d.wait_task("before", "completed")
+        subprocess.run(
+            [
+                "nsenter",
+                f"--mount=/proc/{d.proc.pid}/ns/mnt",
+                "mount",
+                "--bind",
+                str(_fake_stat(tmp_path / "s1", 1000)),
+                "/proc/stat",
+            ],
+            check=True,
+        )
+        assert _btime_seen_by(d.proc.pid) == _real_btime() + 1000
+        # Longer than unresponsive_after_s and many health rounds: a probe that took the
+        # agents for reused pids would have reported them by the time this completes.
+        _submit(d, "after", "sleep 1.5")
+        d.wait_task("after", "completed")
+        assert not d.events("worker_unresponsive")
+        assert not d.events("worker_shutdown")
+        _submit(d, "root", f"exec env -i sleep {seconds}", timeout_s=1.0, max_retries=1)
+        task, _ = _running(d, "root")
+        root = psutil.Process(task["pid"])
+        d.wait_event("task_timeout", task_id="root")
+        _gone_within([root], GRACE_S + 1.0, "the timed-out root")
+    finally:
+        _finish(d, seconds=seconds)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_stopped_agents() -> Iterator[None]:
+    yield
+    _resume_all()
