@@ -37,6 +37,7 @@ from supervisor.core.errors import StoreWriteError
 from supervisor.core.inputs import (
     Input,
     Replace,
+    Retired,
     Spawned,
     SpawnFailed,
     SurvivorsChecked,
@@ -229,6 +230,7 @@ class Rig:
                 left = pool.kill_now(eff.worker_id, tree)
                 if eff.attempt_id is not None:
                     self.box.send_nowait(TreeKilled(eff.worker_id, eff.attempt_id, left))
+                self.box.send_nowait(Retired(eff.worker_id))
                 if eff.replace:
                     self.box.send_nowait(Replace(eff.worker_id, eff.same_id, eff.cause))
             case KillStarting(worker_id=wid, restarts=restarts):

@@ -9,10 +9,12 @@ agent (a child subreaper that adopted it) does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -453,3 +455,142 @@ def test_a_boot_time_step_while_running_leaves_workers_healthy_and_kills_right(
 def _no_stray_stopped_agents() -> Iterator[None]:
     yield
     _resume_all()
+
+
+# --- survivors -------------------------------------------------------------------------
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.fixture
+def frozen_cgroup(seconds: str) -> Iterator[Path]:
+    """A cgroup v1 freezer group: its processes, once frozen, cannot die of SIGKILL until
+    they are thawed (a real survivor, as a process in uninterruptible sleep would be)."""
+    if os.geteuid() != 0 or not (FREEZER / "cgroup.procs").exists():
+        pytest.skip("needs root and the cgroup v1 freezer")
+    cg = FREEZER / f"orchd-test-{seconds.replace('.', '-')}"
+    cg.mkdir()
+    try:
+        yield cg
+    finally:
+        (cg / "freezer.state").write_text("THAWED\n")
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        Daemon.wait_for(lambda: not (cg / "cgroup.procs").read_text().strip(), 5, "empty")
+        cg.rmdir()
+
+
+def _survivors_checked(d: Daemon, task_id: str) -> list[dict[str, Any]]:
+    out = []
+    for line in d.output.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if rec.get("event") == "survivors_checked" and rec.get("task_id") == task_id:
+                out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["agent-kill", "daemon-kill"])
+def test_survivors_hold_the_task_back_until_they_are_gone(
+    tmp_path: Path, seconds: str, frozen_cgroup: Path, stopped: bool
+) -> None:
+    """An escapee that cannot die (frozen) survives the kill: an event names its pid, the
+    task is held back (no new attempt while it lives, through several re-checks) whether
+    the agent (timeout) or the daemon (a stopped worker shut down) killed the tree; once
+    it is thawed it dies, the task is released and runs again."""
+    d = Daemon(tmp_path, _overrides()).start()
+    try:
+        freeze = f"echo \\$\\$ > {frozen_cgroup}/cgroup.procs; exec sleep {seconds}"
+        flag = tmp_path / f"escaped-{seconds}"
+        command = (
+            f'if [ ! -e {flag} ]; then touch {flag}; (setsid env -i sh -c "{freeze}" &); fi; '
+            "sleep 300"
+        )
+        extra = {} if stopped else {"timeout_s": 1.5, "max_retries": 3}
+        _submit(d, "stuck", command, **extra)
+        _, worker = _running(d, "stuck")
+        escapee = _escapee(seconds)
+        Daemon.wait_for(
+            lambda: str(escapee.pid) in (frozen_cgroup / "cgroup.procs").read_text().split(),
+            5,
+            "the escapee in the freezer",
+        )
+        (frozen_cgroup / "freezer.state").write_text("FROZEN\n")
+        Daemon.wait_for(
+            lambda: (frozen_cgroup / "freezer.state").read_text().strip() == "FROZEN", 5, "frozen"
+        )
+        if stopped:
+            _agent(worker).suspend()
+        ev = d.wait_event("task_tree_survivors", timeout=30, task_id="stuck")
+        assert escapee.pid in ev["data"]["pids"]
+        assert d.task("stuck")["survivors"]
+        Daemon.wait_for(lambda: len(_survivors_checked(d, "stuck")) >= 2, 10, "two re-checks")
+        t = d.task("stuck")
+        assert t["state"] != "running" and len(t["attempts"]) == 1
+        (frozen_cgroup / "freezer.state").write_text("THAWED\n")
+        d.wait_event("task_released", timeout=10, task_id="stuck")
+        _gone_within([escapee], 1.0, "the thawed escapee")
+        t = d.wait_task("stuck", "running", timeout=15)
+        assert len(t["attempts"]) == 2 and not t.get("survivors")
+    finally:
+        _finish(d, seconds=seconds)
+
+
+# --- write-ahead -----------------------------------------------------------------------
+
+
+def _transitions(d: Daemon) -> list[dict[str, Any]]:
+    path = d.state_dir / "transitions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_start_timeout_kill_follows_its_record_and_the_agent_identity_is_on_record(
+    tmp_path: Path,
+) -> None:
+    """An agent that never says hello: its pid and start ticks are recorded when it is
+    spawned (before any hello), and its kill at shutdown_after_s follows a record of why
+    (the worker's stopping = start_timeout); the process it names is then gone."""
+    fake = tmp_path / "hangs.sh"
+    fake.write_text("#!/bin/sh\nexec sleep 300\n")
+    fake.chmod(0o755)
+    d = Daemon(tmp_path, _overrides(workers={"count": 1, "python": str(fake)})).start()
+    try:
+        d.wait_event("worker_start_timeout", timeout=15, worker_id="worker-001")
+        recs = [r for r in _transitions(d) if r["entity"] == "worker" and r["id"] == "worker-001"]
+        spawned = next(r for r in recs if r["to"] == "starting" and r["changes"].get("pid"))
+        why = next(r for r in recs if r["changes"].get("stopping") == "start_timeout")
+        assert spawned["seq"] < why["seq"] and why["cause"] == "health"
+        pid, ticks = spawned["changes"]["pid"], spawned["changes"]["pid_start_ticks"]
+        Daemon.wait_for(
+            lambda: proctree.process_identity(pid) != (pid, ticks), 5, "the hung agent killed"
+        )
+    finally:
+        _finish(d)
+
+
+def test_a_crash_while_a_stopped_worker_is_retired_leaves_its_agent_on_record(
+    tmp_path: Path,
+) -> None:
+    """The daemon dies while it kills a stopped worker's TERM-ignoring tree: the worker's
+    shutdown record still carries the agent's pid and start ticks, so the next daemon
+    finds and kills that agent (and the tree) before it listens."""
+    d = Daemon(tmp_path, _overrides(tasks={"kill_grace_s": 3.0})).start()
+    d2 = Daemon(tmp_path, d.cfg)
+    try:
+        _submit(d, "deaf", "trap '' TERM; while :; do sleep 0.05; done")
+        task, worker = _running(d, "deaf")
+        tree = marker_processes(task["attempts"][-1]["attempt_id"])
+        agent = _agent(worker)
+        agent.suspend()
+        d.wait_event("worker_shutdown", timeout=15, worker_id=worker["id"])
+        d.kill()  # within the tree's 3 s grace: the kill was under way
+        recs = [r for r in _transitions(d) if r["entity"] == "worker" and r["id"] == worker["id"]]
+        shut = next(r for r in recs if r["to"] == "shutdown")
+        assert "pid" not in shut["changes"] and shut["changes"]["stopping"] == "health"
+        assert proctree.alive(agent)
+        d2.start()
+        _gone_within([agent, *tree], 1.0, "the old agent and its tree")
+        assert d2.task("deaf")["attempts"][0]["failure_kind"] == "interrupted"
+    finally:
+        _finish(d, d2)

@@ -63,7 +63,7 @@ class Spawn(msgspec.Struct, tag=True):
 
 class Retire(msgspec.Struct, tag=True):
     """Stop the worker's agent (asked first when `graceful`), kill it and the attempt's
-    tree, report TreeKilled for `attempt_id`, then Replace when `replace`."""
+    tree, report TreeKilled for `attempt_id`, then Retired, then Replace when `replace`."""
 
     worker_id: str
     grace_s: float

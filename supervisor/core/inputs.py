@@ -63,6 +63,13 @@ class SpawnFailed(msgspec.Struct, tag=True):
     message: str
 
 
+class Retired(msgspec.Struct, tag=True):
+    """A retired worker's agent has been killed (or has stopped): its identity may leave
+    the record."""
+
+    worker_id: str
+
+
 class Replace(msgspec.Struct, tag=True):
     """A retired worker's processes are gone: start its successor (`same_id`: under the
     same id, else a new one)."""
@@ -99,6 +106,7 @@ Input = (
     | SurvivorsChecked
     | Spawned
     | SpawnFailed
+    | Retired
     | Replace
     | HealthReport
 )

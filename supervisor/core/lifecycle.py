@@ -219,7 +219,9 @@ def retire_worker(
     if task is not None and running and task.stopping is None:
         m.commit("task", task.id, "running", cause, stopping=task_reason)
     rt.take_idle(wid)
-    rec = m.commit("worker", wid, "shutdown", cause, pid=None)
+    # The agent's pid and start ticks stay on record until it is gone (Retired): a daemon
+    # that dies meanwhile leaves the next one a way to find it.
+    rec = m.commit("worker", wid, "shutdown", cause, stopping=str(cause))
     rt.set_generation(wid, rt.generation(wid) + 1)  # the old process is stale from now on
     rt.set_start_failures(wid, None)
     rt.set_unresponsive_since(wid, None)
@@ -243,6 +245,16 @@ def retire_worker(
         )
     )
     return rec.seq
+
+
+def on_retired(m: Core, wid: str) -> bool:
+    """A retired worker's agent is gone: its identity leaves the record (a record nothing
+    waits on). True when a record was made."""
+    w = m.state.data.workers.get(wid)
+    if w is None or w.state != WorkerState.SHUTDOWN or not (w.pid or w.stopping):
+        return False
+    m.commit("worker", wid, "shutdown", "auto", pid=None, pid_start_ticks=None, stopping=None)
+    return True
 
 
 def on_replace(m: Core, wid: str, same_id: bool, cause: Cause) -> None:

@@ -26,6 +26,7 @@ from supervisor.core.inputs import (
     HealthReport,
     Input,
     Replace,
+    Retired,
     Spawned,
     SpawnFailed,
     SurvivorsChecked,
@@ -37,6 +38,7 @@ from supervisor.core.lifecycle import (
     on_agent_exit,
     on_hello,
     on_replace,
+    on_retired,
     on_spawn_failed,
     on_spawned,
     on_started,
@@ -93,12 +95,9 @@ class Machine(Core):
             case AgentExited(worker_id=wid, generation=gen, returncode=rc):
                 on_agent_exit(self, wid, gen, rc)
             case TreeKilled(worker_id=wid, attempt_id=aid, survivors=left):
-                task = attempt_task(self, wid, aid) if left else None
-                on_finished(self, wid, wire.Finished(attempt_id=aid, phase="command", killed=True))
-                if left:
-                    task = task or self._task_of_attempt(aid)
-                    if task is not None:
-                        hold(self, task, aid, left)
+                self._finished(
+                    wid, wire.Finished(attempt_id=aid, phase="command", killed=True), left
+                )
             case SurvivorsChecked(task_id=tid, left=left):
                 on_checked(self, tid, left)
             case Spawned(worker_id=wid, generation=gen, pid=pid, start_ticks=ticks):
@@ -106,10 +105,26 @@ class Machine(Core):
                     self._lazy += 1  # nothing waits on it: it rides with the next sync
             case SpawnFailed(worker_id=wid, message=message):
                 on_spawn_failed(self, wid, message)
+            case Retired(worker_id=wid):
+                if on_retired(self, wid):
+                    self._lazy += 1  # nothing waits on it: it rides with the next sync
             case Replace(worker_id=wid, same_id=same, cause=cause):
                 on_replace(self, wid, same, cause)
             case HealthReport():
                 evaluate(self, inp)
+
+    def _finished(
+        self, wid: str, msg: wire.Finished, left: tuple[tuple[int, int], ...] = ()
+    ) -> None:
+        """An attempt is over (by its agent's word or the daemon's kill); what outlived
+        its kill holds its task back."""
+        left = left or msg.survivors
+        task = attempt_task(self, wid, msg.attempt_id) if left else None
+        on_finished(self, wid, msg)
+        if left:
+            task = task or self._task_of_attempt(msg.attempt_id)
+            if task is not None:
+                hold(self, task, msg.attempt_id, left)
 
     def _task_of_attempt(self, attempt_id: str) -> Task | None:
         for task in self.state.data.tasks.values():
@@ -132,7 +147,7 @@ class Machine(Core):
                 if on_started(self, wid, msg):
                     self._lazy += len(self.txn.records) - before
             case wire.Finished():
-                on_finished(self, wid, msg)
+                self._finished(wid, msg)
             case _:
                 pass  # a heartbeat: its arrival was all it had to say
 

@@ -76,7 +76,7 @@ class Started(msgspec.Struct, tag=True, kw_only=True):
 
 
 class Finished(msgspec.Struct, tag=True, kw_only=True):
-    """The attempt is over and no process of its tree is left.
+    """The attempt is over and no process of its tree is left (but `survivors`).
 
     phase is "spawn" (the command could not start), "command" (it exited non-zero or by a
     signal), "validate" (the command succeeded, its validate step did not) or "done".
@@ -93,6 +93,8 @@ class Finished(msgspec.Struct, tag=True, kw_only=True):
     pid: int | None = None
     create_time: float | None = None
     start_ticks: int | None = None
+    # Processes of the attempt that outlived its kill or sweep, as (pid, start ticks).
+    survivors: tuple[tuple[int, int], ...] = ()
 
 
 ToAgent = Run | Kill | Stop

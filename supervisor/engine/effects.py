@@ -30,7 +30,14 @@ from supervisor.core.effects import (
     Send,
     Spawn,
 )
-from supervisor.core.inputs import Replace, Spawned, SpawnFailed, SurvivorsChecked, TreeKilled
+from supervisor.core.inputs import (
+    Replace,
+    Retired,
+    Spawned,
+    SpawnFailed,
+    SurvivorsChecked,
+    TreeKilled,
+)
 from supervisor.core.machine import Machine
 from supervisor.core.model import Event, WorkerState
 from supervisor.engine.ports import Agents, Durable
@@ -164,6 +171,7 @@ class Effects:
 
     async def _check_survivors(self, eff: CheckSurvivors) -> None:
         left = await anyio.to_thread.run_sync(proctree.kill_survivors, eff.survivors)
+        log.info("survivors_checked", task_id=eff.task_id, left=[pid for pid, _ in left])
         await self.inbox.send(SurvivorsChecked(eff.task_id, left))
 
     async def _spawn(self, eff: Spawn) -> None:
@@ -187,6 +195,7 @@ class Effects:
         left = await self.pool.kill(eff.worker_id, task_tree=eff.tree, grace_s=eff.grace_s)
         if eff.attempt_id is not None:
             await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id, left))
+        await self.inbox.send(Retired(eff.worker_id))
         if eff.replace:
             await self.inbox.send(Replace(eff.worker_id, eff.same_id, eff.cause))
 

@@ -36,10 +36,11 @@ EXTEND_BY_S = 3 * EXTEND_EVERY_S
 
 
 def _old_agents(m: Machine) -> list[OldAgent]:
-    """Every agent the previous life recorded with an identity, whatever its state."""
+    """Every agent the previous life recorded with an identity, whatever its state (a
+    worker shut down keeps its agent's identity until that agent is gone)."""
     out = []
     for wid, w in m.state.data.workers.items():
-        if w.state == WorkerState.SHUTDOWN or not w.pid:
+        if not w.pid:
             continue
         if w.pid_start_ticks is None and not w.pid_create_time:
             continue
@@ -65,7 +66,7 @@ def _settle_old_life(m: Machine, agents: list[OldAgent], trees: list[TaskTree]) 
             m.commit("resource", rid, "defined", "config", max_holders=rc.max_holders)
     agents[:] = _old_agents(m)
     for wid, worker in list(data.workers.items()):
-        if worker.state != WorkerState.SHUTDOWN:
+        if worker.state != WorkerState.SHUTDOWN or worker.pid:
             m.commit(
                 "worker",
                 wid,

@@ -205,6 +205,7 @@ class Agent:
                 killed=result.killed,
             )
             self._attempt = None
+            result.survivors = proctree.living(attempt.survivors)
             if not attempt.started_sent and attempt.command_pid is not None:
                 result.pid, result.start_ticks = attempt.command_pid, attempt.command_start_ticks
             await self._channel.send(result)

@@ -51,6 +51,8 @@ class RunningAttempt:
     started_sent: bool = False
     command_pid: int | None = None
     command_start_ticks: int | None = None
+    # What outlived a kill or a sweep of this attempt, as (pid, start ticks).
+    survivors: set[tuple[int, int]] = field(default_factory=set)
     kill_done: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -84,6 +86,7 @@ class AttemptRunner:
                         children_of=os.getpid(),
                     )
                 )
+                attempt.survivors.update(report.survivors)
                 log.info(
                     "attempt_killed",
                     attempt_id=attempt.run.attempt_id,
@@ -250,6 +253,7 @@ class AttemptRunner:
             )
         )
         self.reap()
+        attempt.survivors.update(report.survivors)
         if report.signalled:
             log.warning(
                 "leftovers_killed",
