@@ -80,7 +80,8 @@ class Pool:
         self._may_kill = False
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Own the agents' reader tasks; on cancellation stop every agent (Stop, then kill)."""
+        """Own the agents' reader tasks; on cancellation stop every agent (Stop, then a kill
+        only once `shutdown_recorded` said the workers' shutdown is on record)."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started()
