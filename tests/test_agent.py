@@ -240,8 +240,14 @@ async def test_kill_finds_a_double_forked_escapee(tmp_path: Path) -> None:
         await a.send(a.run("esc", "(setsid sleep 300 &); sleep 300"))
         started = await a.expect(wire.Started)
         await _until_marked("esc", 3)
-        escapee = [p for p in _alive_marked("esc") if os.getsid(p.pid) != started.pid]
-        assert len(escapee) == 1 and escapee[0].ppid() == a.process.pid
+        # The subshell that forks the escapee comes and goes on the way: wait until the
+        # escapee stands alone in its session, adopted by the agent.
+        with anyio.fail_after(5):
+            while True:
+                escapee = [p for p in _alive_marked("esc") if os.getsid(p.pid) != started.pid]
+                if len(escapee) == 1 and escapee[0].ppid() == a.process.pid:
+                    break
+                await anyio.sleep(0.01)
         await a.send(wire.Kill(attempt_id=MARK + "esc", grace_s=0.5, reason="timeout"))
         done = await a.expect(wire.Finished, timeout_s=1.5)
         assert done.killed

@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
+from supervisor.store.logfile import seal
 from supervisor.workers import proctree
 from tests.harness import Daemon, assert_no_leftovers, marker_processes, orchd_processes
 
@@ -154,8 +155,10 @@ def test_escapee_of_a_stopped_worker_shut_down_at_shutdown_after_s(
         _gone_within([agent], GRACE_S + 1.0, "the stopped agent to be killed")
         assert not marker_processes(first)
         assert not d.events("task_tree_survivors")
+        Daemon.wait_for(lambda: len(d.task("held")["attempts"]) == 2, 15, "the reassigned attempt")
         t = d.wait_task("held", "running")  # reassigned, on another worker
         assert t["worker_id"] != worker["id"] and t["retry_count"] == 0
+        assert t["attempts"][0]["failure_kind"] == "worker_lost"
     finally:
         _finish(d, seconds=seconds)
 
@@ -605,3 +608,59 @@ def test_a_crash_while_a_stopped_worker_is_retired_leaves_its_agent_on_record(
         assert d2.task("deaf")["attempts"][0]["failure_kind"] == "interrupted"
     finally:
         _finish(d, d2)
+
+
+# --- records from before start ticks ---------------------------------------------------
+
+
+def _as_legacy(state_dir: Path) -> int:
+    """Rewrite the log as the daemon wrote it before start ticks: every pid_start_ticks
+    becomes the epoch pid_create_time psutil would give; the snapshot and its backups go,
+    so the start replays the whole log. How many identities were rewritten."""
+    hz, btime = os.sysconf("SC_CLK_TCK"), psutil.boot_time()
+    rewritten = 0
+
+    def legacy(changes: dict[str, Any]) -> None:
+        nonlocal rewritten
+        ticks = changes.pop("pid_start_ticks", None)
+        if ticks is not None:
+            changes["pid_create_time"] = ticks / hz + btime
+            rewritten += 1
+
+    path = state_dir / "transitions.jsonl"
+    out = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("crc")
+        changes = rec.get("changes", {})
+        legacy(changes)
+        legacy(changes.get("attempt_update", {}))
+        out.append(seal(json.dumps(rec, separators=(",", ":")).encode()))
+    path.write_bytes(b"".join(out))
+    (state_dir / "current.json").unlink(missing_ok=True)
+    shutil.rmtree(state_dir / "backups", ignore_errors=True)
+    return rewritten
+
+
+def test_a_log_from_before_start_ticks_replays_and_its_identities_still_match(
+    tmp_path: Path, seconds: str
+) -> None:
+    """State written before start ticks (epoch pid_create_time only) replays, and its
+    identities are still compared: the restarted daemon kills the stopped old agent and
+    the attempt's unmarked root, which only those identities find."""
+    d = Daemon(tmp_path, _overrides()).start()
+    d2 = Daemon(tmp_path, d.cfg)
+    try:
+        _submit(d, "old", f"exec env -i sleep {seconds}")
+        task, worker = _running(d, "old")
+        root, agent = psutil.Process(task["pid"]), _agent(worker)
+        agent.suspend()
+        d.kill()
+        assert _as_legacy(d.state_dir) >= 2  # the agent's and the attempt's
+        d2.start()
+        _gone_within([root, agent], GRACE_S + 1.0, "the root and the old agent")
+        t = d2.task("old")
+        assert t["attempts"][0]["failure_kind"] == "interrupted"
+        assert "pid_create_time" in t["attempts"][0] and "pid_start_ticks" not in t["attempts"][0]
+    finally:
+        _finish(d, d2, seconds=seconds)
