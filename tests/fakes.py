@@ -276,11 +276,18 @@ class FakePool:
         self.killed_trees.extend(trees)
         return {t.marker: self.survivors.get(t.marker, ()) for t in trees}
 
+    async def kill_survivors(
+        self, survivors: tuple[tuple[int, int], ...]
+    ) -> tuple[tuple[int, int], ...]:
+        return tuple(x for x in survivors if x in self.stuck)
+
     def shutdown_recorded(self) -> None:
         self.may_kill = True
 
-    def pid(self, worker_id: str) -> int | None:
-        return self.pids.get(worker_id) if worker_id in self.alive else None
+    def identity(self, worker_id: str) -> tuple[int, int] | None:
+        if worker_id not in self.alive:
+            return None
+        return self.pids[worker_id], 100 + self.pids[worker_id]
 
     # -- the same, callable without an event loop -----------------------------------------
 
@@ -343,7 +350,12 @@ class FakePool:
     def hello(self, worker_id: str) -> None:
         self._post(
             worker_id,
-            wire.Hello(worker_id=worker_id, pid=self.pids[worker_id], create_time=1.0),
+            wire.Hello(
+                worker_id=worker_id,
+                pid=self.pids[worker_id],
+                create_time=1.0,
+                start_ticks=100 + self.pids[worker_id],
+            ),
         )
 
     def heartbeat(self, worker_id: str) -> None:
@@ -355,7 +367,12 @@ class FakePool:
         run = self.current[worker_id]
         self._post(
             worker_id,
-            wire.Started(attempt_id=run.attempt_id, pid=pid or next(self._pids), create_time=2.0),
+            wire.Started(
+                attempt_id=run.attempt_id,
+                pid=(pid := pid or next(self._pids)),
+                create_time=2.0,
+                start_ticks=200 + pid,
+            ),
         )
 
     def finish(

@@ -141,3 +141,61 @@ async def test_the_loop_idles_once_the_retry_time_has_passed(tmp_path: Path) -> 
         before = engine.steps
         await anyio.sleep(0.5)
         assert engine.steps - before < 20, engine.steps - before
+
+
+async def test_recovery_kills_the_old_life_at_once_and_holds_a_task_with_survivors(
+    tmp_path: Path,
+) -> None:
+    """After a crash the next engine hands the pool every old agent (pid + start ticks)
+    and every interrupted attempt's tree in one call, tells systemd to extend its start
+    timeout meanwhile, and holds back the task whose kill left a survivor (recorded, with
+    an event naming the pid) while the other runs again."""
+    (tmp_path / "logs" / "workers").mkdir(parents=True)
+    send, recv = anyio.create_memory_object_stream[Any](10_000)
+    store = MemoryStore(tmp_path)
+    pool = FakePool(send)
+    engine = Engine(config(workers=2), store, State(), pool, recv, send)
+    r = Running(engine, store, pool)
+    r.held = True
+    pool.on_run = r.on_run
+    async with send, recv, anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        await engine.call(actions.submit, p.SubmitParams(text=chain("ws-a", 1)))
+        await engine.call(actions.submit, p.SubmitParams(text=chain("ws-b", 1)))
+        for wid in ("worker-001", "worker-002"):
+            await r.until(lambda w=wid: w in pool.current)  # type: ignore[misc]
+            pool.start(wid)
+        await r.until(lambda: all(t.pid for t in engine.state.data.tasks.values()))
+        await engine.commit.settle()
+        tg.cancel_scope.cancel()  # a crash: no drain, nothing more recorded
+    state = store.replay()
+    stuck = state.data.tasks["ws-a-0"].attempts[-1].attempt_id
+    send, recv = anyio.create_memory_object_stream[Any](10_000)
+    pool2 = FakePool(send)
+    pool2.survivors[stuck] = ((4343, 77),)
+    pool2.stuck.add((4343, 77))
+    said: list[str] = []
+    engine2 = Engine(config(workers=2), store, state, pool2, recv, send, notify=said.append)
+    r2 = Running(engine2, store, pool2)
+    pool2.on_run = r2.on_run
+    async with send, recv, anyio.create_task_group() as tg:
+        await tg.start(engine2.run)
+        assert sorted(a.worker_id for a in pool2.killed_old_agents) == ["worker-001", "worker-002"]
+        assert all(a.start_ticks and a.attempt_id for a in pool2.killed_old_agents)
+        assert {t.marker for t in pool2.killed_trees} == {
+            stuck,
+            state.data.tasks["ws-b-0"].attempts[-1].attempt_id,
+        }
+        assert any(s.startswith("EXTEND_TIMEOUT_USEC=") for s in said)
+        held = engine2.state.data.tasks["ws-a-0"]
+        assert held.state == "pending" and held.survivors == [[4343, 77]]
+        assert [e.data["pids"] for e in store.events if e.event == "task_tree_survivors"] == [
+            [4343]
+        ]
+        await r2.until(lambda: r2.ws_state("ws-b") == "completed")
+        assert len(engine2.state.data.tasks["ws-a-0"].attempts) == 1
+        pool2.stuck.clear()
+        await r2.until(lambda: r2.ws_state("ws-a") == "completed")
+        assert any(e.event == "task_released" for e in store.events)
+        await engine2.drain()
+        tg.cancel_scope.cancel()

@@ -42,7 +42,6 @@ from supervisor.core.machine import Machine
 from supervisor.core.model import Event, WorkerState
 from supervisor.engine.ports import Agents, Durable
 from supervisor.store.snapshot import iso_utc
-from supervisor.workers import proctree
 
 log = structlog.get_logger("orchd.engine")
 
@@ -170,7 +169,7 @@ class Effects:
         await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id, left))
 
     async def _check_survivors(self, eff: CheckSurvivors) -> None:
-        left = await anyio.to_thread.run_sync(proctree.kill_survivors, eff.survivors)
+        left = await self.pool.kill_survivors(eff.survivors)
         log.info("survivors_checked", task_id=eff.task_id, left=[pid for pid, _ in left])
         await self.inbox.send(SurvivorsChecked(eff.task_id, left))
 
@@ -185,9 +184,8 @@ class Effects:
         except OSError as exc:
             await self.inbox.send(SpawnFailed(eff.worker_id, str(exc)))
             return
-        pid = self.pool.pid(eff.worker_id) or 0
-        ident = proctree.process_identity(pid) if pid else None
-        await self.inbox.send(Spawned(eff.worker_id, gen, pid, None if ident is None else ident[1]))
+        pid, ticks = self.pool.identity(eff.worker_id) or (0, None)
+        await self.inbox.send(Spawned(eff.worker_id, gen, pid, ticks))
 
     async def _retire(self, eff: Retire) -> None:
         if eff.graceful:

@@ -54,8 +54,8 @@ class Agents(Protocol):
 
     async def send(self, worker_id: str, msg: wire.ToAgent) -> bool: ...
 
-    def pid(self, worker_id: str) -> int | None:
-        """The pid of the worker's running agent, if there is one."""
+    def identity(self, worker_id: str) -> tuple[int, int] | None:
+        """(pid, start ticks) of the worker's running agent, if there is one."""
         ...
 
     async def kill(
@@ -71,6 +71,10 @@ class Agents(Protocol):
     ) -> dict[str, Survivors]:
         """Kill a previous life's attempt trees and then its agents, all within one grace;
         the survivors by attempt marker."""
+        ...
+
+    async def kill_survivors(self, survivors: Survivors) -> Survivors:
+        """SIGKILL again what outlived a kill (if still the same processes); those left."""
         ...
 
     def shutdown_recorded(self) -> None:

@@ -238,6 +238,11 @@ class Pool:
         gone = await anyio.to_thread.run_sync(proctree.kill_process, proc, grace_s)
         log.info("old_agent_killed", worker_id=worker_id, pid=proc.pid, gone=gone)
 
+    async def kill_survivors(self, survivors: Survivors) -> Survivors:
+        """SIGKILL again the survivors of an earlier kill that are still the same processes
+        (pid + start ticks); those still there."""
+        return await anyio.to_thread.run_sync(proctree.kill_survivors, survivors)
+
     def shutdown_recorded(self) -> None:
         """Every worker's shutdown is durable: from now on the pool may kill an agent that
         does not stop when asked (before that, on an exit with no such record, it only
@@ -258,6 +263,11 @@ class Pool:
             if kill:
                 await self._kill_agent(agent, 0.0)
         await _close(agent)
+
+    def identity(self, worker_id: str) -> tuple[int, int] | None:
+        """(pid, start ticks) of the worker's running agent, if there is one."""
+        pid = self.pid(worker_id)
+        return None if pid is None else proctree.process_identity(pid)
 
     def pid(self, worker_id: str) -> int | None:
         """The pid of the worker's running agent, if there is one."""
