@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctl import completion, dag, menu, prometheus, render, statedir
+from ctl import completion, dag, follow, menu, prometheus, render, statedir
 from ctl.client import Client, DaemonUnreachable, RemoteError
 from ctl.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from supervisor.control.protocol import EXIT_CODES, drain_words
@@ -27,6 +27,14 @@ def default_socket() -> str:
     return SERVICE_SOCKET if os.path.exists(SERVICE_SOCKET) else ".state/orchd.sock"
 
 
+def _workstream_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--workstream",
+        metavar="WS",
+        help="the workstream (or pipeline name: its newest run) of a bare task id",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orchctl", description="Control the orchd supervisor daemon.")
     ap.add_argument(
@@ -39,31 +47,43 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("status", help="daemon and state summary")
-    sp = sub.add_parser("submit", help="submit a workstream file (TOML)")
+    sp = sub.add_parser("submit", help="submit a workstream file (TOML): a new run each time")
     sp.add_argument("file", type=Path)
+    sp.add_argument("--id", dest="ws_id", metavar="WS", help="the new workstream's id")
+    sp.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the run, a line per task transition; exit 0 completed, 1 failed/cancelled",
+    )
     sp = sub.add_parser("tasks", help="list tasks")
     sp.add_argument("--workstream")
     sp.add_argument("--state")
     sp = sub.add_parser("show", help="one task in detail")
     sp.add_argument("task")
+    _workstream_option(sp)
     sp.add_argument("--logs", action="store_true", help="include the end of its log")
     sp.add_argument("-n", "--lines", type=int, default=50)
     sp = sub.add_parser("logs", help="a task's log")
     sp.add_argument("task")
+    _workstream_option(sp)
     sp.add_argument("-n", "--lines", type=int, default=100)
     sp.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     sp = sub.add_parser("deps", help="a task's dependencies, dependents and why it waits")
     sp.add_argument("task")
+    _workstream_option(sp)
     dep = sub.add_parser("dep", help="change dependencies").add_subparsers(
         dest="dep_cmd", required=True, metavar="ACTION"
     )
     sp = dep.add_parser("remove", help="A no longer depends on B")
     sp.add_argument("--from", dest="from_task", required=True, metavar="A")
     sp.add_argument("--to", dest="to_task", required=True, metavar="B")
+    _workstream_option(sp)
     sp = sub.add_parser("revalidate", help="re-run only the validation step of a task")
     sp.add_argument("task")
+    _workstream_option(sp)
     sp = sub.add_parser("debug", help="diagnose a task; on a terminal, pick a next action")
     sp.add_argument("task")
+    _workstream_option(sp)
     sp.add_argument("-n", "--lines", type=int, default=20)
     sp = sub.add_parser("dag", help="a workstream's dependency graph")
     sp.add_argument("workstream")
@@ -85,17 +105,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("resources", help="resources, holders and waiters")
     sp = sub.add_parser("retry", help="reset a task to pending (fresh retries)")
     sp.add_argument("task")
+    _workstream_option(sp)
     sp.add_argument("--timeout", type=float)
     sp.add_argument("--max-retries", type=int)
     sp = sub.add_parser("skip", help="mark a task completed (skipped) — asks to confirm")
     sp.add_argument("task")
+    _workstream_option(sp)
     sp.add_argument("--reason", required=True)
     sp = sub.add_parser("cancel", help="cancel a task (kills it if running)")
     sp.add_argument("task")
+    _workstream_option(sp)
     ws = sub.add_parser("ws", help="workstreams").add_subparsers(
         dest="ws_cmd", required=True, metavar="ACTION"
     )
-    ws.add_parser("list")
+    ws.add_parser("list").add_argument(
+        "--name", help="only the runs of this pipeline (the files' `name`), newest first"
+    )
     for name, text in (
         ("show", "a workstream and its tasks"),
         ("retry", "every task back to pending with fresh retries"),
@@ -169,19 +194,41 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         case "status" | "workers" | "resources":
             return args.cmd, {}
         case "submit":
-            return "submit", {"text": args.file.read_text(), "source": str(args.file)}
+            return "submit", {
+                "text": args.file.read_text(),
+                "source": str(args.file),
+                "id": args.ws_id,
+            }
         case "tasks":
             return "tasks", {"workstream": args.workstream, "state": args.state}
         case "show":
-            return "show", {"task_id": args.task, "logs": args.logs, "lines": args.lines}
+            return "show", {
+                "task_id": args.task,
+                "logs": args.logs,
+                "lines": args.lines,
+                "workstream": args.workstream,
+            }
         case "logs":
-            return "logs", {"task_id": args.task, "lines": args.lines, "follow": args.follow}
+            return "logs", {
+                "task_id": args.task,
+                "lines": args.lines,
+                "follow": args.follow,
+                "workstream": args.workstream,
+            }
         case "deps" | "revalidate":
-            return args.cmd, {"task_id": args.task}
+            return args.cmd, {"task_id": args.task, "workstream": args.workstream}
         case "debug":
-            return "debug", {"task_id": args.task, "lines": args.lines}
+            return "debug", {
+                "task_id": args.task,
+                "lines": args.lines,
+                "workstream": args.workstream,
+            }
         case "dep":
-            return "dep_remove", {"from_task": args.from_task, "to_task": args.to_task}
+            return "dep_remove", {
+                "from_task": args.from_task,
+                "to_task": args.to_task,
+                "workstream": args.workstream,
+            }
         case "dag":
             return "ws_show", {"workstream": args.workstream}
         case "interventions":
@@ -195,14 +242,19 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 "task_id": args.task,
                 "timeout_s": args.timeout,
                 "max_retries": args.max_retries,
+                "workstream": args.workstream,
             }
         case "skip":
-            return "skip", {"task_id": args.task, "reason": args.reason}
+            return "skip", {
+                "task_id": args.task,
+                "reason": args.reason,
+                "workstream": args.workstream,
+            }
         case "cancel":
-            return "cancel", {"task_id": args.task}
+            return "cancel", {"task_id": args.task, "workstream": args.workstream}
         case "ws":
             if args.ws_cmd == "list":
-                return "ws_list", {}
+                return "ws_list", {"name": args.name}
             params: dict[str, Any] = {"workstream": args.workstream}
             if args.ws_cmd == "resume":
                 params["from_task"] = args.from_task
@@ -259,10 +311,11 @@ def _human(method: str, result: Any, colour: bool) -> str:
             return "\n".join(result["lines"])
         case "ws_list":
             return render.table(
-                ["workstream", "state", "dispatch", "tasks", "counts"],
+                ["workstream", "name", "state", "dispatch", "tasks", "counts"],
                 [
                     (
                         w["id"],
+                        w.get("name") or "-",
                         w["state"],
                         "paused" if w.get("paused") else "-",
                         w["tasks"],
@@ -271,7 +324,7 @@ def _human(method: str, result: Any, colour: bool) -> str:
                     for w in result
                 ],
                 colour=colour,
-                state_col=1,
+                state_col=2,
             )
         case "ws_show":
             paused = " (paused: nothing new starts)" if result.get("paused") else ""
@@ -425,6 +478,20 @@ def main(argv: list[str] | None = None) -> int:
                 if code == EXIT_OK and not args.json:
                     print("drained: nothing running")
                 return code
+            if method == "submit" and args.wait:
+                if args.json:
+                    print(render.compact({"kind": "submitted"} | result), flush=True)
+                else:
+                    print(_output(args, method, result), flush=True)
+                ws_id = result["workstream_id"]
+                try:
+                    return follow.wait(args.socket, ws_id, json_lines=args.json, colour=_colour())
+                except KeyboardInterrupt:
+                    print(
+                        f"orchctl: stopped following; {ws_id} goes on (`orchctl ws show {ws_id}`)",
+                        file=sys.stderr,
+                    )
+                    return 130
     except DaemonUnreachable as exc:
         print(f"orchctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

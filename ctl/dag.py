@@ -9,6 +9,17 @@ from typing import Any
 from supervisor.core.graph import find_cycles
 
 
+def _label(ws: dict[str, Any], tid: str) -> str:
+    """A task as the graph shows it: its bare id when it is of this workstream (the title
+    names the workstream), its full name WS/TASK when it is of another."""
+    prefix = ws["id"] + "/"
+    return tid[len(prefix) :] if tid.startswith(prefix) else tid
+
+
+def _after(ws: dict[str, Any], t: dict[str, Any]) -> str:
+    return ", ".join(_label(ws, d) for d in t.get("depends_on", []))
+
+
 def _parts(
     ws: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], set[str], set[tuple[str, str]]]:
@@ -54,16 +65,15 @@ def text(ws: dict[str, Any]) -> str:
         (t for t in tasks if t["id"] not in cyc), key=lambda t: (level[t["id"]], t["id"])
     )
     for t in order:
-        after = ", ".join(t.get("depends_on", []))
+        after = _after(ws, t)
         lines.append(
-            f"  {'  ' * min(level[t['id']], 10)}{t['id']} [{t['state']}]"
+            f"  {'  ' * min(level[t['id']], 10)}{_label(ws, t['id'])} [{t['state']}]"
             + (f" <- {after}" if after else "")
         )
     if cyc:
         lines.append("  CYCLE (these wait on each other; break with `orchctl dep remove`):")
         for t in (t for t in tasks if t["id"] in cyc):
-            after = ", ".join(t.get("depends_on", []))
-            lines.append(f"    {t['id']} [{t['state']}] <- {after}")
+            lines.append(f"    {_label(ws, t['id'])} [{t['state']}] <- {_after(ws, t)}")
     return "\n".join(lines)
 
 
@@ -87,7 +97,7 @@ def dot(ws: dict[str, Any]) -> str:
     out = [f"digraph {_quote(ws['id'])} {{", "  rankdir=LR;", "  node [shape=box];"]
     for t in tasks:
         attrs = [
-            f"label={_quote(t['id'] + chr(10) + t['state'])}",
+            f"label={_quote(_label(ws, t['id']) + chr(10) + t['state'])}",
             f"color={_DOT_COLOURS.get(t['state'], 'black')}",
         ]
         if t["id"] in cyc:
@@ -107,7 +117,7 @@ def mermaid(ws: dict[str, Any]) -> str:
     name = {t["id"]: f"t{i}" for i, t in enumerate(tasks)}
     out = ["flowchart LR"]
     for t in tasks:
-        label = f"{t['id']} ({t['state']})".replace('"', "'")
+        label = f"{_label(ws, t['id'])} ({t['state']})".replace('"', "'")
         out.append(f'  {name[t["id"]]}["{label}"]:::{t["state"]}')
     for i, (a, b) in enumerate(edges):
         out.append(f"  {name[a]} {'-. cycle .->' if (a, b) in cyc_edges else '-->'} {name[b]}")

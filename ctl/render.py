@@ -28,6 +28,11 @@ def to_json(obj: Any) -> str:
     return msgspec.json.format(msgspec.json.encode(obj), indent=2).decode()
 
 
+def compact(obj: Any) -> str:
+    """One JSON object on one line (streams of JSON lines)."""
+    return msgspec.json.encode(obj).decode()
+
+
 def paint(text: str, colour: bool) -> str:
     code = _COLOURS.get(text)
     return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text

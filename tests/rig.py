@@ -112,7 +112,16 @@ class Rig:
         return self.m.state
 
     def task(self, task_id: str) -> Task:
-        return self.m.state.data.tasks[task_id]
+        """A task by its full name, or by its bare id when one workstream has it."""
+        return self.m.state.data.tasks[self.full(task_id)]
+
+    def full(self, task_id: str) -> str:
+        """The full name of a task given by its bare id (unique in the tests that do)."""
+        tasks = self.m.state.data.tasks
+        if task_id in tasks:
+            return task_id
+        (found,) = [t for t in tasks.values() if t.name == task_id]
+        return found.id
 
     # -- stepping ----------------------------------------------------------------------
 

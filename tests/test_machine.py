@@ -32,8 +32,8 @@ def assert_replays(rig: Rig) -> None:
 
 
 def running_on(rig: Rig) -> dict[str, str]:
-    """worker id -> task id of the attempt the pool is running there."""
-    return {w: run.task_id for w, run in rig.pool.current.items()}
+    """worker id -> bare task id of the attempt the pool is running there."""
+    return {w: run.task_id.rpartition("/")[2] for w, run in rig.pool.current.items()}
 
 
 def finish(rig: Rig, task_id: str, **how: Any) -> None:
@@ -112,7 +112,7 @@ def test_diamond_runs_in_dependency_order() -> None:
     assert sorted(running_on(rig).values()) == ["d"]
     finish(rig, "d")
     assert rig.state.data.workstreams["ws-d"].state == "completed"
-    assert [r.task_id for _, r in rig.pool.runs] in (list("abcd"), list("acbd"))
+    assert [r.task_id.rpartition("/")[2] for _, r in rig.pool.runs] in (list("abcd"), list("acbd"))
     assert_replays(rig)
 
 
@@ -154,7 +154,7 @@ def test_timeout_kills_then_backs_off_with_one_retry_spent() -> None:
     assert task.state == TaskState.PENDING and task.retry_count == 1
     assert task.failure_kind == "timeout" and task.attempts[-1].failure_kind == "timeout"
     assert task.not_before == pytest.approx(rig.clock.wall + 2.0)
-    assert rig.m.rt.armed("backoff", "slow") == pytest.approx(rig.clock.now + 2.0)
+    assert rig.m.rt.armed("backoff", rig.full("slow")) == pytest.approx(rig.clock.now + 2.0)
     rig.advance(1.99)
     assert rig.task("slow").state == TaskState.PENDING
     rig.advance(0.01)
@@ -192,7 +192,7 @@ def test_persisted_not_before_becomes_a_monotonic_deadline_once() -> None:
     rig = Rig(config(workers=1, backoff_base_s=4.0, backoff_max_s=60.0))
     rig.submit("ws-n", [cmd("t", max_retries=3)])
     finish(rig, "t", phase="command", exit_code=1)
-    due = rig.m.rt.armed("backoff", "t")
+    due = rig.m.rt.armed("backoff", rig.full("t"))
     assert due == pytest.approx(rig.clock.now + 8.0)
     rig.clock.step_wall(-700)
     rig.advance(4.0)
@@ -255,7 +255,7 @@ def test_critical_final_failure_blocks_the_workstream() -> None:
     assert len(rig.events("task_failed")) == 1 and len(rig.events("workstream_failed")) == 1
     finish(rig, "o")
     assert rig.state.data.workstreams["ws-o"].state == "completed"
-    assert [r.task_id for _, r in rig.pool.runs] == ["a", "b", "o"]
+    assert [r.task_id.rpartition("/")[2] for _, r in rig.pool.runs] == ["a", "b", "o"]
     assert_replays(rig)
 
 
@@ -353,7 +353,7 @@ def test_refused_write_takes_the_whole_step_back() -> None:
     finish(rig, "b", phase="command", exit_code=1)  # b backs off for 2 s
     assert sorted(running_on(rig).values()) == ["a", "slow"]
     (idle,) = rig.idle_workers()
-    assert rig.task("b").state == TaskState.PENDING and rig.m.rt.armed("backoff", "b")
+    assert rig.task("b").state == TaskState.PENDING and rig.m.rt.armed("backoff", rig.full("b"))
     before_rt = runtime_view(rig)
     before = rig.store.written_seq
     effects_before = len(rig.effects)
@@ -367,7 +367,8 @@ def test_refused_write_takes_the_whole_step_back() -> None:
     assert_replays(rig)
     assert runtime_view(rig) == before_rt  # timers armed, worker idle, nothing dequeued
     due = armed_timers(rig)
-    assert due[("timeout", "slow")] <= rig.clock.now and due[("backoff", "b")] <= rig.clock.now
+    slow, b = rig.full("slow"), rig.full("b")
+    assert due[("timeout", slow)] <= rig.clock.now and due[("backoff", b)] <= rig.clock.now
     assert rig.task("a").state == TaskState.RUNNING and rig.task("b").state == TaskState.PENDING
     assert rig.idle_workers() == [idle] and rig.state.data.workers[idle].state == "idle"
     assert len(rig.effects) == effects_before and not rig.pool.kills_sent
@@ -418,7 +419,7 @@ def test_refused_first_dispatch_leaves_no_phantom_attempt() -> None:
     b = rig.task("b")
     assert rig.task("a").state == TaskState.COMPLETED and b.state == TaskState.RUNNING
     assert [a.number for a in b.attempts] == [1]
-    assert [r.task_id for _, r in rig.pool.runs] == ["a", "b"]
+    assert [r.task_id.rpartition("/")[2] for _, r in rig.pool.runs] == ["a", "b"]
     assert_replays(rig)
 
 
@@ -432,11 +433,13 @@ def test_operator_request_that_raises_leaves_no_record() -> None:
     rig.submit("ws-o", [cmd("a"), cmd("b")])
     rt_before = runtime_view(rig)
 
+    b = rig.full("b")
+
     def half_done(m: Machine) -> None:
-        m.commit("task", "b", "cancelled", "operator")
-        m.emit("task_cancelled", "info", task_id="b")
+        m.commit("task", b, "cancelled", "operator")
+        m.emit("task_cancelled", "info", task_id=b)
         m.rt.block("ws-o")
-        m.rt.arm("timeout", "b", m.now + 1)
+        m.rt.arm("timeout", b, m.now + 1)
         raise OperatorError("wrong_state", "refused half-way")
 
     step, err = rig.step((), half_done)
@@ -449,7 +452,7 @@ def test_operator_request_that_raises_leaves_no_record() -> None:
     rig.pool.finish(next(iter(running_on(rig))))
     step, err = rig.step(rig.box.take(), half_done)
     assert isinstance(err, OperatorError) and step is not None
-    assert all(r.id != "b" or r.to == "running" for r in step.records)
+    assert all(r.id != b or r.to == "running" for r in step.records)
     assert rig.task("a").state == TaskState.COMPLETED
     assert rig.task("b").state == TaskState.RUNNING
     assert not rig.events("task_cancelled")
@@ -472,7 +475,7 @@ def _assert_left_running_clean(rig: Rig, task_id: str) -> None:
         assert rec.changes["worker_id"] is None and rec.changes["pid"] is None
         assert rec.changes["stopping"] is None
     assert_replays(rig)
-    replayed = rig.store.replay().data.tasks[task_id]
+    replayed = rig.store.replay().data.tasks[rig.full(task_id)]
     assert (replayed.worker_id, replayed.pid, replayed.stopping) == (None, None, None)
 
 
@@ -489,7 +492,7 @@ def test_leaving_running_clears_worker_pid_and_stopping_for_every_stop_reason(
     rig.pool.start(wid, pid=4242)
     rig.deliver()
     assert rig.task("t").pid == 4242
-    rig.run(lambda m: stop_task(m, m.state.data.tasks["t"], reason, direct=direct))
+    rig.run(lambda m: stop_task(m, m.state.data.tasks[rig.full("t")], reason, direct=direct))
     rig.deliver()
     rig.advance(5.0)
     task = rig.task("t")

@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 
 from supervisor.core.config import TasksConfig
-from supervisor.core.errors import WorkstreamFileError
-from supervisor.core.model import State, Task, Transition
-from supervisor.core.submission import creation_changes, cycle_report, new_ulid, parse_workstream
+from supervisor.core.errors import WorkstreamExists, WorkstreamFileError
+from supervisor.core.model import State, Task, Transition, Workstream
+from supervisor.core.submission import (
+    creation_changes,
+    cycle_report,
+    new_ulid,
+    next_run,
+    parse_workstream,
+)
 from supervisor.service.reload import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +40,7 @@ def parse(
     defaults: TasksConfig = DEFAULTS,
     resources: set[str] | None = None,
     **kw: object,
-) -> tuple[object, list[Task]]:
+) -> tuple[Workstream, list[Task]]:
     return parse_workstream(
         text.encode(),
         source="ws.toml",
@@ -62,9 +68,9 @@ def test_defaults_fill_what_a_task_leaves_out() -> None:
     )
     a, b = tasks
     assert (a.timeout_s, a.max_retries, a.queue_timeout_s) == (120.0, 5, None)
-    assert (b.timeout_s, b.max_retries, b.depends_on) == (5.0, 0, ["a"])
+    assert (b.timeout_s, b.max_retries, b.depends_on) == (5.0, 0, ["ws-1/a"])
     assert (a.workstream_id, a.order, b.order) == ("ws-1", 0, 1)
-    assert ws.task_ids == ["a", "b"]  # type: ignore[attr-defined]
+    assert ws.task_ids == ["ws-1/a", "ws-1/b"]
 
 
 def test_queue_timeout_default_applies_when_configured() -> None:
@@ -180,7 +186,6 @@ def test_every_problem_is_listed_at_once() -> None:
         r"task 'a': unknown resource 'gpu'",
         r"tasks\[2\]: missing required field `id`",
         r"tasks\[2\]: field `env`: Expected `str`, got `int`",
-        r"task 'old': a task with this id already exists",
         r"task 'old': field `timeout_s`: Expected `float.*got `str`",
         r"task 'c': `command` is empty",
         r"task 'c': `validate` is empty",
@@ -221,11 +226,81 @@ def test_single_problems_are_named(text: str, needle: str) -> None:
 
 
 def test_refused_workstream_id_that_exists() -> None:
-    """Naming a workstream id the daemon already has is refused."""
+    """Naming a workstream id the daemon already has is refused (WorkstreamExists, not a
+    problem of the file), with the way out: drop `id`, or pass --id."""
+    with pytest.raises(WorkstreamExists) as err:
+        parse(
+            'id = "ws-1"\n[[tasks]]\nid = "a"\ncommand = "x"\n',
+            existing_workstream_ids={"ws-1"},
+        )
+    assert "workstream 'ws-1' (`id`) exists already" in str(err.value)
+    assert "drop `id` from the file" in str(err.value) and "--id" in str(err.value)
+
+
+def test_file_problems_come_before_an_existing_id() -> None:
+    """A bad file with a taken id is refused for its problems (exit 2), not its id."""
     problems = problems_of(
-        'id = "ws-1"\n[[tasks]]\nid = "a"\ncommand = "x"\n', existing_workstream_ids={"ws-1"}
+        'id = "ws-1"\n[[tasks]]\nid = "a"\n', existing_workstream_ids={"ws-1"}
     )
-    assert problems == ["ws.toml: workstream 'ws-1' already exists"]
+    assert problems == ["ws.toml: task 'a': missing required field `command`"]
+
+
+NAMED = 'name = "nightly"\n[[tasks]]\nid = "compile"\ncommand = "x"\n'
+
+
+def test_named_file_is_numbered_per_name_from_the_run_counter() -> None:
+    """A file with `name` becomes run NAME-N, N one past the counter of that name."""
+    ws, (task,) = parse(NAMED, run_numbers={"nightly": 41, "release": 7})
+    assert (ws.id, ws.name, ws.number) == ("nightly-42", "nightly", 42)
+    assert task.id == "nightly-42/compile" and task.name == "compile"
+    first, _ = parse(NAMED)
+    assert first.id == "nightly-1"
+
+
+def test_run_number_skips_an_id_taken_explicitly() -> None:
+    """NAME-N already used by an explicit id is passed over, never given twice."""
+    ws, _ = parse(NAMED, run_numbers={"nightly": 2}, existing_workstream_ids={"nightly-3"})
+    assert (ws.id, ws.number) == ("nightly-4", 4)
+
+
+def test_next_run_is_pure_and_counts_past_gaps() -> None:
+    """next_run depends only on the counter and the ids that exist."""
+    assert next_run("nightly", {}, ()) == ("nightly-1", 1)
+    assert next_run("nightly", {"nightly": 9}, {"nightly-1"}) == ("nightly-10", 10)
+
+
+def test_explicit_id_beats_the_name_and_the_files_id() -> None:
+    """--id (explicit_id) is the workstream's id; the file's name is still recorded."""
+    ws, (task,) = parse('id = "f"\n' + NAMED, explicit_id="hotfix-1")
+    assert (ws.id, ws.name, ws.number) == ("hotfix-1", "nightly", None)
+    assert task.id == "hotfix-1/compile"
+    with pytest.raises(WorkstreamExists, match=r"\(--id\) exists already"):
+        parse(NAMED, explicit_id="x", existing_workstream_ids={"x"})
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('name = 3\n[[tasks]]\nid = "a"\ncommand = "x"\n', "`name` must be a string"),
+        ('name = "a/b"\n[[tasks]]\nid = "a"\ncommand = "x"\n', "not a valid pipeline name"),
+        ('name = "' + "n" * 101 + '"\n[[tasks]]\nid = "a"\ncommand = "x"\n', "1-100"),
+        ('id = "workers"\n[[tasks]]\nid = "a"\ncommand = "x"\n', "is reserved"),
+    ],
+)
+def test_bad_names_are_refused(text: str, needle: str) -> None:
+    """A pipeline name is an id-like word short enough to take a run number."""
+    assert any(needle in p for p in problems_of(text))
+
+
+def test_dependencies_within_the_file_become_full_names() -> None:
+    """depends_on on a task of the same file names this run's task; one on another
+    workstream's task keeps its full name."""
+    _, (a, b) = parse(
+        'id = "r-2"\n[[tasks]]\nid = "a"\ncommand = "x"\n'
+        '[[tasks]]\nid = "b"\ncommand = "x"\ndepends_on = ["a", "r-1/a"]\n',
+        existing={"r-1/a"},
+    )
+    assert (a.id, b.depends_on) == ("r-2/a", ["r-2/a", "r-1/a"])
 
 
 def test_not_utf8_is_refused() -> None:
@@ -254,7 +329,7 @@ def test_repeated_entries_are_kept_once() -> None:
         'command = "x"\ndepends_on = ["a", "a"]\n'
         'resources = ["git_repo_write", "git_repo_write"]\n'
     )
-    assert (task.depends_on, task.resources) == (["a"], ["git_repo_write"])
+    assert (task.depends_on, task.resources) == (["ws-generated/a"], ["git_repo_write"])
 
 
 def test_cycle_is_accepted_and_reported() -> None:
@@ -266,7 +341,8 @@ def test_cycle_is_accepted_and_reported() -> None:
         '[[tasks]]\nid = "d"\ncommand = "x"\ndepends_on = ["d"]\n'
         '[[tasks]]\nid = "e"\ncommand = "x"\n'
     )
-    assert sorted(cycle_report(tasks)) == [["a", "b", "c"], ["d"]]
+    w = "ws-generated/"
+    assert sorted(cycle_report(tasks)) == [[w + "a", w + "b", w + "c"], [w + "d"]]
 
 
 def test_result_is_a_legal_creation_record() -> None:
@@ -287,9 +363,9 @@ def test_result_is_a_legal_creation_record() -> None:
             changes=creation_changes(ws, tasks),
         )
     )  # type: ignore[arg-type]
-    assert state.data.workstreams["ws-generated"].task_ids == ["a", "b"]
-    assert state.data.tasks["b"].timeout_s == 120.0
-    assert state.graph.unmet == {"a": 0, "b": 1}
+    assert state.data.workstreams["ws-generated"].task_ids == ["ws-generated/a", "ws-generated/b"]
+    assert state.data.tasks["ws-generated/b"].timeout_s == 120.0
+    assert state.graph.unmet == {"ws-generated/a": 0, "ws-generated/b": 1}
 
 
 def test_new_ulid_layout() -> None:
@@ -333,14 +409,15 @@ def test_bundled_example_is_accepted_and_its_commands_work(tmp_path: Path) -> No
         existing_task_ids=set(),
         new_id=lambda: new_ulid(1.0, os.urandom(10)),
     )
+    w = f"{ws.id}/"
     assert {t.id: t.depends_on for t in tasks} == {
-        "fetch": [],
-        "compile": ["fetch"],
-        "lint": ["fetch"],
-        "package": ["compile", "lint"],
+        w + "fetch": [],
+        w + "compile": [w + "fetch"],
+        w + "lint": [w + "fetch"],
+        w + "package": [w + "compile", w + "lint"],
     }
     assert cycle_report(tasks) == []
-    assert ws.id.startswith("ws-")
+    assert (ws.id, ws.name) == ("nightly-1", "nightly")
     for task in topological(tasks):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(tmp_path), **task.env}
         assert run(task.command, env) == 0, task.id

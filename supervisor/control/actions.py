@@ -7,6 +7,7 @@ protocol's error code, and the step takes back whatever the request had recorded
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -16,10 +17,10 @@ from supervisor.control import protocol as p
 from supervisor.control import quiesce_actions as hold_ops
 from supervisor.control import task_actions as task_ops
 from supervisor.control import ws_actions as ws_ops
-from supervisor.control.lookup import fresh_changes
+from supervisor.control.lookup import fresh_changes, get_ws
 from supervisor.control.lookup import get_task as _task
 from supervisor.control.lookup import reopen_workstream as _reopen_workstream
-from supervisor.core.errors import OperatorError, WorkstreamFileError
+from supervisor.core.errors import OperatorError, WorkstreamExists, WorkstreamFileError
 from supervisor.core.figures import probe_report, resource_figures
 from supervisor.core.graph import find_cycles
 from supervisor.core.lifecycle import retire_worker, stop_task
@@ -56,7 +57,7 @@ def status(s: Machine, _: p.StatusParams) -> dict[str, Any]:
 
 
 def show(s: Machine, params: p.ShowParams) -> dict[str, Any]:
-    task = _task(s, params.task_id)
+    task = _task(s, params.task_id, params.workstream)
     out = task_view(task)
     out["dependencies"] = {
         d: str(s.state.data.tasks[d].state) for d in task.depends_on if d in s.state.data.tasks
@@ -69,9 +70,7 @@ def show(s: Machine, params: p.ShowParams) -> dict[str, Any]:
 
 def tasks(s: Machine, params: p.TasksParams) -> list[dict[str, Any]]:
     if params.workstream is not None:
-        ws = s.state.data.workstreams.get(params.workstream)
-        if ws is None:
-            raise OperatorError("not_found", f"no workstream {params.workstream!r}")
+        ws = get_ws(s, params.workstream)
         chosen = [s.state.data.tasks[t] for t in ws.task_ids]
     else:
         chosen = list(s.state.data.tasks.values())
@@ -114,7 +113,7 @@ def worker_logs(s: Machine, params: p.WorkerLogsParams) -> dict[str, Any]:
 
 
 def logs(s: Machine, params: p.LogsParams) -> dict[str, Any]:
-    task = _task(s, params.task_id)
+    task = _task(s, params.task_id, params.workstream)
     path = s.files.task_log_path(task.id)
     return {"task_id": task.id, "path": str(path), "lines": s.files.tail(path, params.lines)}
 
@@ -129,13 +128,20 @@ def events(s: Machine, params: p.EventsParams) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(e) for e in evs[-params.limit :]] if params.limit > 0 else []
 
 
-def ws_list(s: Machine, _: p.WsListParams) -> list[dict[str, Any]]:
+def ws_list(s: Machine, params: p.WsListParams) -> list[dict[str, Any]]:
+    """Every workstream in submission order; with `name`, that pipeline's runs, newest
+    first."""
+    chosen = list(s.state.data.workstreams.values())
+    if params.name is not None:
+        chosen = [ws for ws in reversed(chosen) if ws.name == params.name]
     out = []
-    for ws in s.state.data.workstreams.values():
+    for ws in chosen:
         counts = {str(k): v for k, v in s.state.graph.ws_counts.get(ws.id, {}).items() if v}
         out.append(
             {
                 "id": ws.id,
+                "name": ws.name,
+                "number": ws.number,
                 "state": str(ws.state),
                 "tasks": len(ws.task_ids),
                 "counts": counts,
@@ -148,16 +154,25 @@ def ws_list(s: Machine, _: p.WsListParams) -> list[dict[str, Any]]:
 
 
 def ws_show(s: Machine, params: p.WsShowParams) -> dict[str, Any]:
-    ws = s.state.data.workstreams.get(params.workstream)
-    if ws is None:
-        raise OperatorError(
-            "not_found", f"no workstream {params.workstream!r} (see `orchctl ws list`)"
-        )
+    ws = get_ws(s, params.workstream)
     out: dict[str, Any] = msgspec.to_builtins(ws)
     out["state"] = str(ws.state)
     out["paused"] = ws.paused
     out["tasks"] = [task_view(s.state.data.tasks[t]) for t in ws.task_ids]
     return out
+
+
+def ws_follow(s: Machine, params: p.WsFollowParams) -> dict[str, Any]:
+    """Where a followed workstream stands (the server then streams its transitions): its
+    state, each task's, and the seq they are as of."""
+    ws = get_ws(s, params.workstream)
+    tasks = s.state.data.tasks
+    return {
+        "workstream_id": ws.id,
+        "state": str(ws.state),
+        "seq": s.state.last_seq,
+        "tasks": {tid: str(tasks[tid].state) for tid in ws.task_ids},
+    }
 
 
 def resources(s: Machine, _: p.ResourcesParams) -> list[dict[str, Any]]:
@@ -168,22 +183,24 @@ def resources(s: Machine, _: p.ResourcesParams) -> list[dict[str, Any]]:
 
 
 def submit(s: Machine, params: p.SubmitParams) -> dict[str, Any]:
+    data = s.state.data
     try:
         ws, new_tasks = parse_workstream(
             params.text.encode(),
             source=params.source or "<submitted>",
             defaults=s.cfg.tasks,
-            known_resources=set(s.state.data.resources),
-            existing_task_ids=set(s.state.data.tasks),
-            new_id=lambda: new_ulid(time.time(), __import__("os").urandom(10)),
+            known_resources=set(data.resources),
+            existing_task_ids=data.tasks.keys(),
+            existing_workstream_ids=data.workstreams.keys(),
+            run_numbers=data.run_numbers,
+            explicit_id=params.id,
+            new_id=lambda: new_ulid(time.time(), os.urandom(10)),
             document=params.document if isinstance(params, p.PreparedSubmit) else None,
         )
     except WorkstreamFileError as exc:
         raise OperatorError("invalid", str(exc)) from None
-    if ws.id in s.state.data.workstreams:
-        raise OperatorError(
-            "invalid", f"workstream {ws.id!r} exists already; give the file another id"
-        )
+    except WorkstreamExists as exc:
+        raise OperatorError("wrong_state", str(exc)) from None
     base = len(s.state.data.tasks)
     for i, t in enumerate(new_tasks):
         t.order = base + i
@@ -208,11 +225,17 @@ def submit(s: Machine, params: p.SubmitParams) -> dict[str, Any]:
             "`orchctl dep remove` or `orchctl cancel`",
         )
     s.emit("workstream_submitted", "info", workstream_id=ws.id, data={"tasks": len(new_tasks)})
-    return {"workstream_id": ws.id, "tasks": len(new_tasks), "seq": rec.seq, "cycles": cycles}
+    return {
+        "workstream_id": ws.id,
+        "name": ws.name,
+        "tasks": len(new_tasks),
+        "seq": rec.seq,
+        "cycles": cycles,
+    }
 
 
 def retry(s: Machine, params: p.RetryParams) -> dict[str, Any]:
-    task = _task(s, params.task_id)
+    task = _task(s, params.task_id, params.workstream)
     if task.state in (TaskState.RUNNING, TaskState.QUEUED):
         raise OperatorError(
             "wrong_state",
@@ -236,7 +259,7 @@ def retry(s: Machine, params: p.RetryParams) -> dict[str, Any]:
 
 
 def skip(s: Machine, params: p.SkipParams) -> dict[str, Any]:
-    task = _task(s, params.task_id)
+    task = _task(s, params.task_id, params.workstream)
     if not params.reason.strip():
         raise OperatorError("invalid", "a skip needs a --reason")
     if task.state in (TaskState.RUNNING, TaskState.COMPLETED, TaskState.CANCELLED):
@@ -266,7 +289,7 @@ def skip(s: Machine, params: p.SkipParams) -> dict[str, Any]:
 
 
 def cancel(s: Machine, params: p.CancelParams) -> dict[str, Any]:
-    task = _task(s, params.task_id)
+    task = _task(s, params.task_id, params.workstream)
     if task.state in (TaskState.COMPLETED, TaskState.CANCELLED):
         raise OperatorError("wrong_state", f"task {task.id} is already {task.state}")
     if task.state == TaskState.RUNNING:
@@ -337,6 +360,7 @@ HANDLERS: dict[str, Any] = {
     "events": events,
     "ws_list": ws_list,
     "ws_show": ws_show,
+    "ws_follow": ws_follow,
     "worker_check": worker_check,
     "worker_logs": worker_logs,
     "resources": resources,

@@ -53,6 +53,8 @@ class ShowParams(_Params):
     task_id: str
     logs: bool = False
     lines: int = 50
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class TasksParams(_Params):
@@ -71,7 +73,14 @@ class EventsParams(_Params):
 
 
 class WsListParams(_Params):
-    pass
+    # Only the runs of this pipeline (the files' `name`), newest first.
+    name: str | None = None
+
+
+class WsFollowParams(_Params):
+    """Streams a workstream's task transitions until it is finished (`submit --wait`)."""
+
+    workstream: str
 
 
 class WsShowParams(_Params):
@@ -95,10 +104,14 @@ class LogsParams(_Params):
     task_id: str
     lines: int = 100
     follow: bool = False
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class DepsParams(_Params):
     task_id: str
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class WsCheckpointsParams(_Params):
@@ -120,6 +133,8 @@ class MetricsParams(_Params):
 class DebugParams(_Params):
     task_id: str
     lines: int = 20
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 # --- changing methods ------------------------------------------------------------------
@@ -130,6 +145,8 @@ class SubmitParams(_Params):
     source: str | None = None
     # The file is this connection's completed upload, not `text`.
     upload: bool = False
+    # The workstream's id, over the file's `id` (refused when it exists).
+    id: str | None = None
 
 
 class PreparedSubmit(SubmitParams):
@@ -152,16 +169,22 @@ class RetryParams(_Params):
     timeout_s: float | None = None
     max_retries: int | None = None
     reason: str | None = None
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class SkipParams(_Params):
     task_id: str
     reason: str
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class CancelParams(_Params):
     task_id: str
     reason: str | None = None
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class WorkerRestartParams(_Params):
@@ -186,6 +209,8 @@ class DepRemoveParams(_Params):
     from_task: str
     to_task: str
     reason: str | None = None
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class WsRetryParams(_Params):
@@ -218,6 +243,8 @@ class WsMarkMergedParams(_Params):
 class RevalidateParams(_Params):
     task_id: str
     reason: str | None = None
+    # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
+    workstream: str | None = None
 
 
 class WsPauseParams(_Params):
@@ -247,6 +274,7 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "events": (EventsParams, False),
     "ws_list": (WsListParams, False),
     "ws_show": (WsShowParams, False),
+    "ws_follow": (WsFollowParams, False),
     "worker_check": (WorkerCheckParams, False),
     "worker_logs": (WorkerLogsParams, False),
     "resources": (ResourcesParams, False),

@@ -28,6 +28,7 @@ from supervisor.control.admission import Admission, RefusalLog
 from supervisor.control.upload import Upload, Uploads
 from supervisor.core.config import ControlConfig
 from supervisor.core.errors import OperatorError, OrchdError, StoreError, WorkstreamFileError
+from supervisor.core.model import Transition
 from supervisor.core.submission import decode_document
 from supervisor.engine.effects import FOLLOWER_BACKLOG
 from supervisor.engine.loop import Engine
@@ -283,6 +284,9 @@ class Server:
         if isinstance(params, p.LogsParams) and params.follow:
             await self._follow_log(stream, req.id, params)
             return True
+        if isinstance(params, p.WsFollowParams):
+            await self._follow_ws(stream, req.id, params)
+            return True
         if req.method in p.SESSION_METHODS:
             resp = self._upload_part(req, params, conn)
         else:
@@ -349,7 +353,7 @@ class Server:
             text, doc = await anyio.to_thread.run_sync(_decode_file, data, source)
         except WorkstreamFileError as exc:
             raise OperatorError("invalid", str(exc)) from None
-        return p.PreparedSubmit(text=text, source=params.source, document=doc)
+        return p.PreparedSubmit(text=text, source=params.source, id=params.id, document=doc)
 
     async def _dispatch(
         self, req: p.Request, params: p.Params, changes: bool, peer: Peer, conn: Connection
@@ -359,7 +363,7 @@ class Server:
         try:
             if isinstance(params, p.SubmitParams):
                 # The interventions log names the file, not its (maybe megabytes of) text.
-                logged = {"source": params.source, "upload": params.upload}
+                logged = {"source": params.source, "upload": params.upload, "id": params.id}
                 params = await self._prepared(params, conn)
                 logged["bytes"] = len(params.text.encode())
             result = await self.engine.call(handler, params)
@@ -415,6 +419,53 @@ class Server:
             )
         )
 
+    async def _follow_ws(self, stream: SocketStream, req_id: int, params: p.WsFollowParams) -> None:
+        """`submit --wait`: where the workstream stands, then each change of state of it
+        and of its tasks, once durable, until it is finished (then the stream ends)."""
+
+        async def send(result: dict[str, Any]) -> None:
+            await stream.send(p.encode_response(p.Response(id=req_id, ok=True, result=result)))
+
+        # Following starts before the look, so that no record falls between the two.
+        recv = self.engine.follow_records()
+        async with recv, anyio.create_task_group() as tg:
+            tg.start_soon(_until_closed, stream, tg.cancel_scope)
+            try:
+                first = await self.engine.call(HANDLERS["ws_follow"], params)
+            except OperatorError as exc:
+                await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
+                tg.cancel_scope.cancel()
+                return
+            await send({"kind": "snapshot"} | first)
+            ws_id, seen = first["workstream_id"], first["seq"]
+            members = set(first["tasks"])
+            if first["state"] in FINISHED_WORKSTREAM_STATES:
+                tg.cancel_scope.cancel()
+                return
+            async for records in recv:
+                for rec in records:
+                    if rec.seq <= seen or rec.to == rec.from_:
+                        continue
+                    if rec.entity == "task" and rec.id in members:
+                        await send(_task_change(rec))
+                    elif rec.entity == "workstream" and rec.id == ws_id:
+                        await send(
+                            {"kind": "workstream", "id": ws_id, "seq": rec.seq, "ts": rec.ts}
+                            | {"from": rec.from_, "to": rec.to, "cause": rec.cause}
+                        )
+                        if rec.to in FINISHED_WORKSTREAM_STATES:
+                            tg.cancel_scope.cancel()
+                            return
+            # The engine closed the stream: this follower fell too far behind.
+            await stream.send(
+                p.encode_response(
+                    p.error_response(
+                        req_id, "unavailable", "this follower fell behind; follow again"
+                    )
+                )
+            )
+            tg.cancel_scope.cancel()
+
     async def _follow_log(self, stream: SocketStream, req_id: int, params: p.LogsParams) -> None:
         """`logs -f`: the last lines, then every new complete line until the client goes."""
         try:
@@ -455,6 +506,35 @@ def _decode_file(data: bytes, source: str) -> tuple[str, dict[str, Any]]:
     except UnicodeDecodeError as exc:
         raise WorkstreamFileError([f"{source}: not UTF-8 text: {exc}"]) from None
     return text, decode_document(data, source)
+
+
+# A followed workstream in one of these states is done: its verdict ends the stream.
+FINISHED_WORKSTREAM_STATES = frozenset({"completed", "failed", "cancelled", "merged"})
+
+
+def _task_change(rec: Transition) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "kind": "task",
+        "id": rec.id,
+        "seq": rec.seq,
+        "ts": rec.ts,
+        "from": rec.from_,
+        "to": rec.to,
+        "cause": rec.cause,
+    }
+    for key in ("worker_id", "failure_kind", "retry_count", "skipped"):
+        if key in rec.changes:
+            out[key] = rec.changes[key]
+    return out
+
+
+async def _until_closed(stream: SocketStream, scope: anyio.CancelScope) -> None:
+    """Cancel `scope` when the client goes: it sends nothing more, so EOF (or an error)
+    means it has closed its end."""
+    with contextlib.suppress(Exception):
+        while await stream.receive():
+            pass
+    scope.cancel()
 
 
 def _tail_at(path: Path, lines: int) -> tuple[list[str], int]:

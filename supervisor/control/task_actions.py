@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from supervisor.control import protocol as p
-from supervisor.control.lookup import get_task, refuse_merged, reopen_workstream
+from supervisor.control.lookup import dependency_of, get_task, refuse_merged, reopen_workstream
 from supervisor.control.ws_actions import task_advice
 from supervisor.core.errors import OperatorError
 from supervisor.core.figures import metrics as live_metrics
@@ -73,7 +73,7 @@ def why_waits(s: Machine, task: Task) -> str:
 
 
 def deps(s: Machine, params: p.DepsParams) -> dict[str, Any]:
-    task = get_task(s, params.task_id)
+    task = get_task(s, params.task_id, params.workstream)
     tasks = s.state.data.tasks
 
     def entry(tid: str) -> dict[str, Any]:
@@ -92,16 +92,13 @@ def deps(s: Machine, params: p.DepsParams) -> dict[str, Any]:
 
 
 def dep_remove(s: Machine, params: p.DepRemoveParams) -> dict[str, Any]:
-    task = get_task(s, params.from_task)
-    if params.to_task not in task.depends_on:
-        raise OperatorError(
-            "not_found", f"{task.id} does not depend on {params.to_task} (see `orchctl deps`)"
-        )
+    task = get_task(s, params.from_task, params.workstream)
+    to_task = dependency_of(s, task, params.to_task)
     if task.state not in (TaskState.PENDING, TaskState.QUEUED):
         raise OperatorError(
             "wrong_state", f"task {task.id} is {task.state}; only a waiting task's dependencies"
         )
-    left = [d for d in task.depends_on if d != params.to_task]
+    left = [d for d in task.depends_on if d != to_task]
     rec = s.commit("task", task.id, str(task.state), "operator", depends_on=left)
     s.state.graph.mark_ready(task.id)
     cycles = _ws_cycles(s, task.workstream_id)
@@ -110,8 +107,8 @@ def dep_remove(s: Machine, params: p.DepRemoveParams) -> dict[str, Any]:
         "info",
         task_id=task.id,
         workstream_id=task.workstream_id,
-        tasks=[task.id, params.to_task],
-        message=f"{task.id} no longer depends on {params.to_task}; "
+        tasks=[task.id, to_task],
+        message=f"{task.id} no longer depends on {to_task}; "
         + (
             "cycles left: " + "; ".join(", ".join(c) for c in cycles) if cycles else "no cycle left"
         ),
@@ -119,7 +116,7 @@ def dep_remove(s: Machine, params: p.DepRemoveParams) -> dict[str, Any]:
     )
     return {
         "task_id": task.id,
-        "removed": params.to_task,
+        "removed": to_task,
         "depends_on": left,
         "unmet": s.state.graph.unmet.get(task.id, 0),
         "cycles_left": cycles,
@@ -128,7 +125,7 @@ def dep_remove(s: Machine, params: p.DepRemoveParams) -> dict[str, Any]:
 
 
 def revalidate(s: Machine, params: p.RevalidateParams) -> dict[str, Any]:
-    task = get_task(s, params.task_id)
+    task = get_task(s, params.task_id, params.workstream)
     if task.state != TaskState.FAILED or task.failure_kind != "validation" or not task.validate:
         raise OperatorError(
             "wrong_state",
@@ -188,7 +185,7 @@ def _actions(s: Machine, task: Task) -> list[dict[str, Any]]:
 
 
 def debug(s: Machine, params: p.DebugParams) -> dict[str, Any]:
-    task = get_task(s, params.task_id)
+    task = get_task(s, params.task_id, params.workstream)
     tasks = s.state.data.tasks
     diagnosis = [why_waits(s, task)]
     if task.state == TaskState.FAILED:

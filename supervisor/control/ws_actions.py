@@ -62,9 +62,7 @@ def ws_retry_failed(s: Machine, params: p.WsRetryFailedParams) -> dict[str, Any]
 
 def ws_resume(s: Machine, params: p.WsResumeParams) -> dict[str, Any]:
     ws = get_ws(s, params.workstream)
-    task = get_task(s, params.from_task)
-    if task.workstream_id != ws.id:
-        raise OperatorError("not_found", f"task {task.id} is not in workstream {ws.id}")
+    task = get_task(s, params.from_task, ws.id)
     refuse_merged(s, ws.id)
     members = set(ws.task_ids)
     # Downstream tasks of other workstreams are theirs to restart, not this one's.

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from supervisor.core import wire
-from supervisor.core.model import Cause, Event
+from supervisor.core.model import Cause, Event, Transition
 
 
 class TaskTree(msgspec.Struct, frozen=True):
@@ -112,4 +112,22 @@ class Archive(msgspec.Struct, tag=True):
     payload: dict[str, Any]
 
 
-Effect = Send | KillTree | Spawn | Retire | KillStarting | CheckSurvivors | Emit | Note | Archive
+class Published(msgspec.Struct, tag=True):
+    """Hand a step's records, now durable, to the followers of transitions (`ws_follow`).
+    The engine adds it to a step while someone follows; the rules never ask for it."""
+
+    records: list[Transition]
+
+
+Effect = (
+    Send
+    | KillTree
+    | Spawn
+    | Retire
+    | KillStarting
+    | CheckSurvivors
+    | Emit
+    | Note
+    | Archive
+    | Published
+)

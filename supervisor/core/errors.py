@@ -30,6 +30,11 @@ class WorkstreamFileError(OrchdError):
         super().__init__("workstream refused:\n  " + "\n  ".join(problems))
 
 
+class WorkstreamExists(OrchdError):
+    """Raised when a submission gives (in its file or with `--id`) a workstream id that
+    already exists; a file without an explicit id never collides."""
+
+
 class StoreError(OrchdError):
     """Base of the state directory's errors."""
 

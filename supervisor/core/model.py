@@ -186,6 +186,13 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     # held back (not queued or dispatched) until they are gone.
     survivors: list[list[int]] = []
 
+    @property
+    def name(self) -> str:
+        """The task's id as its workstream file wrote it (`compile`); `id` is its full
+        name in the daemon, `WS/TASK` (`nightly-42/compile`). A task recorded before
+        full names existed has a bare id, which is then its full name as well."""
+        return self.id.rpartition("/")[2]
+
 
 class Workstream(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     id: str
@@ -197,6 +204,10 @@ class Workstream(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     reason: str | None = None
     # `orchctl ws pause`: nothing new starts in it until `ws unpause`; running tasks go on.
     paused: bool = False
+    # The pipeline this is a run of (the file's `name`), and the run's number in it
+    # (`nightly-42` is run 42 of `nightly`; None for an explicit id).
+    name: str | None = None
+    number: int | None = None
 
 
 class Worker(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -267,11 +278,19 @@ class StateData(msgspec.Struct, kw_only=True):
     resources: dict[str, Resource] = {}
     # At most one entry, DAEMON_ID; absent until the first drain.
     daemon: dict[str, Daemon] = {}
+    # The highest run number given to each pipeline name: kept here, not derived from
+    # the workstreams, so that a number is never given twice even once its run is gone.
+    run_numbers: dict[str, int] = {}
 
     def draining(self) -> bool:
         """An operator drained the daemon: no task starts anywhere."""
         d = self.daemon.get(DAEMON_ID)
         return d is not None and d.state == DaemonState.DRAINING
+
+
+def full_task_id(ws_id: str, task_id: str) -> str:
+    """A task's full name, `WS/TASK` (ids never hold a `/`, so it splits back at once)."""
+    return f"{ws_id}/{task_id}"
 
 
 _ATTEMPT_FIELDS: Final = frozenset(Attempt.__struct_fields__)
@@ -425,6 +444,9 @@ class State:
             tasks = msgspec.convert(rec.changes["tasks"], list[Task])
             ws.task_ids = [t.id for t in tasks]
             self.data.workstreams[ws.id] = ws
+            if ws.name is not None and ws.number is not None:
+                runs = self.data.run_numbers
+                runs[ws.name] = max(runs.get(ws.name, 0), ws.number)
             for t in tasks:
                 self.data.tasks[t.id] = t
             self.graph.add_tasks(tasks, self.data.tasks)

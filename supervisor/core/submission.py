@@ -1,6 +1,12 @@
 """A workstream file (DESIGN.md §7) turned into the payload of its creation record. Pure: no
 I/O, no clock reads; the caller passes the time, the id generator and what already exists.
 
+Every submission is a new workstream, a *run*: an explicit id (`--id`, else the file's
+`id`), else `NAME-N` for a file with a `name` (N counts that name's runs, from the state's
+`run_numbers`, so a number is never given twice), else a ULID-based id. Task ids are
+unique within their workstream: each task is recorded under its full name `WS/TASK`, and
+a dependency on a task of the same file is rewritten to that full name.
+
 A bad file is refused as a whole: every problem in it is collected and raised together in
 one `WorkstreamFileError`, so an operator fixes the file in one pass and nothing is ever
 half-submitted. A dependency cycle is *not* a refusal: the workstream is accepted, the
@@ -10,21 +16,25 @@ daemon reports the cycle (`cycle_report`) and the tasks in it wait for an operat
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final
 
 import msgspec
 
 from supervisor.core.config import TasksConfig
-from supervisor.core.errors import WorkstreamFileError
+from supervisor.core.errors import WorkstreamExists, WorkstreamFileError
 from supervisor.core.graph import find_cycles
-from supervisor.core.model import Rlimits, Task, Workstream, task_to_builtins
+from supervisor.core.model import Rlimits, Task, Workstream, full_task_id, task_to_builtins
 
 # Ids become file names (logs/<task>.log, checkpoints/<ws>_latest.json), so they are kept
 # to a safe alphabet: no path separators, no leading dot, bounded length.
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A workstream's task logs are logs/<ws>/<task>.log, beside logs/workers/.
+RESERVED_WORKSTREAM_IDS: Final = frozenset({"workers"})
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_TOP_LEVEL_KEYS: Final = frozenset({"id", "tasks"})
+_TOP_LEVEL_KEYS: Final = frozenset({"id", "name", "tasks"})
+# A pipeline name leaves room for "-N" within an id's 128 characters.
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class TaskSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -65,6 +75,17 @@ def new_ulid(now: float, rand: bytes) -> str:
     return "ws-" + "".join(chars)
 
 
+def next_run(
+    name: str, run_numbers: Mapping[str, int], existing: Collection[str]
+) -> tuple[str, int]:
+    """The id and number of the next run of pipeline `name`: one past the highest number it
+    was ever given, skipping an id that an explicit `id` took meanwhile."""
+    number = run_numbers.get(name, 0) + 1
+    while f"{name}-{number}" in existing:
+        number += 1
+    return f"{name}-{number}", number
+
+
 def cycle_report(tasks: Iterable[Task]) -> list[list[str]]:
     """The dependency cycles among `tasks` (each a sorted list of task ids); [] for a DAG."""
     task_list = list(tasks)
@@ -95,16 +116,20 @@ def parse_workstream(
     source: str,
     defaults: TasksConfig,
     known_resources: set[str],
-    existing_task_ids: set[str],
+    existing_task_ids: Collection[str],
     new_id: Callable[[], str],
     existing_workstream_ids: Collection[str] = (),
+    run_numbers: Mapping[str, int] | None = None,
+    explicit_id: str | None = None,
     now: float = 0.0,
     document: dict[str, Any] | None = None,
 ) -> tuple[Workstream, list[Task]]:
-    """Decode and check a workstream file; return the workstream and its tasks, ready for
-    `creation_changes`. Raises WorkstreamFileError naming every problem, each prefixed with
-    `source`. A dependency may name a task of this file or one the daemon already has.
-    `document` is `text` already decoded by `decode_document`, when the caller did that."""
+    """Decode and check a workstream file; return the workstream and its tasks (under their
+    full names), ready for `creation_changes`. Raises WorkstreamFileError naming every
+    problem, each prefixed with `source`, and then WorkstreamExists when the explicit id
+    (`explicit_id`, else the file's `id`) is taken. A dependency names a task of this file
+    by its id, or one the daemon already has by its full name. `document` is `text`
+    already decoded by `decode_document`, when the caller did that."""
     problems: list[str] = []
 
     def problem(msg: str) -> None:
@@ -113,19 +138,36 @@ def parse_workstream(
     doc = document if document is not None else decode_document(text, source)
 
     for key in sorted(set(doc) - _TOP_LEVEL_KEYS):
-        problem(f"unknown top-level field `{key}` (allowed: id, tasks)")
+        problem(f"unknown top-level field `{key}` (allowed: id, name, tasks)")
 
     ws_id: str | None = None
-    if "id" in doc:
+    where_id = "`id`"
+    if explicit_id is not None:
+        where_id = "--id"
+        if not ID_PATTERN.fullmatch(explicit_id):
+            problem(f"--id {explicit_id!r} {_ID_RULE}")
+        else:
+            ws_id = explicit_id
+    elif "id" in doc:
         raw_id = doc["id"]
         if not isinstance(raw_id, str):
             problem(f"`id` must be a string, got {_type_name(raw_id)}")
         elif not ID_PATTERN.fullmatch(raw_id):
             problem(f"`id` {raw_id!r} {_ID_RULE}")
-        elif raw_id in existing_workstream_ids:
-            problem(f"workstream {raw_id!r} already exists")
         else:
             ws_id = raw_id
+    name: str | None = None
+    if "name" in doc:
+        raw_name = doc["name"]
+        if not isinstance(raw_name, str):
+            problem(f"`name` must be a string, got {_type_name(raw_name)}")
+        elif not NAME_PATTERN.fullmatch(raw_name):
+            problem(
+                f"`name` {raw_name!r} is not a valid pipeline name (letters, digits, '.', "
+                "'_', '-'; 1-100 characters)"
+            )
+        else:
+            name = raw_name
 
     raw_tasks = doc.get("tasks")
     decoded: list[tuple[int, str, dict[str, Any]]] = []
@@ -139,21 +181,46 @@ def parse_workstream(
             if values is not None:
                 decoded.append((index, _where(index, table), values))
 
-    file_ids = _check_ids(decoded, existing_task_ids, problem)
+    file_ids = _check_ids(decoded, problem)
     for _, where, values in decoded:
         _check_values(where, values, file_ids, existing_task_ids, known_resources, problem)
 
     if problems:
         raise WorkstreamFileError(problems)
 
+    if ws_id in RESERVED_WORKSTREAM_IDS:
+        problems.append(
+            f"{source}: {where_id} {ws_id!r} is reserved (logs/{ws_id}/ holds the workers' logs)"
+        )
+        raise WorkstreamFileError(problems)
+    if ws_id is not None and ws_id in existing_workstream_ids:
+        hint = (
+            "pass another `--id`, or none"
+            if where_id == "--id"
+            else "drop `id` from the file (with `name` set, each submission is numbered: "
+            f"{name or 'NAME'}-1, -2, …) or pass `orchctl submit FILE --id OTHER`"
+        )
+        raise WorkstreamExists(
+            f"{source}: workstream {ws_id!r} ({where_id}) exists already; {hint}"
+        )
     # Only a file without a single problem gets an id: a refusal spends nothing.
+    number: int | None = None
+    if ws_id is None and name is not None:
+        ws_id, number = next_run(name, run_numbers or {}, existing_workstream_ids)
     if ws_id is None:
         ws_id = new_id()
     tasks = [
-        _build_task(index, msgspec.convert(values, TaskSpec), ws_id, defaults)
+        _build_task(index, msgspec.convert(values, TaskSpec), ws_id, file_ids, defaults)
         for index, _, values in decoded
     ]
-    ws = Workstream(id=ws_id, task_ids=[t.id for t in tasks], submitted_at=now, source=source)
+    ws = Workstream(
+        id=ws_id,
+        task_ids=[t.id for t in tasks],
+        submitted_at=now,
+        source=source,
+        name=name,
+        number=number,
+    )
     return ws, tasks
 
 
@@ -206,7 +273,6 @@ def _decode_fields(
 
 def _check_ids(
     decoded: list[tuple[int, str, dict[str, Any]]],
-    existing: set[str],
     problem: Callable[[str], None],
 ) -> set[str]:
     seen: dict[str, list[int]] = {}
@@ -219,8 +285,6 @@ def _check_ids(
         if len(indexes) > 1:
             places = ", ".join(f"tasks[{i}]" for i in indexes)
             problem(f"task {tid!r}: duplicate task id ({places})")
-        if tid in existing:
-            problem(f"task {tid!r}: a task with this id already exists in the daemon")
     return set(seen)
 
 
@@ -234,7 +298,7 @@ def _check_values(
     where: str,
     values: dict[str, Any],
     file_ids: set[str],
-    existing: set[str],
+    existing: Collection[str],
     known_resources: set[str],
     problem: Callable[[str], None],
 ) -> None:
@@ -268,19 +332,24 @@ def _check_values(
                 problem(f"{where}: `rlimits.{name}` must be > 0, got {value}")
     for dep in values.get("depends_on", []):
         if dep not in file_ids and dep not in existing:
-            problem(f"{where}: unknown dependency {dep!r}")
+            problem(
+                f"{where}: unknown dependency {dep!r} (a task of this file by its id, "
+                "another workstream's by its full name WS/TASK)"
+            )
     for res in values.get("resources", []):
         if res not in known_resources:
             known = ", ".join(sorted(known_resources)) or "none configured"
             problem(f"{where}: unknown resource {res!r} (known: {known})")
 
 
-def _build_task(index: int, spec: TaskSpec, ws_id: str, defaults: TasksConfig) -> Task:
+def _build_task(
+    index: int, spec: TaskSpec, ws_id: str, file_ids: set[str], defaults: TasksConfig
+) -> Task:
     queue_timeout = spec.queue_timeout_s
     if queue_timeout is None and defaults.queue_timeout_s > 0:
         queue_timeout = defaults.queue_timeout_s
     return Task(
-        id=spec.id,
+        id=full_task_id(ws_id, spec.id),
         workstream_id=ws_id,
         command=spec.command,
         cwd=spec.cwd,
@@ -289,7 +358,11 @@ def _build_task(index: int, spec: TaskSpec, ws_id: str, defaults: TasksConfig) -
         max_retries=spec.max_retries if spec.max_retries is not None else defaults.max_retries,
         # A repeated entry would count twice in the graph and, for a resource, make the
         # task wait on itself: keep the first of each, in the operator's order.
-        depends_on=list(dict.fromkeys(spec.depends_on)),
+        # A dependency within the file is on this run's task; one outside it is already a
+        # full name (or a task recorded before full names, whose id is its full name).
+        depends_on=list(
+            dict.fromkeys(full_task_id(ws_id, d) if d in file_ids else d for d in spec.depends_on)
+        ),
         resources=list(dict.fromkeys(spec.resources)),
         critical=spec.critical,
         validate=spec.validate,

@@ -10,7 +10,7 @@ back as SpawnFailed).
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import structlog
@@ -26,6 +26,7 @@ from supervisor.core.effects import (
     KillStarting,
     KillTree,
     Note,
+    Published,
     Retire,
     Send,
     Spawn,
@@ -39,7 +40,7 @@ from supervisor.core.inputs import (
     TreeKilled,
 )
 from supervisor.core.machine import Machine
-from supervisor.core.model import Event, WorkerState
+from supervisor.core.model import Event, Transition, WorkerState
 from supervisor.engine.ports import Agents, Durable
 from supervisor.store.snapshot import iso_utc
 
@@ -50,19 +51,26 @@ FOLLOWER_BACKLOG = 1000
 _LEVELS = {"critical": "critical", "error": "error", "warning": "warning"}
 
 
-class Followers:
-    """The streams of `events -f` clients; one that falls behind is closed, not dropped
-    silently: the server then tells its client and ends the stream."""
+T = TypeVar("T")
+
+
+class Followers(Generic[T]):
+    """The streams of `events -f` clients (or of `ws_follow`'s, of records); one that
+    falls behind is closed, not dropped silently: the server then tells its client and
+    ends the stream."""
 
     def __init__(self) -> None:
-        self._streams: list[MemoryObjectSendStream[Event]] = []
+        self._streams: list[MemoryObjectSendStream[T]] = []
 
-    def add(self) -> MemoryObjectReceiveStream[Event]:
-        send, recv = anyio.create_memory_object_stream[Event](FOLLOWER_BACKLOG)
+    def __bool__(self) -> bool:
+        return bool(self._streams)
+
+    def add(self) -> MemoryObjectReceiveStream[T]:
+        send, recv = anyio.create_memory_object_stream[T](FOLLOWER_BACKLOG)
         self._streams.append(send)
         return recv
 
-    def publish(self, ev: Event) -> None:
+    def publish(self, ev: T) -> None:
         for stream in list(self._streams):
             try:
                 stream.send_nowait(ev)
@@ -85,7 +93,9 @@ class Effects:
         inbox: MemoryObjectSendStream[Any],
     ) -> None:
         self.m, self.store, self.pool, self.inbox = m, store, pool, inbox
-        self.followers = Followers()
+        self.followers: Followers[Event] = Followers()
+        # Each item is one step's records (a follower that falls behind is closed).
+        self.record_followers: Followers[list[Transition]] = Followers()
         self.tg: TaskGroup | None = None
         self._notes: dict[str, list[tuple[float, str]]] = {}
 
@@ -95,6 +105,8 @@ class Effects:
                 await self.pool.send(wid, msg)
             case Emit(event=ev):
                 self.publish(ev)
+            case Published(records=records):
+                self.record_followers.publish(records)
             case Note(worker_id=wid, ts=ts, text=text):
                 self._notes.setdefault(wid, []).append((ts, text))
             case KillTree():

@@ -24,10 +24,11 @@ from supervisor import failpoints
 from supervisor.core import quiesce
 from supervisor.core import shutdown as drain
 from supervisor.core.config import Config
+from supervisor.core.effects import Published
 from supervisor.core.errors import StoreWriteError
 from supervisor.core.inputs import AgentMessage, HealthReport, Input
 from supervisor.core.machine import Machine
-from supervisor.core.model import Event, State, WorkerState
+from supervisor.core.model import Event, State, Transition, WorkerState
 from supervisor.core.views import status_line, status_view
 from supervisor.engine.call import Call, ReadOnly
 from supervisor.engine.commit import GroupCommit
@@ -188,7 +189,10 @@ class Engine:
         m.keep()
         if self.read_only is not None and step.records:
             self._leave_read_only()
-        self.commit.submit(step.effects, calls, urgent=step.urgent)
+        effects = step.effects
+        if step.records and self.fx.record_followers:
+            effects = [*effects, Published(step.records)]
+        self.commit.submit(effects, calls, urgent=step.urgent)
 
     def _run_call(self, call: Call) -> None:
         try:
@@ -310,6 +314,10 @@ class Engine:
     def follow_events(self) -> MemoryObjectReceiveStream[Event]:
         """A stream of every event from now on; closed by the engine if it falls behind."""
         return self.fx.followers.add()
+
+    def follow_records(self) -> MemoryObjectReceiveStream[list[Transition]]:
+        """Every step's records from now on, once durable; closed if it falls behind."""
+        return self.fx.record_followers.add()
 
     def record_intervention(self, entry: dict[str, Any]) -> None:
         """Append an operator's action to interventions.log (an OSError is the caller's)."""

@@ -98,6 +98,15 @@ def journal_fields(event_dict: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("EVENT", event),
     ]
     fields.extend((journal_name(k), _text(v)) for k, v in extra)
+    task = event_dict.get("task_id")
+    if isinstance(task, str) and "/" in task:
+        # A full name WS/TASK: TASK_ID is the id the workstream file gave, next to its
+        # WORKSTREAM_ID, so `journalctl TASK_ID=compile WORKSTREAM_ID=nightly-42` finds it
+        # (MESSAGE keeps the full name).
+        ws, _, bare = task.rpartition("/")
+        fields = [(k, bare if k == "TASK_ID" else v) for k, v in fields]
+        if "workstream_id" not in event_dict:
+            fields.append(("WORKSTREAM_ID", ws))
     return fields
 
 

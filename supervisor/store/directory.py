@@ -253,9 +253,15 @@ class Store:
         return out, max(after_line, len(lines))
 
     def task_log_path(self, task_id: str) -> Path:
-        """logs/<task>.log, written by the agents (every attempt, with a header each)."""
-        _check_name(task_id)
-        return self._dir / "logs" / f"{task_id}.log"
+        """logs/<ws>/<task>.log for a full name (logs/<task>.log for a task recorded before
+        full names), written by the agents (every attempt, with a header each); the agent
+        makes the workstream's directory."""
+        ws_id, _, bare = task_id.rpartition("/")
+        _check_name(bare)
+        if not ws_id:
+            return self._dir / "logs" / f"{bare}.log"
+        _check_name(ws_id)
+        return self._dir / "logs" / ws_id / f"{bare}.log"
 
     def worker_log_path(self, worker_id: str) -> Path:
         _check_name(worker_id)

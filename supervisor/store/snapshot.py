@@ -57,6 +57,7 @@ def encode_snapshot(state: State, *, log_offset: int | None, log_crc: int | None
         workers=d.workers,
         resources=d.resources,
         daemon=d.daemon,
+        run_numbers=d.run_numbers,
         log_offset=log_offset,
         log_crc=log_crc,
         written_at=iso_utc(),
@@ -112,6 +113,7 @@ def snapshot_state(snap: SnapshotFile) -> StateData:
         workers=snap.workers,
         resources=snap.resources,
         daemon=snap.daemon,
+        run_numbers=snap.run_numbers,
     )
 
 
