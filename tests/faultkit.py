@@ -28,7 +28,7 @@ import msgspec
 
 from supervisor.core.model import Transition
 from supervisor.store.logfile import seal
-from tests.harness import ROOT, Daemon
+from tests.harness import ROOT, Daemon, event_matches
 
 # The longest repr of a time.time() float (10 integer digits, 17 significant digits): record
 # lengths are estimated with it, so an estimate is an upper bound of the real length.
@@ -315,9 +315,7 @@ class Follower:
         self, name: str, count: int = 1, timeout: float = 15.0, **match: Any
     ) -> list[tuple[float, dict[str, Any]]]:
         def found() -> list[tuple[float, dict[str, Any]]]:
-            return [
-                (t, e) for t, e in self.events(name) if all(e.get(k) == v for k, v in match.items())
-            ]
+            return [(t, e) for t, e in self.events(name) if event_matches(e, match)]
 
         Daemon.wait_for(lambda: len(found()) >= count, timeout, f"{count} x {name} {match}")
         return found()

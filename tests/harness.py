@@ -77,6 +77,18 @@ def to_toml(cfg: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def event_matches(event: dict[str, Any], match: dict[str, Any]) -> bool:
+    """Every field of `match` is the event's; a `task_id` may be given bare (`slow` for
+    the event of `ws-1/slow`), as tests whose task ids are unique do."""
+    for key, want in match.items():
+        got = event.get(key)
+        if got != want and not (
+            key == "task_id" and isinstance(got, str) and got.rpartition("/")[2] == want
+        ):
+            return False
+    return True
+
+
 class DaemonExited(AssertionError):
     """Raised while waiting for a daemon that has already exited."""
 
@@ -263,9 +275,7 @@ class Daemon:
         found: list[dict[str, Any]] = []
 
         def check() -> bool:
-            found[:] = [
-                e for e in self.events(name) if all(e.get(k) == v for k, v in match.items())
-            ]
+            found[:] = [e for e in self.events(name) if event_matches(e, match)]
             return bool(found)
 
         self.wait_for(check, timeout, f"event {name} {match}")
@@ -276,7 +286,8 @@ class Daemon:
         return out
 
     def log(self, task_id: str) -> str:
-        return (self.state_dir / "logs" / f"{task_id}.log").read_text()
+        """A task's log (full name, or a bare id the daemon resolves)."""
+        return Path(self.task(task_id)["log_path"]).read_text()
 
     @staticmethod
     def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -308,12 +319,14 @@ def orchd_processes() -> list[psutil.Process]:
 
 
 def marker_processes(prefix: str) -> list[psutil.Process]:
-    """Live processes of this run whose attempt marker (ORCHD_ATTEMPT_ID) starts with
-    `prefix`: a task's whole tree, escapees included."""
+    """Live processes of this run whose attempt marker (ORCHD_ATTEMPT_ID, which begins with
+    the task's full name WS/TASK) starts with `prefix`, or whose part after the workstream
+    does (`slow.` for ws-1/slow's attempts): a task's whole tree, escapees included."""
     out = []
     for proc in orchd_processes():
         with contextlib.suppress(psutil.NoSuchProcess):
-            if proc.environ().get("ORCHD_ATTEMPT_ID", "").startswith(prefix):
+            marker = proc.environ().get("ORCHD_ATTEMPT_ID", "")
+            if marker.startswith(prefix) or marker.rpartition("/")[2].startswith(prefix):
                 out.append(proc)
     return out
 

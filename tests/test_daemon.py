@@ -174,7 +174,7 @@ def test_checkpoints_metrics_and_interventions_are_written(daemon: Daemon) -> No
         if not cp.exists():
             return False
         return json.loads(cp.read_bytes().rsplit(b',"crc"', 1)[0] + b"}")["completed_tasks"] == [
-            "one"
+            "ws-one/one"
         ]
 
     Daemon.wait_for(checkpoint_done, 5, "a checkpoint listing the completed task")
@@ -212,7 +212,7 @@ id = "waiter"
 command = "true"
 queue_timeout_s = 0.2
 """)
-        ev = d.wait_event("task_queue_timeout", task_id="waiter")
+        ev = d.wait_event("task_queue_timeout", task_id="ws-q/waiter")
         assert ev["severity"] == "warning"
         d.wait_task("waiter", "completed")
     finally:

@@ -114,7 +114,9 @@ max_retries = 3
         assert len(timeouts) == 3 and {e["severity"] for e in timeouts} == {"warning"}
         failed = d.events("task_failed")
         assert (
-            len(failed) == 1 and failed[0]["severity"] == "error" and failed[0]["task_id"] == "slow"
+            len(failed) == 1
+            and failed[0]["severity"] == "error"
+            and failed[0]["task_id"] == "ws-timeout/slow"
         )
         assert not marker_processes("slow.")
     finally:
@@ -212,10 +214,10 @@ depends_on = ["x"]
 id = "z"
 command = "true"
 """)
-    assert out["cycles"] == [["x", "y"]]
+    assert out["cycles"] == [["ws-cycle/x", "ws-cycle/y"]]
     daemon.wait_task("z", "completed")
     ev = daemon.wait_event("dependency_cycle_detected")
-    assert ev["severity"] == "critical" and ev["tasks"] == ["x", "y"]
+    assert ev["severity"] == "critical" and ev["tasks"] == ["ws-cycle/x", "ws-cycle/y"]
     assert daemon.task("x")["state"] == "pending" and daemon.task("y")["state"] == "pending"
 
 
@@ -239,7 +241,10 @@ depends_on = ["breaks"]
     Daemon.wait_for(archive.exists, 5, "the archive file")
     data = json.loads(archive.read_text())
     assert data["workstream"]["id"] == "ws-crit"
-    assert {t["id"]: t["state"] for t in data["tasks"]} == {"breaks": "failed", "after": "pending"}
+    assert {t["id"]: t["state"] for t in data["tasks"]} == {
+        "ws-crit/breaks": "failed",
+        "ws-crit/after": "pending",
+    }
 
 
 def test_non_critical_failure_lets_independent_branches_finish(daemon: Daemon) -> None:

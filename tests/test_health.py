@@ -98,9 +98,9 @@ def test_stopped_busy_worker_recovers_and_its_task_completes_in_place(daemon: Da
     w = running_on(daemon, "steady")
     os.kill(w["pid"], signal.SIGSTOP)
     ev = daemon.wait_event("worker_unresponsive", worker_id=w["id"])
-    assert ev["severity"] == "error" and ev["task_id"] == "steady"
+    assert ev["severity"] == "error" and ev["task_id"] == "ws-steady/steady"
     state = next(x for x in daemon.workers() if x["id"] == w["id"])
-    assert state["state"] == "unresponsive" and state["task_id"] == "steady"
+    assert state["state"] == "unresponsive" and state["task_id"] == "ws-steady/steady"
     # The task finishes while its agent is stopped; the result comes after SIGCONT.
     flag.touch()
     os.kill(w["pid"], signal.SIGCONT)
@@ -129,7 +129,7 @@ def test_stopped_busy_worker_is_shut_down_and_its_task_reassigned(daemon: Daemon
     os.kill(w["pid"], signal.SIGSTOP)
     unresp = daemon.wait_event("worker_unresponsive", worker_id=w["id"])
     down = daemon.wait_event("worker_shutdown", timeout=SHUTDOWN_S + 5, worker_id=w["id"])
-    assert down["severity"] == "error" and down["task_id"] == "moved"
+    assert down["severity"] == "error" and down["task_id"] == "ws-moved/moved"
     gap = down["ts"] - unresp["ts"]
     assert SHUTDOWN_S <= gap <= SHUTDOWN_S + CHECK_S + 0.3, gap
     # The task goes back to queued (reassigned, no retry spent) and runs elsewhere.
@@ -171,7 +171,7 @@ def test_operator_restart_reassigns_the_task_and_keeps_the_id(daemon: Daemon) ->
     w = running_on(daemon, "job")
     first = daemon.task("job")["attempts"][0]["attempt_id"]
     out = daemon.ctl_json("worker", "restart", w["id"])
-    assert out["worker_id"] == w["id"] and out["reassigned_task"] == "job" and out["seq"] > 0
+    assert out["worker_id"] == w["id"] and out["reassigned_task"] == "ws-job/job" and out["seq"] > 0
     Daemon.wait_for(lambda: len(daemon.task("job")["attempts"]) == 2, 10, "a second attempt")
     flag.touch()
     t = daemon.wait_task("job", "completed")
@@ -190,7 +190,7 @@ def test_operator_restart_reassigns_the_task_and_keeps_the_id(daemon: Daemon) ->
     assert len(live_workers(daemon)) == 2
     assert cause_of(daemon, w["id"], "shutdown") == ["operator"]
     assert cause_of(daemon, w["id"], "starting")[-1] == "operator"
-    assert daemon.wait_event("worker_restarted", worker_id=w["id"])["task_id"] == "job"
+    assert daemon.wait_event("worker_restarted", worker_id=w["id"])["task_id"] == "ws-job/job"
 
 
 @pytest.mark.parametrize("reassign", [True, False], ids=["reassign", "no-reassign"])
@@ -205,7 +205,7 @@ def test_forced_shutdown_of_a_busy_worker(daemon: Daemon, reassign: bool) -> Non
     Daemon.wait_for(lambda: len(marked(first)) >= 2, 5, "the task's tree to be up")
     args = ["worker", "shutdown", w["id"], "--force"] + (["--reassign"] if reassign else [])
     out = daemon.ctl_json(*args)
-    assert out["worker_id"] == w["id"] and out["task_id"] == "job"
+    assert out["worker_id"] == w["id"] and out["task_id"] == "ws-job/job"
     assert out["reassigned"] is reassign
     Daemon.wait_for(lambda: gone(w["pid"]) and not marked(first), 5, "agent and tree gone")
     Daemon.wait_for(lambda: len(daemon.task("job")["attempts"]) == 2, 10, "a second attempt")
@@ -223,7 +223,7 @@ def test_forced_shutdown_of_a_busy_worker(daemon: Daemon, reassign: bool) -> Non
     Daemon.wait_for(lambda: len(live_workers(daemon)) == 2, 10, "a replacement worker")
     assert cause_of(daemon, w["id"], "shutdown") == ["operator"]
     ev = daemon.wait_event("worker_shutdown", worker_id=w["id"])
-    assert ev["severity"] == "error" and ev["task_id"] == "job"
+    assert ev["severity"] == "error" and ev["task_id"] == "ws-job/job"
 
 
 def test_worker_commands_exit_codes(daemon: Daemon) -> None:
@@ -272,7 +272,7 @@ def test_worker_check_and_logs_show_health_and_history(tmp_path: Path) -> None:
             lambda: d.workers()[0]["last_heartbeat_age_s"] > after, 5, "heartbeats to be missed"
         )
         check = d.ctl_json("worker", "check", w["id"])
-        assert check["state"] == "unresponsive" and check["task_id"] == "first"
+        assert check["state"] == "unresponsive" and check["task_id"] == "ws-first/first"
         assert check["health"]["status"] == "stopped" and check["health"]["ok"] is False
         assert check["health"]["unresponsive_for_s"] > 0
         assert check["health"]["rss_bytes"] > 0 and check["health"]["open_fds"] > 0

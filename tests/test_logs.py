@@ -293,3 +293,20 @@ def test_auto_picks_console_on_a_terminal(journal: tuple[str, socket.socket]) ->
             assert choose_format("auto", tty, journal[0]) == "console"
     finally:
         os.close(master)
+
+
+def test_journal_task_id_is_the_bare_id_beside_its_workstream() -> None:
+    """A full task name WS/TASK gives TASK_ID=TASK and WORKSTREAM_ID=WS, so
+    `journalctl TASK_ID=compile WORKSTREAM_ID=nightly-42` finds it; MESSAGE keeps it whole."""
+    fields = dict(
+        journal_fields(
+            {"event": "task_completed", "level": "info", "task_id": "nightly-42/compile"}
+        )
+    )
+    assert fields["TASK_ID"] == "compile" and fields["WORKSTREAM_ID"] == "nightly-42"
+    assert "task_id=nightly-42/compile" in fields["MESSAGE"]
+    both = journal_fields(
+        {"event": "e", "task_id": "nightly-42/compile", "workstream_id": "nightly-42"}
+    )
+    assert [v for k, v in both if k == "WORKSTREAM_ID"] == ["nightly-42"]  # not twice
+    assert dict(journal_fields({"event": "e", "task_id": "task-001"}))["TASK_ID"] == "task-001"

@@ -39,9 +39,9 @@ def test_deps_dag_and_dep_remove_break_a_cycle(daemon: Daemon) -> None:
     )
     d = daemon.ctl_json("deps", "a")
     assert d["unmet"] == 1 and d["depends_on"] == [
-        {"id": "b", "state": "pending", "satisfied": False}
+        {"id": "ws-cyc/b", "state": "pending", "satisfied": False}
     ]
-    assert [x["id"] for x in d["dependents"]] == ["b", "c"] and "cycle" in d["why"]
+    assert [x["id"] for x in d["dependents"]] == ["ws-cyc/b", "ws-cyc/c"] and "cycle" in d["why"]
     assert "CYCLE" in daemon.ctl("dag", "ws-cyc").stdout
     dot = daemon.ctl("dag", "ws-cyc", "--format", "dot").stdout
     assert dot.startswith('digraph "ws-cyc"') and "color=red" in dot
@@ -50,8 +50,8 @@ def test_deps_dag_and_dep_remove_break_a_cycle(daemon: Daemon) -> None:
     seq = seq_of(daemon.ctl("dep", "remove", "--from", "a", "--to", "b"))
     assert seq > 1
     daemon.wait_ws("ws-cyc", "completed")
-    ev = daemon.wait_event("dependency_removed", task_id="a")
-    assert ev["data"]["cycles_left"] == [] and ev["tasks"] == ["a", "b"]
+    ev = daemon.wait_event("dependency_removed", task_id="ws-cyc/a")
+    assert ev["data"]["cycles_left"] == [] and ev["tasks"] == ["ws-cyc/a", "ws-cyc/b"]
     assert daemon.ctl("dep", "remove", "--from", "b", "--to", "a").returncode == 5
     assert "waits" not in daemon.ctl_json("deps", "c")["why"]
 
@@ -76,7 +76,7 @@ def test_ws_analyze_retry_failed_resume_and_mark_merged(daemon: Daemon, tmp_path
     daemon.wait_ws("ws-fix", "failed")
     a = daemon.ctl_json("ws", "analyze", "ws-fix")
     assert a["next"] == ["orchctl ws retry ws-fix"] and not a["all_failed"]
-    assert any("orchctl retry second" in f["commands"] for f in a["findings"])
+    assert any("orchctl retry ws-fix/second" in f["commands"] for f in a["findings"])
     assert "partial failure" in daemon.ctl("ws", "analyze", "ws-fix").stdout
     assert daemon.ctl("ws", "mark-merged", "ws-fix").returncode == 5
     flag.touch()
@@ -85,7 +85,7 @@ def test_ws_analyze_retry_failed_resume_and_mark_merged(daemon: Daemon, tmp_path
     assert runs.read_text().count("x") == 1
     assert daemon.ctl("ws", "retry-failed", "ws-fix").returncode == 5
     r = daemon.ctl_json("ws", "resume", "ws-fix", "--from-task", "first")
-    assert r["reset"] == ["first", "second"] and r["state"] == "running"
+    assert r["reset"] == ["ws-fix/first", "ws-fix/second"] and r["state"] == "running"
     daemon.wait_ws("ws-fix", "completed")
     assert runs.read_text().count("x") == 2
     seq_of(daemon.ctl("ws", "mark-merged", "ws-fix"))
@@ -112,7 +112,7 @@ def test_ws_retry_refused_while_running_then_reruns_everything(
     daemon.wait_ws("ws-all", "completed")
     assert runs.read_text().count("1") == 1
     r = daemon.ctl_json("ws", "retry", "ws-all")
-    assert set(r["reset"]) == {"one", "slow"} and r["seq"] > 0
+    assert set(r["reset"]) == {"ws-all/one", "ws-all/slow"} and r["seq"] > 0
     daemon.wait_task("slow", "running")
     daemon.wait_for(lambda: runs.read_text().count("1") == 2, 10, "one to run again")
     daemon.ctl("cancel", "slow")
@@ -146,7 +146,9 @@ def test_rollback_restores_failed_task_and_stops_running_one(daemon: Daemon) -> 
     assert daemon.ctl("ws", "rollback", "ws-rb", "--to-checkpoint", "999999").returncode == 3
     assert daemon.ctl("ws", "rollback", "ws-rb", "--to-checkpoint", "soon").returncode == 2
     r = daemon.ctl_json("ws", "rollback", "ws-rb", "--to-checkpoint", str(cp["seq"]))
-    assert r["restored"] == ["bad"] and r["checkpoint_seq"] == cp["seq"] and r["seq"] > cp["seq"]
+    assert (
+        r["restored"] == ["ws-rb/bad"] and r["checkpoint_seq"] == cp["seq"] and r["seq"] > cp["seq"]
+    )
     assert r["state"] == "running" and r["kept_completed"] == []
     ev = daemon.wait_event("workstream_rolled_back", workstream_id="ws-rb")
     assert ev["data"]["checkpoint_seq"] == cp["seq"]
@@ -158,7 +160,7 @@ def test_rollback_restores_failed_task_and_stops_running_one(daemon: Daemon) -> 
     daemon.wait_task("long", "running")
     _checkpoints(daemon, "ws-run", lambda c: c["pending"] == 1)
     r = daemon.ctl_json("ws", "rollback", "ws-run", "--to-checkpoint", "latest")
-    assert r["stopping"] == ["long"]
+    assert r["stopping"] == ["ws-run/long"]
     daemon.wait_for(
         lambda: daemon.task("long")["attempts"][0].get("failure_kind") == "interrupted",
         10,
@@ -191,7 +193,7 @@ def test_revalidate_runs_only_the_validation_step(daemon: Daemon, tmp_path: Path
     assert daemon.ctl("revalidate", "plain").returncode == 5
     assert daemon.ctl("revalidate", "ghost").returncode == 3
     dbg = daemon.ctl("debug", "build")
-    assert dbg.returncode == 0 and "orchctl revalidate build" in dbg.stdout
+    assert dbg.returncode == 0 and "orchctl revalidate ws-val/build" in dbg.stdout
     flag.touch()
     seq_of(daemon.ctl("revalidate", "build"))
     t = daemon.wait_task("build", "completed")
@@ -214,8 +216,8 @@ def test_debug_interventions_metrics_and_log_follow(daemon: Daemon) -> None:
     )
     daemon.wait_task("slowpoke", "failed")
     d = daemon.ctl_json("debug", "slowpoke")
-    assert ["retry", "slowpoke", "--timeout", "0.6"] in [a["argv"] for a in d["actions"]]
-    assert "orchctl retry slowpoke --timeout 0.6" in daemon.ctl("debug", "slowpoke").stdout
+    assert ["retry", "ws-misc/slowpoke", "--timeout", "0.6"] in [a["argv"] for a in d["actions"]]
+    assert "orchctl retry ws-misc/slowpoke --timeout 0.6" in daemon.ctl("debug", "slowpoke").stdout
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctl", "--socket", daemon.socket, "logs", "talker", "-f"],
         stdout=subprocess.PIPE,

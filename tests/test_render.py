@@ -97,3 +97,22 @@ def test_prometheus_exposition_is_well_formed() -> None:
     assert 'orchd_resource_holders{resource="git\\"repo"} 1' in text
     assert 'orchd_worker_heartbeat_age_seconds{worker="w1"} 0.25' in text
     assert {"orchd_tasks", "orchd_attempts_total", "orchd_queue_wait_seconds"} <= typed
+
+
+def test_dag_shows_a_runs_own_tasks_by_bare_id_and_others_by_full_name() -> None:
+    """In `dag nightly-3` the run's tasks read `compile`, a dependency on another
+    workstream's task keeps its full name; DOT node ids stay the full names."""
+    run = {
+        "id": "nightly-3",
+        "state": "running",
+        "tasks": [
+            {"id": "nightly-3/fetch", "state": "completed", "depends_on": ["tools-1/build"]},
+            {"id": "nightly-3/compile", "state": "running", "depends_on": ["nightly-3/fetch"]},
+        ],
+    }
+    text = dag.text(run)
+    assert "  fetch [completed] <- tools-1/build" in text
+    assert "compile [running] <- fetch" in text
+    dot = dag.dot(run)
+    assert '"nightly-3/fetch" -> "nightly-3/compile"' in dot and 'label="compile' in dot
+    assert '["compile (running)"]' in dag.mermaid(run)

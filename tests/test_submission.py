@@ -239,9 +239,7 @@ def test_refused_workstream_id_that_exists() -> None:
 
 def test_file_problems_come_before_an_existing_id() -> None:
     """A bad file with a taken id is refused for its problems (exit 2), not its id."""
-    problems = problems_of(
-        'id = "ws-1"\n[[tasks]]\nid = "a"\n', existing_workstream_ids={"ws-1"}
-    )
+    problems = problems_of('id = "ws-1"\n[[tasks]]\nid = "a"\n', existing_workstream_ids={"ws-1"})
     assert problems == ["ws.toml: task 'a': missing required field `command`"]
 
 

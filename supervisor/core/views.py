@@ -16,6 +16,7 @@ def task_view(task: Task) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(task)
     # Fields that omit_defaults drops but that the contract always shows.
     out["state"] = str(task.state)
+    out["name"] = task.name  # the bare id; `id` is the full name WS/TASK
     for key in ("worker_id", "failure_kind", "pid", "not_before"):
         out.setdefault(key, None)
     out.setdefault("retry_count", 0)

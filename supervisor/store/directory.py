@@ -256,9 +256,9 @@ class Store:
         """logs/<ws>/<task>.log for a full name (logs/<task>.log for a task recorded before
         full names), written by the agents (every attempt, with a header each); the agent
         makes the workstream's directory."""
-        ws_id, _, bare = task_id.rpartition("/")
+        ws_id, slash, bare = task_id.rpartition("/")
         _check_name(bare)
-        if not ws_id:
+        if not slash:
             return self._dir / "logs" / f"{bare}.log"
         _check_name(ws_id)
         return self._dir / "logs" / ws_id / f"{bare}.log"
