@@ -293,10 +293,10 @@ def test_worker_check_and_logs_show_health_and_history(tmp_path: Path) -> None:
         logs = d.ctl("worker", "logs", w["id"])
         assert logs.returncode == 0
         for needle in (
-            "took task first",
+            "took task ws-first/first",
             "unresponsive: last heartbeat",
             "recovered: heartbeats resumed",
-            "took task second",
+            "took task ws-second/second",
         ):
             assert needle in logs.stdout, logs.stdout
     finally:
