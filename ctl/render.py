@@ -250,6 +250,9 @@ def interventions_lines(rows: list[dict[str, Any]]) -> str:
         params = " ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items() if v is not None)
         res = r.get("result") or {}
         detail = f"seq {res['seq']}" if r.get("ok") and res.get("seq") is not None else ""
+        resolved = res.get("task_id") if r.get("ok") else None
+        if resolved and resolved != (r.get("params") or {}).get("task_id"):
+            detail += f" ({resolved})"  # the task a bare id named, by its full name
         if not r.get("ok"):
             detail = f"refused: {res.get('message', '')}"
         ts = r.get("at") or r.get("ts")

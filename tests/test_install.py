@@ -103,7 +103,7 @@ def test_install_upgrade_and_uninstall_under_systemd(box: SystemdBox) -> None:
     def greet_done() -> bool:
         tasks = _as_alice(box, "tasks")
         assert isinstance(tasks, list)
-        return [(t["id"], t["state"]) for t in tasks] == [("greet", "completed")]
+        return [(t["id"], t["state"]) for t in tasks] == [("hello/greet", "completed")]
 
     _wait("the task to complete", greet_done)
     status = _as_alice(box, "status")

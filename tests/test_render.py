@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ctl import dag, prometheus
+from ctl import dag, prometheus, render
 
 
 def _ws(*tasks: tuple[str, str, list[str]]) -> dict[str, Any]:
@@ -116,3 +116,20 @@ def test_dag_shows_a_runs_own_tasks_by_bare_id_and_others_by_full_name() -> None
     dot = dag.dot(run)
     assert '"nightly-3/fetch" -> "nightly-3/compile"' in dot and 'label="compile' in dot
     assert '["compile (running)"]' in dag.mermaid(run)
+
+
+def test_interventions_name_the_task_a_bare_id_resolved_to() -> None:
+    """An action given a bare id shows the full name it acted on."""
+    line = render.interventions_lines(
+        [
+            {
+                "ts": 1.0,
+                "uid": 0,
+                "method": "retry",
+                "params": {"task_id": "compile"},
+                "ok": True,
+                "result": {"task_id": "nightly-3/compile", "seq": 7},
+            }
+        ]
+    )
+    assert line.endswith("retry task_id=compile seq 7 (nightly-3/compile)")

@@ -62,11 +62,15 @@ def get_task(s: Machine, ref: str, workstream: str | None = None) -> Task:
         return found[0]
     shown = live or found
     listing = ", ".join(f"{t.id} ({wss[t.workstream_id].state})" for t in shown)
-    which = f"{len(shown)} live workstreams" if live else f"{len(shown)} workstreams, none live,"
+    which = (
+        f"{len(shown)} live workstreams have it"
+        if live
+        else f"no live workstream has it, {len(shown)} finished ones do"
+    )
     raise OperatorError(
         "invalid",
-        f"task id {ref!r} is ambiguous: {which} have it: {listing}; name one by its full "
-        "name WS/TASK, or add --workstream WS",
+        f"task id {ref!r} is ambiguous: {which}: {listing} (most recent first); name one "
+        "by its full name WS/TASK, or add --workstream WS",
     )
 
 

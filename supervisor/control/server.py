@@ -14,6 +14,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import SocketAttribute, SocketStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from supervisor.control import protocol as p
 from supervisor.control.actions import HANDLERS, SEVERITIES
@@ -428,6 +430,21 @@ class Server:
 
         # Following starts before the look, so that no record falls between the two.
         recv = self.engine.follow_records()
+        try:
+            await self._stream_ws(stream, req_id, params, recv, send)
+        except* (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+            pass  # the client went away mid-send: nothing more to do for it
+
+    async def _stream_ws(
+        self,
+        stream: SocketStream,
+        req_id: int,
+        params: p.WsFollowParams,
+        recv: MemoryObjectReceiveStream[list[Transition]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """The snapshot, then the workstream's changes; ends on its verdict, when the
+        client closes (`_until_closed`) or when the engine drops a follower behind."""
         async with recv, anyio.create_task_group() as tg:
             tg.start_soon(_until_closed, stream, tg.cancel_scope)
             try:

@@ -156,6 +156,8 @@ def parse_workstream(
             problem(f"`id` {raw_id!r} {_ID_RULE}")
         else:
             ws_id = raw_id
+    if ws_id in RESERVED_WORKSTREAM_IDS:
+        problem(f"{where_id} {ws_id!r} is reserved (logs/{ws_id}/ holds the workers' logs)")
     name: str | None = None
     if "name" in doc:
         raw_name = doc["name"]
@@ -188,11 +190,6 @@ def parse_workstream(
     if problems:
         raise WorkstreamFileError(problems)
 
-    if ws_id in RESERVED_WORKSTREAM_IDS:
-        problems.append(
-            f"{source}: {where_id} {ws_id!r} is reserved (logs/{ws_id}/ holds the workers' logs)"
-        )
-        raise WorkstreamFileError(problems)
     if ws_id is not None and ws_id in existing_workstream_ids:
         hint = (
             "pass another `--id`, or none"
