@@ -170,3 +170,32 @@ def test_submit_wait_exits_7_when_the_daemon_dies(daemon: Daemon) -> None:
     assert proc.returncode == 7, (out, err)
     assert "closed the connection" in err or "not running" in err
     daemon.start()  # for the fixture's clean stop (the task is retried as interrupted)
+
+
+def test_a_follower_that_goes_away_leaves_the_daemon_undisturbed(daemon: Daemon) -> None:
+    """Killing `submit --wait` mid-run ends its stream quietly: the run completes, the
+    daemon answers, and its log shows no error from the dropped follower."""
+    flag = daemon.tmp / "go"
+    gated = daemon.tmp / "gated.toml"
+    wait_for_flag = f"while [ ! -e {flag} ]; do sleep 0.05; done"
+    gated.write_text(f'name = "gated"\n[[tasks]]\nid = "g"\ncommand = "{wait_for_flag}"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctl", "--socket", daemon.socket, "submit", str(gated), "--wait"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        while "gated-1/g" not in (line := proc.stdout.readline()):
+            assert line
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    flag.touch()
+    daemon.wait_ws("gated-1", "completed")
+    assert daemon.call("status")["workstreams"] == {"completed": 1}
+    out = daemon.output.read_text()
+    assert "Traceback" not in out and '"level":"error"' not in out, out[-3000:]
