@@ -106,12 +106,15 @@ def test_readme_example_three_runs_each_its_own_ids_and_logs(daemon: Daemon) -> 
 
 
 def test_run_numbers_survive_a_restart(daemon: Daemon) -> None:
-    """After a restart the next run of a pipeline gets the next number, and an explicit
-    id that exists is refused with exit 5 naming the way out."""
+    """After a restart the next run of a pipeline gets the next number (the counter is
+    in the state), a bare id of the only run resolves, and an explicit id that exists is
+    refused with exit 5 naming the way out."""
     assert submitted_id(daemon.ctl("--json", "submit", EXAMPLE)) == "nightly-1"
     daemon.wait_ws("nightly-1", "completed", timeout=60)
     daemon.stop()
     daemon.start()
+    # One run: the guide's bare `orchctl retry task-001` style works on it.
+    assert daemon.ctl_json("show", "compile")["id"] == "nightly-1/compile"
     assert submitted_id(daemon.ctl("--json", "submit", EXAMPLE)) == "nightly-2"
     r = daemon.ctl("submit", EXAMPLE, "--id", "nightly-1")
     assert r.returncode == 5 and "--id" in r.stderr and "exists already" in r.stderr, r

@@ -118,19 +118,19 @@ def test_top_under_tmux_shows_running_queued_and_workers_and_q_exits_0(
         screen = tmux.wait_screen(
             "Running (1)",
             "Waiting (2)",
-            "resource git_repo_write is full (held by holder)",
+            "resource git_repo_write is full (held by ws-top/holder)",
             "resource_exhausted",  # the alert after resource_wait_alert_s, live or not
         )
         lines = screen.splitlines()
-        running = next(line for line in lines if line.startswith("holder "))
+        running = next(line for line in lines if line.startswith("ws-top/holder "))
         assert "ws-top" in running and "/ 2m00s" in running
-        blocked = next(line for line in lines if line.startswith("blocked "))
+        blocked = next(line for line in lines if line.startswith("ws-top/blocked "))
         assert "queued" in blocked
-        after = next(line for line in lines if line.startswith("after "))
-        assert "waits for 1 unmet dependency: blocked (queued)" in after
+        after = next(line for line in lines if line.startswith("ws-top/after "))
+        assert "waits for 1 unmet dependency: ws-top/blocked (queued)" in after
         worker = busy.task("holder")["worker_id"]
         assert any(line.split()[:2] == [worker, "busy"] and "holder" in line for line in lines)
-        assert any(line.split()[:3] == ["git_repo_write", "1/1", "holder"] for line in lines)
+        assert any(line.split()[:3] == ["git_repo_write", "1/1", "ws-top/holder"] for line in lines)
         # colour on a terminal (cyan for the running worker)
         assert "\x1b[36m" in tmux.screen(escapes=True)
         # An event (a new workstream) shows up without waiting for a refresh.
@@ -150,12 +150,12 @@ def test_top_redraws_at_once_when_the_terminal_is_resized(busy: Daemon, tmp_path
     tmux, rc_file = Tmux("resize"), tmp_path / "rc"
     try:
         _top_in_tmux(busy, tmux, rc_file, args="--interval 600")
-        wide = tmux.wait_screen("Running (1)", "(held by holder)")
+        wide = tmux.wait_screen("Running (1)", "(held by ws-top/holder)")
         assert "WAITS ON" in wide
         tmux("resize-window", "-t", "top", "-x", "60", "-y", "40")
         narrow = tmux.wait_screen("Running (1)", "…", timeout=10)
         assert all(len(line) <= 60 for line in narrow.splitlines())
-        assert "(held by holder)" not in narrow  # the reason is clipped to fit
+        assert "(held by ws-top/holder)" not in narrow  # the reason is clipped to fit
         tmux("send-keys", "-t", "top", "q")
         assert _wait_rc(rc_file) == "0"
     finally:
@@ -185,14 +185,15 @@ def test_top_through_a_pipe_prints_plain_snapshots(busy: Daemon) -> None:
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout
     assert r.stdout.count("RUNNING (1)") == 2
-    blocked = next(line for line in r.stdout.splitlines() if line.startswith("blocked "))
+    blocked = next(line for line in r.stdout.splitlines() if line.startswith("ws-top/blocked "))
     assert (
-        " ".join(blocked.split()[2:]) == "queued resource git_repo_write is full (held by holder)"
+        " ".join(blocked.split()[2:])
+        == "queued resource git_repo_write is full (held by ws-top/holder)"
     )
     r = busy.ctl("--json", "top", "-n", "1")
     snap = json.loads(r.stdout)
-    assert [t["id"] for t in snap["tasks"] if t["state"] == "running"] == ["holder"]
-    assert snap["why"]["blocked"].startswith("queued: resource git_repo_write")
+    assert [t["id"] for t in snap["tasks"] if t["state"] == "running"] == ["ws-top/holder"]
+    assert snap["why"]["ws-top/blocked"].startswith("queued: resource git_repo_write")
 
 
 def test_a_pending_tasks_reason_follows_its_dependency_at_once(sock_dir: Path) -> None:
@@ -203,11 +204,11 @@ def test_a_pending_tasks_reason_follows_its_dependency_at_once(sock_dir: Path) -
     try:
         d.submit(HELD.replace('command = "true"', 'command = "sleep 30"'))
         d.wait_task("blocked", "queued")
-        assert source.take(None).why["after"].endswith("blocked (queued)")
-        assert source.take(None).why["after"].endswith("blocked (queued)")
+        assert source.take(None).why["ws-top/after"].endswith("blocked (queued)")
+        assert source.take(None).why["ws-top/after"].endswith("blocked (queued)")
         d.call("cancel", task_id="holder")
         d.wait_task("blocked", "running")
-        assert source.take(None).why["after"].endswith("blocked (running)")
+        assert source.take(None).why["ws-top/after"].endswith("blocked (running)")
     finally:
         source.close()
         d.stop()
