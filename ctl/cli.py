@@ -485,7 +485,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(_output(args, method, result), flush=True)
                 ws_id = result["workstream_id"]
                 try:
-                    return follow.wait(args.socket, ws_id, json_lines=args.json, colour=_colour())
+                    return follow.wait(
+                        args.socket,
+                        ws_id,
+                        json_lines=args.json,
+                        colour=_colour(),
+                        after_seq=result["seq"],
+                    )
                 except KeyboardInterrupt:
                     print(
                         f"orchctl: stopped following; {ws_id} goes on (`orchctl ws show {ws_id}`)",

@@ -49,8 +49,11 @@ def verdict_line(ws_id: str, state: str, colour: bool) -> str:
     return line
 
 
-def wait(socket_path: str, ws_id: str, *, json_lines: bool, colour: bool) -> int:
-    """Follow `ws_id` until it is finished; its verdict as an exit code."""
+def wait(
+    socket_path: str, ws_id: str, *, json_lines: bool, colour: bool, after_seq: int | None = None
+) -> int:
+    """Follow `ws_id` until it is finished; its verdict as an exit code. `after_seq` (the
+    submission's seq) asks for the changes since then first, so that none is missed."""
     known: dict[str, str] = {}
 
     def say(obj: dict[str, Any], human: str | None) -> None:
@@ -61,8 +64,10 @@ def wait(socket_path: str, ws_id: str, *, json_lines: bool, colour: bool) -> int
     for _ in range(_MAX_REFOLLOWS):
         try:
             with Client(socket_path) as client:
-                for item in client.stream("ws_follow", workstream=ws_id):
+                for item in client.stream("ws_follow", workstream=ws_id, after_seq=after_seq):
                     kind = item["kind"]
+                    # A follow taken up again asks for what came after the last one seen.
+                    after_seq = max(after_seq or 0, item["seq"])
                     if kind == "snapshot":
                         # Where the run stands (again, after a dropped follow): a line for
                         # each task whose state is news.

@@ -136,8 +136,11 @@ def test_submit_wait_prints_transitions_and_exits_with_the_verdict(daemon: Daemo
     objs = [json.loads(x) for x in r.stdout.splitlines()]
     assert objs[0]["kind"] == "submitted" and objs[0]["workstream_id"] == "nightly-2"
     assert objs[-1] == {"kind": "verdict", "workstream_id": "nightly-2", "state": "completed"}
+    # Every move from the submission on, even of a task done before the follow began.
+    fetch = [(o.get("from"), o["to"]) for o in objs if o.get("id") == "nightly-2/fetch"]
+    assert fetch == [("pending", "queued"), ("queued", "running"), ("running", "completed")]
     moves = [(o["id"], o["to"]) for o in objs if o["kind"] == "task"]
-    assert ("nightly-2/fetch", "running") in moves and ("nightly-2/package", "completed") in moves
+    assert ("nightly-2/package", "completed") in moves
 
     bad = daemon.tmp / "bad.toml"
     bad.write_text('name = "broken"\n[[tasks]]\nid = "x"\ncommand = "exit 3"\nmax_retries = 0\n')

@@ -81,6 +81,9 @@ class WsFollowParams(_Params):
     """Streams a workstream's task transitions until it is finished (`submit --wait`)."""
 
     workstream: str
+    # Send first the changes after this seq (the submission's) that the daemon still
+    # holds in memory, so that a fast task's first moves are not missed.
+    after_seq: int | None = None
 
 
 class WsShowParams(_Params):

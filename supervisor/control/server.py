@@ -443,8 +443,9 @@ class Server:
         recv: MemoryObjectReceiveStream[list[Transition]],
         send: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
-        """The snapshot, then the workstream's changes; ends on its verdict, when the
-        client closes (`_until_closed`) or when the engine drops a follower behind."""
+        """What happened since `after_seq` (while the engine still holds it), the
+        snapshot, then the workstream's changes; ends on its verdict, when the client
+        closes (`_until_closed`) or when the engine drops a follower that fell behind."""
         async with recv, anyio.create_task_group() as tg:
             tg.start_soon(_until_closed, stream, tg.cancel_scope)
             try:
@@ -453,26 +454,25 @@ class Server:
                 await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
                 tg.cancel_scope.cancel()
                 return
-            await send({"kind": "snapshot"} | first)
             ws_id, seen = first["workstream_id"], first["seq"]
             members = set(first["tasks"])
+            if params.after_seq is not None:
+                # Every record up to `seen` is durable once the call has returned.
+                for rec in self.engine.recent_records(params.after_seq, seen) or []:
+                    if (item := _ws_change(rec, ws_id, members)) is not None:
+                        await send(item)
+            await send({"kind": "snapshot"} | first)
             if first["state"] in FINISHED_WORKSTREAM_STATES:
                 tg.cancel_scope.cancel()
                 return
             async for records in recv:
                 for rec in records:
-                    if rec.seq <= seen or rec.to == rec.from_:
+                    if rec.seq <= seen or (item := _ws_change(rec, ws_id, members)) is None:
                         continue
-                    if rec.entity == "task" and rec.id in members:
-                        await send(_task_change(rec))
-                    elif rec.entity == "workstream" and rec.id == ws_id:
-                        await send(
-                            {"kind": "workstream", "id": ws_id, "seq": rec.seq, "ts": rec.ts}
-                            | {"from": rec.from_, "to": rec.to, "cause": rec.cause}
-                        )
-                        if rec.to in FINISHED_WORKSTREAM_STATES:
-                            tg.cancel_scope.cancel()
-                            return
+                    await send(item)
+                    if item["kind"] == "workstream" and rec.to in FINISHED_WORKSTREAM_STATES:
+                        tg.cancel_scope.cancel()
+                        return
             # The engine closed the stream: this follower fell too far behind.
             await stream.send(
                 p.encode_response(
@@ -529,7 +529,19 @@ def _decode_file(data: bytes, source: str) -> tuple[str, dict[str, Any]]:
 FINISHED_WORKSTREAM_STATES = frozenset({"completed", "failed", "cancelled", "merged"})
 
 
-def _task_change(rec: Transition) -> dict[str, Any]:
+def _ws_change(rec: Transition, ws_id: str, members: set[str]) -> dict[str, Any] | None:
+    """A change of state of the workstream or of one of its tasks, as `ws_follow` sends
+    it; None for any other record (and for a field update that changes no state)."""
+    if rec.to == rec.from_:
+        return None
+    if rec.entity == "workstream" and rec.id == ws_id:
+        return {"kind": "workstream", "id": ws_id, "seq": rec.seq, "ts": rec.ts} | {
+            "from": rec.from_,
+            "to": rec.to,
+            "cause": rec.cause,
+        }
+    if rec.entity != "task" or rec.id not in members:
+        return None
     out: dict[str, Any] = {
         "kind": "task",
         "id": rec.id,

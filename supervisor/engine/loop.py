@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,9 @@ log = structlog.get_logger("orchd.engine")
 WRITE_RETRY_S = 1.0
 # A step that holds the loop longer than this is logged (`slow_step`), with what it did.
 SLOW_STEP_S = 0.25
+# How many of the latest records the engine keeps for followers that start late
+# (`ws_follow` after a submission): a few steps' worth, never the history.
+RECENT_RECORDS = 4096
 
 
 Inbox = MemoryObjectReceiveStream[Input | Call]
@@ -81,6 +85,7 @@ class Engine:
         self.last_step = now
         self.steps = 0  # how many times the loop turned (a figure for tests and metrics)
         self.derived = DerivedFiles(self.m, store, self.fx, clock)
+        self._recent: deque[Transition] = deque(maxlen=RECENT_RECORDS)
 
     @property
     def state(self) -> State:
@@ -189,6 +194,7 @@ class Engine:
         m.keep()
         if self.read_only is not None and step.records:
             self._leave_read_only()
+        self._recent.extend(step.records)
         effects = step.effects
         if step.records and self.fx.record_followers:
             effects = [*effects, Published(step.records)]
@@ -269,6 +275,7 @@ class Engine:
             m.abort()
             raise
         m.keep()
+        self._recent.extend(step.records)
         self.commit.submit(step.effects, [], urgent=True)
         await self.commit.settle()
 
@@ -314,6 +321,16 @@ class Engine:
     def follow_events(self) -> MemoryObjectReceiveStream[Event]:
         """A stream of every event from now on; closed by the engine if it falls behind."""
         return self.fx.followers.add()
+
+    def recent_records(self, after: int, upto: int) -> list[Transition] | None:
+        """The records with after < seq <= upto, or None when the oldest of them is no
+        longer held. Only records up to a seq known durable may be asked for."""
+        recent = self._recent
+        if after >= upto:
+            return []
+        if not recent or recent[0].seq > after + 1:
+            return None
+        return [r for r in recent if after < r.seq <= upto]
 
     def follow_records(self) -> MemoryObjectReceiveStream[list[Transition]]:
         """Every step's records from now on, once durable; closed if it falls behind."""
