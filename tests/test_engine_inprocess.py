@@ -169,7 +169,7 @@ async def test_recovery_kills_the_old_life_at_once_and_holds_a_task_with_survivo
         await engine.commit.settle()
         tg.cancel_scope.cancel()  # a crash: no drain, nothing more recorded
     state = store.replay()
-    stuck = state.data.tasks["ws-a-0"].attempts[-1].attempt_id
+    stuck = state.data.tasks["ws-a/ws-a-0"].attempts[-1].attempt_id
     send, recv = anyio.create_memory_object_stream[Any](10_000)
     pool2 = FakePool(send)
     pool2.survivors[stuck] = ((4343, 77),)
@@ -184,18 +184,50 @@ async def test_recovery_kills_the_old_life_at_once_and_holds_a_task_with_survivo
         assert all(a.start_ticks and a.attempt_id for a in pool2.killed_old_agents)
         assert {t.marker for t in pool2.killed_trees} == {
             stuck,
-            state.data.tasks["ws-b-0"].attempts[-1].attempt_id,
+            state.data.tasks["ws-b/ws-b-0"].attempts[-1].attempt_id,
         }
         assert any(s.startswith("EXTEND_TIMEOUT_USEC=") for s in said)
-        held = engine2.state.data.tasks["ws-a-0"]
+        held = engine2.state.data.tasks["ws-a/ws-a-0"]
         assert held.state == "pending" and held.survivors == [[4343, 77]]
         assert [e.data["pids"] for e in store.events if e.event == "task_tree_survivors"] == [
             [4343]
         ]
         await r2.until(lambda: r2.ws_state("ws-b") == "completed")
-        assert len(engine2.state.data.tasks["ws-a-0"].attempts) == 1
+        assert len(engine2.state.data.tasks["ws-a/ws-a-0"].attempts) == 1
         pool2.stuck.clear()
         await r2.until(lambda: r2.ws_state("ws-a") == "completed")
         assert any(e.event == "task_released" for e in store.events)
         await engine2.drain()
         tg.cancel_scope.cancel()
+
+
+async def test_record_followers_get_durable_steps_and_late_ones_the_recent_past(
+    tmp_path: Path,
+) -> None:
+    """A follower of records gets each step's records once they are synced, never a
+    refused one; `recent_records` gives what came after a seq while the engine holds it
+    (a follower that starts late, as `submit --wait` does, misses nothing)."""
+    async with running_engine(tmp_path) as running:
+        engine, store = running.engine, running.store
+        out = await engine.call(actions.submit, p.SubmitParams(text=chain("ws-f", 3)))
+        follower = engine.follow_records()
+        got: list[int] = []
+        async with follower:
+            await running.until(lambda: running.ws_state("ws-f") == "completed")
+            await engine.call(actions.status, p.StatusParams())  # one more sync round
+            while True:
+                try:
+                    batch = follower.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                assert all(r.seq <= store.synced_seq for r in batch)
+                got.extend(r.seq for r in batch)
+        assert got == sorted(got) and got[-1] == store.synced_seq
+        since = engine.recent_records(out["seq"], store.synced_seq)
+        assert since is not None
+        assert [r.seq for r in since] == list(range(out["seq"] + 1, store.synced_seq + 1))
+        assert engine.recent_records(out["seq"], out["seq"]) == []
+        assert engine.recent_records(-5, store.synced_seq) is None  # older than it holds
+        # A follower that has gone is let go at the next step with records.
+        await engine.call(actions.submit, p.SubmitParams(text=chain("ws-g", 1)))
+        await running.until(lambda: not engine.fx.record_followers)

@@ -79,6 +79,7 @@ class Followers(Generic[T]):
                 stream.close()
                 self._streams.remove(stream)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                stream.close()  # its follower has gone
                 self._streams.remove(stream)
 
 
