@@ -18,11 +18,12 @@ def cmd(tid: str, **fields: Any) -> dict[str, Any]:
 
 
 def running(rig: Rig) -> list[str]:
-    return sorted(run.task_id for run in rig.pool.current.values())
+    """The bare ids of the tasks the pool runs (unique in these tests)."""
+    return sorted(run.task_id.rpartition("/")[2] for run in rig.pool.current.values())
 
 
 def finish(rig: Rig, task_id: str) -> None:
-    wid = next(w for w, run in rig.pool.current.items() if run.task_id == task_id)
+    wid = next(w for w, run in rig.pool.current.items() if run.task_id == rig.full(task_id))
     rig.pool.finish(wid)
     rig.deliver()
 
@@ -139,7 +140,7 @@ def test_no_queue_wait_alert_while_held_and_a_full_timeout_after() -> None:
     rig.advance(4.0)
     assert rig.events("task_queue_timeout") == []
     rig.advance(1.5)
-    assert [e.task_id for e in rig.events("task_queue_timeout")] == ["a1"]
+    assert [e.task_id for e in rig.events("task_queue_timeout")] == ["ws-a/a1"]
 
 
 def test_pause_of_a_merged_workstream_is_refused() -> None:
@@ -161,7 +162,7 @@ def test_a_failure_block_lifted_while_paused_keeps_the_workstream_held() -> None
     rig.deliver()
     assert rig.task("a1").state == TaskState.FAILED and rig.m.rt.is_blocked("ws-a")
     rig.run(q.ws_pause, p.WsPauseParams(workstream="ws-a"))
-    rig.step((), lambda m: m.commit("task", "a1", "completed", "operator", skipped=True))
+    rig.step((), lambda m: m.commit("task", "ws-a/a1", "completed", "operator", skipped=True))
     rig.step()
     assert not rig.m.rt.is_blocked("ws-a")
     assert running(rig) == []

@@ -91,7 +91,7 @@ def test_twenty_thousand_tasks_go_in_whole_in_one_record_and_replay(drained: Dae
     ]
     shown = d.call("ws_show", workstream="big")
     assert len(shown["tasks"]) == N
-    assert shown["tasks"][-1]["depends_on"] == ["s19799", "s19606"]
+    assert shown["tasks"][-1]["depends_on"] == ["big/s19799", "big/s19606"]
     assert d.events("worker_unresponsive") == []
     assert d.call("status")["uploads"] == {"open": 0, "bytes": 0}
     entry = json.loads((d.state_dir / "interventions.log").read_text().splitlines()[-1])
