@@ -27,7 +27,13 @@ import pytest
 
 from supervisor.store.logfile import seal
 from supervisor.workers import proctree
-from tests.harness import Daemon, assert_no_leftovers, marker_processes, orchd_processes
+from tests.harness import (
+    Daemon,
+    assert_no_leftovers,
+    event_matches,
+    marker_processes,
+    orchd_processes,
+)
 
 GRACE_S = 0.3
 PROCESS_MODE = {
@@ -500,7 +506,7 @@ def _survivors_checked(d: Daemon, task_id: str) -> list[dict[str, Any]]:
     for line in d.output.read_text().splitlines():
         with contextlib.suppress(ValueError):
             rec = json.loads(line)
-            if rec.get("event") == "survivors_checked" and rec.get("task_id") == task_id:
+            if rec.get("event") == "survivors_checked" and event_matches(rec, {"task_id": task_id}):
                 out.append(rec)
     return out
 

@@ -29,7 +29,7 @@ def _direct_kill_with_a_survivor(rig: Rig, reason: StopReason) -> str:
     aid = rig.task("t").attempts[-1].attempt_id
     rig.pool.survivors[aid] = (STUCK,)
     rig.pool.stuck.add(STUCK)
-    rig.run(lambda m: stop_task(m, m.state.data.tasks["t"], reason, direct=True))
+    rig.run(lambda m: stop_task(m, m.state.data.tasks[rig.full("t")], reason, direct=True))
     rig.deliver()
     return aid
 
