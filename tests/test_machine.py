@@ -259,8 +259,6 @@ def test_critical_final_failure_blocks_the_workstream() -> None:
     assert_replays(rig)
 
 
-
-
 @pytest.mark.parametrize("how", ["retry", "reassign"])
 def test_blocked_workstream_fails_when_its_last_running_task_goes_back(how: str) -> None:
     """A critical task fails for good while another task of its workstream runs; when that
