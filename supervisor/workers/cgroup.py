@@ -168,10 +168,9 @@ class Hierarchy(msgspec.Struct, kw_only=True):
 
     def close(self, grace_s: float = 0.0) -> list[CgroupKill]:
         """Kill and remove every attempt cgroup still there, move this process back to
-        where it was and remove what the daemon made; what had to be killed."""
+        where it was and remove what the daemon made; the attempt cgroups that were left."""
         paths = [os.path.join(self.attempts, name) for name in _children(self.attempts)]
         killed = [kill(path, grace_s) for path in paths]
-        killed = [k for k in killed if k.signalled or not k.removed]
         with contextlib.suppress(OSError):
             _disable(self.attempts, self.controllers)
             os.rmdir(self.attempts)
