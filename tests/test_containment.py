@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -24,7 +25,8 @@ import psutil
 import pytest
 
 from supervisor.workers import cgroup
-from tests.harness import FAST, Daemon, assert_no_leftovers, orchd_processes
+from tests.harness import FAST, ROOT, Daemon, assert_no_leftovers, orchd_processes
+from tests.systemd_box import SystemdBox, missing
 
 GRACE_S = FAST["tasks"]["kill_grace_s"]
 SHUTDOWN_S = FAST["health"]["shutdown_after_s"]
@@ -291,3 +293,184 @@ def test_two_hundred_children_in_many_sessions_are_killed_whole_on_timeout(
     _gone_within([p.pid for p in kids], GRACE_S + 1.0)
     if mode == "cgroup":
         assert not os.path.exists(t["attempts"][-1]["cgroup"])
+
+
+# --- which containment is in force, and why ---------------------------------------------
+
+
+@pytest.fixture
+def undelegated_unit() -> Iterator[Path]:
+    """A cgroup named like a systemd unit's, not delegated: no cgroup may be made under it."""
+    if (why := _cgroup_missing()) is not None:
+        pytest.skip(why)
+    home = cgroup.own_cgroup()
+    assert home is not None
+    path = Path(home, f"orchd-test-{uuid.uuid4().hex[:10]}.service")
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        (path / "cgroup.kill").write_text("1")
+        cgroup.wait_empty(str(path), 5)
+        cgroup.remove_tree(str(path))
+
+
+def test_cgroup_setting_refuses_to_start_where_no_cgroup_can_be_made(
+    tmp_path: Path, undelegated_unit: Path
+) -> None:
+    """containment = "cgroup" in a unit's cgroup that is not delegated: orchd exits 78 and
+    says why and what to change; the state directory is left unlocked."""
+    d = Daemon(tmp_path, {"workers": {"count": 1, "containment": "cgroup"}})
+    home = cgroup.own_cgroup()
+    assert home is not None
+    with (
+        cgroup.inside(str(undelegated_unit), home),
+        pytest.raises(AssertionError, match="orchd exited 78") as err,
+    ):
+        d.start()
+    message = str(err.value)
+    assert 'workers.containment is "cgroup"' in message and "Delegate=yes" in message
+    assert "not delegated" in message
+    assert sorted(p.name for p in undelegated_unit.iterdir() if p.is_dir()) == []
+    # Nothing held: the same state directory starts at once with the process containment.
+    d2 = Daemon(tmp_path, {"workers": {"count": 1, "containment": "process"}}).start()
+    try:
+        assert d2.call("status")["containment"]["mode"] == "process"
+    finally:
+        d2.stop()
+    assert_no_leftovers()
+
+
+def test_auto_falls_back_once_and_says_why(tmp_path: Path, undelegated_unit: Path) -> None:
+    """containment = "auto" where no cgroup can be made: one containment_fallback event
+    naming the reason, the journal line, and `orchctl status` says "process" and why;
+    tasks still run."""
+    d = Daemon(tmp_path, {"workers": {"count": 1, "containment": "auto"}})
+    home = cgroup.own_cgroup()
+    assert home is not None
+    with cgroup.inside(str(undelegated_unit), home):
+        d.start()
+    try:
+        status = d.call("status")
+        c = status["containment"]
+        assert c["mode"] == "process" and c["setting"] == "auto"
+        assert "not delegated" in c["reason"]
+        human = d.ctl("status").stdout
+        assert "containment: process" in human and "not delegated" in human
+        d.submit('id = "ws-ok"\n[[tasks]]\nid = "ok"\ncommand = "true"\n')
+        t = d.wait_task("ok", "completed")
+        assert "cgroup" not in t["attempts"][0]
+        events = d.events("containment_fallback")
+        assert len(events) == 1 and events[0]["severity"] == "warning"
+        assert "not delegated" in events[0]["message"]
+    finally:
+        d.stop()
+    assert_no_leftovers()
+    lines = [json.loads(x) for x in d.output.read_text().splitlines() if x.startswith("{")]
+    journal = [x for x in lines if x.get("event") == "containment_fallback"]
+    assert len(journal) == 1
+
+
+@pytest.mark.skipif(_cgroup_missing() is not None, reason=str(_cgroup_missing()))
+def test_status_and_show_tell_the_cgroup_containment_and_accounting(
+    tmp_path: Path, stop_after: list[Daemon]
+) -> None:
+    """With cgroups: `orchctl status` names the daemon's cgroup, `orchctl show` (and its
+    --json) the attempt's cgroup and CPU time; the attempt cgroup is removed at its end
+    and every cgroup of the daemon at its stop."""
+    d = _daemon(tmp_path, "auto")
+    stop_after.append(d)
+    c = d.ctl_json("status")["containment"]
+    assert c["mode"] == "cgroup" and c["reason"] is None
+    assert c["base"].endswith(cgroup.base_name(d.state_dir))
+    assert "containment: cgroup per attempt under " + c["base"] in d.ctl("status").stdout
+    busy = "python3 -c 'import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass'"
+    d.submit(f'id = "ws-cpu"\n[[tasks]]\nid = "cpu"\ncommand = {json.dumps(busy)}\n')
+    d.wait_task("cpu", "completed")
+    a = d.ctl_json("show", "cpu")["attempts"][0]
+    assert a["cgroup"] == f"{c['base']}/attempts/{a['attempt_id']}"
+    assert a["cpu_s"] >= 0.25
+    assert not os.path.exists(a["cgroup"])
+    assert "cpu=0." in d.ctl("show", "cpu").stdout
+    d.stop()
+    assert not os.path.exists(c["base"])
+
+
+# --- under a real systemd ----------------------------------------------------------------
+
+LEAVE_OUT = shutil.ignore_patterns(
+    ".git", ".venv", ".state", "*.egg-info", "build", "dist", "__pycache__", ".*_cache"
+)
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[SystemdBox]:
+    """A booted throwaway systemd with a copy of this checkout at /mnt/src."""
+    if (why := missing()) is not None:
+        pytest.skip(why)
+    root = tmp_path / "box"
+    shutil.copytree(ROOT, root / "src", ignore=LEAVE_OUT)
+    b = SystemdBox(root)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def _v2_line(text: str) -> str:
+    """The cgroup v2 line (0::) of a /proc/PID/cgroup (a hybrid host lists v1 ones too)."""
+    return next(line for line in text.splitlines() if line.startswith("0::"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_unit_runs_attempts_in_their_own_cgroups_and_stop_leaves_nothing(
+    box: SystemdBox,
+) -> None:
+    """Installed as the README says, the unit (Delegate=yes) gives the daemon its cgroup:
+    the daemon sits in orchd.service/daemon, a task's process (and its setsid + env -i
+    escapee) in orchd.service/attempts/<attempt>; `systemctl stop orchd` kills them all
+    and no attempt cgroup is left."""
+    box.run("/mnt/src/systemd/install.sh", "--enable")
+    unit = "/sys/fs/cgroup/system.slice/orchd.service"
+    tag = _tag()
+    command = f"(setsid env -i sleep {tag} &); sleep 300"
+    (box.root / "ws.toml").write_text(
+        f'id = "boxed"\n[[tasks]]\nid = "held"\ncommand = {json.dumps(command)}\n'
+    )
+    box.run("orchctl", "submit", "/mnt/ws.toml")
+
+    def shown() -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(box.run("orchctl", "--json", "show", "held").stdout)
+        return out
+
+    deadline = time.monotonic() + 30
+    while not ((t := shown())["state"] == "running" and t.get("pid")):
+        assert time.monotonic() < deadline, f"the task did not start: {t}"
+        time.sleep(0.2)
+    attempt = t["attempts"][-1]
+    assert attempt["cgroup"] == f"{unit}/attempts/{attempt['attempt_id']}"
+    own = _v2_line(box.run("cat", f"/proc/{t['pid']}/cgroup").stdout)
+    assert own == f"0::/system.slice/orchd.service/attempts/{attempt['attempt_id']}"
+    main_pid = box.run("systemctl", "show", "-P", "MainPID", "orchd").stdout.strip()
+    daemon_cg = _v2_line(box.run("cat", f"/proc/{main_pid}/cgroup").stdout)
+    assert daemon_cg == "0::/system.slice/orchd.service/daemon"
+    status = json.loads(box.run("orchctl", "--json", "status").stdout)
+    assert status["containment"]["mode"] == "cgroup"
+    assert status["containment"]["base"] == unit
+    escapees: list[psutil.Process] = []
+    deadline = time.monotonic() + 10
+    while not (escapees := _sleepers(tag)):
+        assert time.monotonic() < deadline, "the escapee did not start"
+        time.sleep(0.05)
+    seen = _v2_line(Path(f"/proc/{escapees[0].pid}/cgroup").read_text())
+    assert seen.endswith(f"/system.slice/orchd.service/attempts/{attempt['attempt_id']}")
+
+    box.run("systemctl", "stop", "orchd")
+    assert box.run("systemctl", "is-active", "orchd", check=False).stdout.strip() == "inactive"
+    _gone_within([p.pid for p in escapees], 1.0)
+    assert not _sleepers(tag)
+    assert not box.exists(f"{unit}/attempts")
+    journal = box.run("journalctl", "-u", "orchd", "EVENT=containment", "-o", "cat").stdout
+    assert "cgroup" in journal

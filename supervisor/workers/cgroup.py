@@ -200,9 +200,16 @@ def mount_point() -> str | None:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
-                if right.split(maxsplit=1)[:1] == ["cgroup2"]:
-                    _mount = _unescape(left.split()[4])
-                    break
+                if right.split(maxsplit=1)[:1] != ["cgroup2"]:
+                    continue
+                fields = left.split()
+                where = _unescape(fields[4])
+                major, minor = (int(x) for x in fields[2].split(":"))
+                # A mount listed but covered by a later one (a container's fresh /sys over
+                # the host's) is not the one to use: only a visible mount has its device.
+                with contextlib.suppress(OSError):
+                    if os.stat(where).st_dev == os.makedev(major, minor):
+                        _mount = where
     return _mount
 
 
