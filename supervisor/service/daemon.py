@@ -108,6 +108,11 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         async with anyio.create_task_group() as tg:
             await tg.start(pool.run)
             await tg.start(engine.run)
+            if hierarchy is not None and hierarchy.stale:
+                # Recovery killed the interrupted attempts' cgroups; any other a dead
+                # daemon left goes now.
+                for k in await anyio.to_thread.run_sync(hierarchy.clear_stale):
+                    log.warning("stale_cgroup_removed", cgroup=k.path, pids=list(k.signalled))
             await tg.start(Server(cfg.socket, engine, cfg.control).run)
             tg.start_soon(health.run)
             reloader = Reloader(config_path, engine)
@@ -201,8 +206,8 @@ def _announce(engine: Engine, c: Containment, h: Hierarchy | None) -> None:
         reason=c.reason,
         pid=os.getpid(),
     )
-    if h is not None and h.stale_removed:
-        log.warning("stale_cgroups_removed", cgroups=list(h.stale_removed))
+    if h is not None and h.stale:
+        log.warning("stale_cgroups_found", cgroups=list(h.stale))
     if c.reason is not None:
         engine.fx.publish(
             Event(

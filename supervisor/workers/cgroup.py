@@ -97,7 +97,9 @@ class Hierarchy(msgspec.Struct, kw_only=True):
     home: str
     made_base: bool
     controllers: tuple[str, ...] = ()
-    stale_removed: tuple[str, ...] = ()
+    # Attempt cgroups a previous life left: recovery kills those of the attempts recorded
+    # as running (gracefully, within one grace); `clear_stale` then removes the rest.
+    stale: tuple[str, ...] = ()
 
     @property
     def attempts(self) -> str:
@@ -124,16 +126,19 @@ class Hierarchy(msgspec.Struct, kw_only=True):
             )
         else:
             base, made = os.path.join(home, base_name(state_dir)), True
-        stale: list[str] = []
         try:
-            if made and os.path.isdir(base):
-                stale.append(base)
-                _kill_and_remove(base)
             if made:
-                os.mkdir(base)
+                try:
+                    os.mkdir(base)
+                except FileExistsError:
+                    # A dead daemon's (this one holds the state directory's lock): its agents
+                    # go now; its attempts are killed by recovery, gracefully, all at once.
+                    _kill_processes(os.path.join(base, DAEMON_LEAF))
             if not os.path.exists(os.path.join(base, "cgroup.kill")):
                 raise Unavailable(f"{base} has no cgroup.kill (it needs Linux 5.14 or later)")
-            stale += _clean_attempts(base)
+            stale = [
+                os.path.join(base, ATTEMPTS, n) for n in _children(os.path.join(base, ATTEMPTS))
+            ]
             leaf = os.path.join(base, DAEMON_LEAF)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(leaf)
@@ -158,13 +163,18 @@ class Hierarchy(msgspec.Struct, kw_only=True):
             home=home,
             made_base=made,
             controllers=controllers,
-            stale_removed=tuple(stale),
+            stale=tuple(stale),
         )
 
     def attempt_path(self, attempt_id: str) -> str:
         """The cgroup of an attempt. Attempt ids are `<task>.<n>.<hex>` of [A-Za-z0-9._-]:
         a valid directory name that never equals an interface file's."""
         return os.path.join(self.attempts, attempt_id)
+
+    def clear_stale(self) -> list[CgroupKill]:
+        """Kill and remove what is left of the previous life's attempt cgroups (after
+        recovery): reports for those that were still there."""
+        return [kill(path, 0.0) for path in self.stale if os.path.isdir(path)]
 
     def close(self, grace_s: float = 0.0) -> list[CgroupKill]:
         """Kill and remove every attempt cgroup still there, move this process back to
@@ -433,22 +443,18 @@ def _children(path: str) -> list[str]:
         return []
 
 
-def _clean_attempts(base: str) -> list[str]:
-    """Kill and remove attempt cgroups a previous life left in `base/attempts`."""
-    attempts = os.path.join(base, ATTEMPTS)
-    found = [os.path.join(attempts, name) for name in _children(attempts)]
-    for path in found:
-        kill(path, 0.0)
-    return found
-
-
-def _kill_and_remove(path: str) -> None:
-    """Kill everything in a subtree (one cgroup.kill covers its descendants) and remove it."""
+def _kill_processes(path: str) -> None:
+    """Kill everything in a subtree at once (one cgroup.kill covers its descendants)."""
     if populated(path):
         with contextlib.suppress(FileNotFoundError):
             _write(os.path.join(path, "cgroup.kill"), "1")
         if not wait_empty(path, KILL_WAIT_S):
             raise OSError(errno.EBUSY, f"processes left in {path} after cgroup.kill")
+
+
+def _kill_and_remove(path: str) -> None:
+    """Kill everything in a subtree and remove it."""
+    _kill_processes(path)
     if not remove_tree(path):
         raise OSError(errno.EBUSY, f"cannot remove {path}")
 
