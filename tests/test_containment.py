@@ -435,7 +435,7 @@ def test_the_unit_runs_attempts_in_their_own_cgroups_and_stop_leaves_nothing(
     box.run("/mnt/src/systemd/install.sh", "--enable")
     unit = "/sys/fs/cgroup/system.slice/orchd.service"
     tag = _tag()
-    command = f"(setsid env -i sleep {tag} &); sleep 300"
+    command = f"(setsid env -i sleep {tag} &); sleep {tag}"
     (box.root / "ws.toml").write_text(
         f'id = "boxed"\n[[tasks]]\nid = "held"\ncommand = {json.dumps(command)}\n'
     )
@@ -459,17 +459,19 @@ def test_the_unit_runs_attempts_in_their_own_cgroups_and_stop_leaves_nothing(
     status = json.loads(box.run("orchctl", "--json", "status").stdout)
     assert status["containment"]["mode"] == "cgroup"
     assert status["containment"]["base"] == unit
-    escapees: list[psutil.Process] = []
+    # The task's sleep and its escapee, as this side (outside the box) sees them.
+    sleepers: list[psutil.Process] = []
     deadline = time.monotonic() + 10
-    while not (escapees := _sleepers(tag)):
-        assert time.monotonic() < deadline, "the escapee did not start"
+    while len(sleepers := _sleepers(tag)) < 2:
+        assert time.monotonic() < deadline, "the task's sleep and its escapee did not start"
         time.sleep(0.05)
-    seen = _v2_line(Path(f"/proc/{escapees[0].pid}/cgroup").read_text())
-    assert seen.endswith(f"/system.slice/orchd.service/attempts/{attempt['attempt_id']}")
+    for p in sleepers:
+        seen = _v2_line(Path(f"/proc/{p.pid}/cgroup").read_text())
+        assert seen.endswith(f"/system.slice/orchd.service/attempts/{attempt['attempt_id']}")
 
     box.run("systemctl", "stop", "orchd")
     assert box.run("systemctl", "is-active", "orchd", check=False).stdout.strip() == "inactive"
-    _gone_within([p.pid for p in escapees], 1.0)
+    _gone_within([p.pid for p in sleepers], 1.0)
     assert not _sleepers(tag)
     assert not box.exists(f"{unit}/attempts")
     journal = box.run("journalctl", "-u", "orchd", "EVENT=containment", "-o", "cat").stdout
