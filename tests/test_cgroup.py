@@ -166,10 +166,15 @@ from supervisor.workers import cgroup
 h = cgroup.Hierarchy.open(sys.argv[1])
 print(json.dumps({"base": h.base, "home": h.home, "made": h.made_base,
                   "stale": list(h.stale), "me": cgroup.own_cgroup(),
-                  "attempts": os.path.isdir(h.attempts)}), flush=True)
-if len(sys.argv) > 2:
+                  "attempts": os.path.isdir(h.attempts),
+                  "agent_was": cgroup.own_cgroup(pid=int(sys.argv[3])) if sys.argv[3:] else None,
+                  "old_alive": [os.path.exists(f"/proc/{p}") for p in sys.argv[3:]]}),
+      flush=True)
+if sys.argv[2:3] == ["hold"]:
     os.mkdir(h.attempt_path("t.1.abcdef"))
     sys.stdin.readline()
+if sys.argv[2:3] == ["clear"]:
+    print(json.dumps({"cleared": [k.path for k in h.clear_stale()]}), flush=True)
 left = h.close()
 print(json.dumps({"me": cgroup.own_cgroup(), "base_left": os.path.exists(h.base),
                   "killed": [k.path for k in left]}), flush=True)
@@ -206,8 +211,9 @@ def test_hierarchy_is_made_entered_and_removed_again(tmp_path: Path) -> None:
 
 def test_a_dead_daemons_subtree_is_killed_and_removed_at_open(tmp_path: Path) -> None:
     """A leftover orchd-<hash> for the same state directory (a daemon that was SIGKILLed,
-    its agent still there, stopped): the agent is killed at open, the attempt cgroup is
-    listed as stale (for recovery) and killed by close at the latest."""
+    its agent still there, stopped): nothing is signalled at open (recovery records why
+    first), the agent is moved out of the daemon leaf, both are listed as stale, and
+    clear_stale kills them."""
     home = cgroup.own_cgroup()
     assert home is not None
     base = Path(home, cgroup.base_name(tmp_path))
@@ -217,12 +223,15 @@ def test_a_dead_daemons_subtree_is_killed_and_removed_at_open(tmp_path: Path) ->
     old_task = _spawn_inside(base / "attempts" / "t.1.000000", "exec sleep 30")
     old_agent.send_signal(signal.SIGSTOP)
     try:
-        opened, closed = _open_in_child(tmp_path)
-        assert opened["stale"] == [str(base / "attempts" / "t.1.000000")]
-        assert old_agent.wait(5) == -signal.SIGKILL
+        pids = (str(old_agent.pid), str(old_task.pid))
+        opened, cleared, closed = _open_in_child(tmp_path, "clear", *pids)
+        assert opened["stale"] == [str(base / "attempts" / "t.1.000000"), str(base / "stale")]
+        assert opened["agent_was"] == str(base / "stale")
+        assert opened["old_alive"] == [True, True]
+        assert cleared["cleared"] == opened["stale"]
+        assert old_agent.wait(5) in (-signal.SIGTERM, -signal.SIGKILL)
         assert old_task.wait(5) in (-signal.SIGTERM, -signal.SIGKILL)
-        assert closed["killed"] == opened["stale"]
-        assert not closed["base_left"]
+        assert not closed["base_left"] and closed["killed"] == []
     finally:
         for p in (old_agent, old_task):
             if p.poll() is None:

@@ -53,6 +53,9 @@ import msgspec
 
 DAEMON_LEAF = "daemon"
 ATTEMPTS = "attempts"
+# Where a dead daemon's processes found in the daemon leaf (its agents) are moved at
+# start, to be killed once recovery has recorded why.
+STALE_LEAF = "stale"
 # Controllers handed to the attempts' cgroups when the hierarchy offers them: memory gives
 # memory.peak and memory.max. CPU time (cpu.stat usage_usec) needs no controller.
 WANTED_CONTROLLERS = ("memory",)
@@ -97,8 +100,9 @@ class Hierarchy(msgspec.Struct, kw_only=True):
     home: str
     made_base: bool
     controllers: tuple[str, ...] = ()
-    # Attempt cgroups a previous life left: recovery kills those of the attempts recorded
-    # as running (gracefully, within one grace); `clear_stale` then removes the rest.
+    # Cgroups a previous life left: its attempts' (recovery kills those recorded as
+    # running, gracefully, within one grace) and the leaf its agents were moved to;
+    # `clear_stale` kills and removes what is left of them.
     stale: tuple[str, ...] = ()
 
     @property
@@ -126,27 +130,32 @@ class Hierarchy(msgspec.Struct, kw_only=True):
             )
         else:
             base, made = os.path.join(home, base_name(state_dir)), True
+        fresh = False
         try:
             if made:
-                try:
+                # One that exists is a dead daemon's (this one holds the state directory's
+                # lock): it is taken over.
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(base)
-                except FileExistsError:
-                    # A dead daemon's (this one holds the state directory's lock): its agents
-                    # go now; its attempts are killed by recovery, gracefully, all at once.
-                    _kill_processes(os.path.join(base, DAEMON_LEAF))
+                    fresh = True
             if not os.path.exists(os.path.join(base, "cgroup.kill")):
                 raise Unavailable(f"{base} has no cgroup.kill (it needs Linux 5.14 or later)")
-            stale = [
-                os.path.join(base, ATTEMPTS, n) for n in _children(os.path.join(base, ATTEMPTS))
-            ]
+            # What a previous life left is killed only after recovery has recorded why
+            # (the write-ahead rule): its attempts by recovery itself, gracefully and all
+            # at once; its agents, moved out of the daemon leaf now, by `clear_stale`.
+            attempts = os.path.join(base, ATTEMPTS)
+            stale = [os.path.join(attempts, name) for name in _children(attempts)]
             leaf = os.path.join(base, DAEMON_LEAF)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(leaf)
+            gone_to = os.path.join(base, STALE_LEAF)
+            if _evict(leaf, gone_to) or os.path.isdir(gone_to):
+                stale.append(gone_to)
             _move(os.getpid(), leaf)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(base, ATTEMPTS))
         except (OSError, Unavailable) as exc:
-            if made:
+            if fresh:  # only what was made just now: nothing of a previous life is signalled
                 with contextlib.suppress(OSError):
                     _move(os.getpid(), home)
                     _kill_and_remove(base)
@@ -172,8 +181,8 @@ class Hierarchy(msgspec.Struct, kw_only=True):
         return os.path.join(self.attempts, attempt_id)
 
     def clear_stale(self) -> list[CgroupKill]:
-        """Kill and remove what is left of the previous life's attempt cgroups (after
-        recovery): reports for those that were still there."""
+        """Kill and remove what is left of the previous life's cgroups, once recovery has
+        recorded it: reports for those that were still there."""
         return [kill(path, 0.0) for path in self.stale if os.path.isdir(path)]
 
     def close(self, grace_s: float = 0.0) -> list[CgroupKill]:
@@ -443,18 +452,31 @@ def _children(path: str) -> list[str]:
         return []
 
 
-def _kill_processes(path: str) -> None:
-    """Kill everything in a subtree at once (one cgroup.kill covers its descendants)."""
+def _evict(leaf: str, to: str) -> bool:
+    """Move every process but this one out of `leaf` into `to` (made if needed); True when
+    there was any."""
+    me, moved = os.getpid(), False
+    for _ in range(10):
+        others = [p for p in procs(leaf) if p != me]
+        if not others:
+            return moved
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(to)
+        for pid in others:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                _move(pid, to)
+                moved = True
+    return moved
+
+
+def _kill_and_remove(path: str) -> None:
+    """Kill everything in a subtree at once (one cgroup.kill covers its descendants) and
+    remove it."""
     if populated(path):
         with contextlib.suppress(FileNotFoundError):
             _write(os.path.join(path, "cgroup.kill"), "1")
         if not wait_empty(path, KILL_WAIT_S):
             raise OSError(errno.EBUSY, f"processes left in {path} after cgroup.kill")
-
-
-def _kill_and_remove(path: str) -> None:
-    """Kill everything in a subtree and remove it."""
-    _kill_processes(path)
     if not remove_tree(path):
         raise OSError(errno.EBUSY, f"cannot remove {path}")
 
