@@ -103,7 +103,11 @@ class AttemptRunner:
         path = attempt.cgroup
         if path is None:
             return
-        report = await anyio.to_thread.run_sync(lambda: cgroup.kill(path, self._kill_grace_s))
+        if cgroup.populated(path):
+            report = await anyio.to_thread.run_sync(lambda: cgroup.kill(path, self._kill_grace_s))
+        else:
+            # The usual end: nothing left, so nothing blocks; no worker thread is needed.
+            report = cgroup.kill(path, 0.0)
         attempt.cgroup = None
         self.reap()
         result.cpu_s, result.memory_peak_bytes = report.cpu_s, report.memory_peak_bytes
