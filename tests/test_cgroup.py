@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -264,3 +265,22 @@ def test_an_undelegated_unit_cgroup_is_refused(tmp_path: Path, scratch: Path) ->
     assert r.returncode == 0, r.stderr
     assert "not delegated" in r.stdout and "Delegate=yes" in r.stdout
     assert list(unit.iterdir()) and not (unit / "daemon").exists()
+
+
+def test_a_kill_racing_with_the_removal_of_its_cgroup_does_not_fail(scratch: Path) -> None:
+    """Regression: the daemon killing an attempt's cgroup while its agent removes it saw
+    ENODEV from the open cgroup.events and gave up the whole kill; now it is "gone"."""
+    attempt = scratch / "raced"
+    cgroup.create(str(attempt))
+    proc = _spawn_inside(attempt, "trap '' TERM; while :; do sleep 0.05; done")
+    _until(lambda: cgroup.populated(str(attempt)))
+    result: list[cgroup.CgroupKill] = []
+    killer = threading.Thread(target=lambda: result.append(cgroup.kill(str(attempt), 3.0)))
+    killer.start()
+    time.sleep(0.3)  # the killer waits out its grace on cgroup.events
+    (attempt / "cgroup.kill").write_text("1")
+    assert cgroup.wait_empty(str(attempt), 5.0)
+    proc.wait()
+    attempt.rmdir()
+    killer.join(5)
+    assert not killer.is_alive() and result and result[0].empty

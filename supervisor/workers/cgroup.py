@@ -300,8 +300,9 @@ def procs(path: str) -> list[int]:
         try:
             with open(os.path.join(dirpath, "cgroup.procs"), encoding="ascii") as f:
                 out += [int(x) for x in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+        except OSError as exc:
+            if not _vanished(exc):
+                raise
     return out
 
 
@@ -309,8 +310,10 @@ def populated(path: str) -> bool:
     """Whether any process is left in the cgroup or below it (False once it is gone)."""
     try:
         return _events_populated(Path(path, "cgroup.events").read_bytes())
-    except FileNotFoundError:
-        return False
+    except OSError as exc:
+        if _vanished(exc):
+            return False
+        raise
 
 
 def wait_empty(path: str, timeout_s: float) -> bool:
@@ -325,8 +328,16 @@ def wait_empty(path: str, timeout_s: float) -> bool:
         poller = select.poll()
         poller.register(fd, select.POLLPRI | select.POLLERR)
         while True:
-            os.lseek(fd, 0, os.SEEK_SET)
-            if not _events_populated(os.read(fd, 4096)):
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                data = os.read(fd, 4096)
+            except OSError as exc:
+                # Removed meanwhile (by the agent, while the daemon kills it too): an open
+                # file of a removed cgroup answers ENODEV.
+                if _vanished(exc):
+                    return True
+                raise
+            if not _events_populated(data):
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
@@ -357,8 +368,9 @@ def kill(path: str, grace_s: float, *, remove: bool = True) -> CgroupKill:
         try:
             _write(os.path.join(path, "cgroup.kill"), "1")
             cgroup_killed = True
-        except FileNotFoundError:
-            pass  # removed meanwhile: nothing left to kill
+        except OSError as exc:
+            if not _vanished(exc):
+                raise  # else removed meanwhile: nothing left to kill
         empty = wait_empty(path, KILL_WAIT_S)
     survivors = () if empty else tuple(sorted(procs(path)))
     used = usage(path)
@@ -405,6 +417,11 @@ def remove_tree(path: str) -> bool:
 
 
 # --- internals ---------------------------------------------------------------------------
+
+
+def _vanished(exc: OSError) -> bool:
+    """The cgroup (or the process) went away under us: not an error for a kill."""
+    return exc.errno in (errno.ENOENT, errno.ENODEV, errno.ESRCH)
 
 
 def _events_populated(data: bytes) -> bool:
