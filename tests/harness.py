@@ -240,6 +240,9 @@ class Daemon:
         found: dict[str, Any] = {}
 
         def check() -> bool:
+            # Replaced whole each time: a field the view omits when it is back at its
+            # default (revalidate=False) must not keep an earlier poll's value.
+            found.clear()
             found.update(self.task(task_id))
             return found["state"] in want
 
@@ -250,6 +253,7 @@ class Daemon:
         found: dict[str, Any] = {}
 
         def check() -> bool:
+            found.clear()
             found.update(self.call("ws_show", workstream=ws_id))
             return found["state"] == state
 
