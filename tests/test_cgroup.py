@@ -4,6 +4,7 @@ attempt's cgroup, a kill that takes the whole cgroup, accounting, and the refusa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -267,20 +268,29 @@ def test_an_undelegated_unit_cgroup_is_refused(tmp_path: Path, scratch: Path) ->
     assert list(unit.iterdir()) and not (unit / "daemon").exists()
 
 
-def test_a_kill_racing_with_the_removal_of_its_cgroup_does_not_fail(scratch: Path) -> None:
+def test_a_kill_racing_with_the_removal_of_its_cgroup_does_not_fail(
+    scratch: Path, tmp_path: Path
+) -> None:
     """Regression: the daemon killing an attempt's cgroup while its agent removes it saw
     ENODEV from the open cgroup.events and gave up the whole kill; now it is "gone"."""
-    attempt = scratch / "raced"
+    attempt, ready = scratch / "raced", tmp_path / "ready"
     cgroup.create(str(attempt))
-    proc = _spawn_inside(attempt, "trap '' TERM; while :; do sleep 0.05; done")
-    _until(lambda: cgroup.populated(str(attempt)))
-    result: list[cgroup.CgroupKill] = []
-    killer = threading.Thread(target=lambda: result.append(cgroup.kill(str(attempt), 3.0)))
-    killer.start()
-    time.sleep(0.3)  # the killer waits out its grace on cgroup.events
-    (attempt / "cgroup.kill").write_text("1")
-    assert cgroup.wait_empty(str(attempt), 5.0)
-    proc.wait()
-    attempt.rmdir()
-    killer.join(5)
-    assert not killer.is_alive() and result and result[0].empty
+    proc = _spawn_inside(attempt, f"trap '' TERM; touch {ready}; while :; do sleep 0.05; done")
+    try:
+        _until(ready.exists)
+        result: list[cgroup.CgroupKill] = []
+        killer = threading.Thread(target=lambda: result.append(cgroup.kill(str(attempt), 5.0)))
+        killer.start()
+        time.sleep(0.3)  # the killer waits out its grace on cgroup.events
+        (attempt / "cgroup.kill").write_text("1")
+        assert cgroup.wait_empty(str(attempt), 5.0)
+        # Whichever side removes it first (here, or the killer once it saw it empty), the
+        # kill must end without an error.
+        with contextlib.suppress(FileNotFoundError):
+            attempt.rmdir()
+        killer.join(10)
+        assert not killer.is_alive() and result and result[0].empty
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
