@@ -30,9 +30,6 @@ from tests.systemd_box import SystemdBox, missing
 
 GRACE_S = FAST["tasks"]["kill_grace_s"]
 SHUTDOWN_S = FAST["health"]["shutdown_after_s"]
-# Fixed by the kill-order change of the process mode (the tree before the agent, the
-# recovery of a dead daemon's agents); the cgroup mode does not depend on it.
-KILL_ORDER = "fixed by the kill-order change"
 
 
 def _cgroup_missing() -> str | None:
@@ -191,13 +188,7 @@ def test_escapee_of_a_cancelled_attempt_is_killed(
         assert not os.path.exists(t["attempts"][-1]["cgroup"])
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        MODES[0],
-        pytest.param("process", marks=pytest.mark.xfail(strict=False, reason=KILL_ORDER)),
-    ],
-)
+@pytest.mark.parametrize("mode", MODES)
 def test_escapee_of_a_stopped_worker_shut_down_is_killed(
     mode: str, tmp_path: Path, stop_after: list[Daemon]
 ) -> None:
@@ -223,13 +214,11 @@ def test_escapee_of_a_stopped_worker_shut_down_is_killed(
 @pytest.mark.parametrize("agent_state", ["running", "stopped"])
 @pytest.mark.parametrize("mode", MODES)
 def test_escapee_after_a_daemon_sigkill_and_restart_is_killed(
-    mode: str, agent_state: str, tmp_path: Path, stop_after: list[Daemon], request: Any
+    mode: str, agent_state: str, tmp_path: Path, stop_after: list[Daemon]
 ) -> None:
     """The daemon is SIGKILLed while the attempt runs (its agent running, or SIGSTOPped so
     it cannot clean up); after the restart nothing of the attempt is left, old agent
     included, and the task runs again."""
-    if mode == "process" and agent_state == "stopped":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=KILL_ORDER))
     d = _daemon(tmp_path, mode)
     stop_after.append(d)
     tag = _tag()
