@@ -351,6 +351,8 @@ def _human(method: str, result: Any, colour: bool) -> str:
                 )
             if result.get("paused_workstreams"):
                 parts.append("paused workstreams: " + ", ".join(result["paused_workstreams"]))
+            if (c := result.get("containment")) is not None:
+                parts.append(render.containment_line(c))
             if result.get("read_only"):
                 parts.append(
                     "READ-ONLY: no change is accepted until the state log takes writes again "

@@ -125,6 +125,24 @@ def events_lines(events: list[dict[str, Any]], colour: bool = False) -> str:
     return "\n".join(out)
 
 
+def containment_line(c: dict[str, Any]) -> str:
+    """`orchctl status`: how attempts' processes are held together, and why."""
+    if c.get("mode") == "cgroup":
+        controllers = ", ".join(c.get("controllers") or []) or "none"
+        return f"containment: cgroup per attempt under {c.get('base')} (controllers: {controllers})"
+    why = f" ({c['setting']}: {c['reason']})" if c.get("reason") else ""
+    return f"containment: process (session, subreaper, marker sweep){why}"
+
+
+def _accounting(a: dict[str, Any]) -> str:
+    parts = []
+    if a.get("cpu_s") is not None:
+        parts.append(f" cpu={a['cpu_s']:.2f}s")
+    if a.get("memory_peak_bytes") is not None:
+        parts.append(f" mem_peak={a['memory_peak_bytes'] / 1048576:.1f}MiB")
+    return "".join(parts)
+
+
 def task_detail(t: dict[str, Any]) -> str:
     skipped = f" (skipped: {t.get('skip_reason')})" if t.get("skipped") else ""
     deps = ", ".join(f"{d} ({s})" for d, s in t.get("dependencies", {}).items())
@@ -145,7 +163,7 @@ def task_detail(t: dict[str, Any]) -> str:
         )
         lines.append(
             f"    #{a['number']} {a['worker_id']} exit={end} {a.get('failure_kind') or ''}"
-            f"{' reassigned' if a.get('reassigned') else ''}"
+            f"{' reassigned' if a.get('reassigned') else ''}{_accounting(a)}"
         )
     if t.get("log_tail") is not None:
         lines.append(f"  log ({t.get('log_path')}):")

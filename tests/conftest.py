@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from supervisor.workers import proctree
-from tests.harness import Daemon, assert_no_leftovers
+from tests.harness import Daemon, assert_no_leftovers, remove_dead_cgroups
 
 # CI machines are slow and shared: no per-example deadline, fewer examples unless asked.
 settings.register_profile("default", deadline=None)
@@ -23,6 +23,14 @@ settings.register_profile(
     "ci", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_dead_cgroups() -> Iterator[None]:
+    """At the end of the session, the cgroups of daemons that were killed and never started
+    again are removed (an empty cgroup of a dead daemon is otherwise left on the host)."""
+    yield
+    remove_dead_cgroups()
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ from ctl.client import Client, RemoteError
 ROOT = Path(__file__).resolve().parent.parent
 # Marks every process started by this test run's daemons (inherited by agents and tasks).
 RUN_TAG = f"{os.getpid()}-{time.time_ns()}"
+# Every state directory a Daemon of this run used: a daemon that was SIGKILLed and never
+# started again leaves its (empty) cgroups behind, removed at the end of the session.
+STATE_DIRS: set[Path] = set()
 
 FAST = {
     "workers": {"count": 2},
@@ -105,6 +108,7 @@ class Daemon:
         self.failpoint = failpoint
         self._pump: threading.Thread | None = None
         self.state_dir = tmp / "state"
+        STATE_DIRS.add(self.state_dir)
         self.socket = str(tmp / "orchd.sock")
         self.cfg = _merge(
             FAST, {"state_dir": str(self.state_dir), "socket_path": self.socket} | (overrides or {})
@@ -248,6 +252,9 @@ class Daemon:
         found: dict[str, Any] = {}
 
         def check() -> bool:
+            # Replaced whole each time: a field the view omits when it is back at its
+            # default (revalidate=False) must not keep an earlier poll's value.
+            found.clear()
             found.update(self.task(task_id))
             return found["state"] in want
 
@@ -258,6 +265,7 @@ class Daemon:
         found: dict[str, Any] = {}
 
         def check() -> bool:
+            found.clear()
             found.update(self.call("ws_show", workstream=ws_id))
             return found["state"] == state
 
@@ -342,3 +350,17 @@ def assert_no_leftovers(timeout: float = 5.0) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     assert not left, f"processes left behind: {[(p.pid, p.info.get('cmdline')) for p in left]}"
+
+
+def remove_dead_cgroups() -> list[str]:
+    """Remove the cgroups (containment "cgroup", as root) of this run's daemons that are
+    no longer running: a live daemon is always in its own, so only empty ones go."""
+    from supervisor.workers import cgroup
+
+    home = cgroup.own_cgroup()
+    removed = []
+    for state_dir in STATE_DIRS:
+        base = os.path.join(home or "/nonexistent", cgroup.base_name(state_dir))
+        if os.path.isdir(base) and not cgroup.populated(base) and cgroup.remove_tree(base):
+            removed.append(base)
+    return removed

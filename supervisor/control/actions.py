@@ -52,6 +52,7 @@ def status(s: Machine, _: p.StatusParams) -> dict[str, Any]:
         "state_dir": str(s.files.state_dir),
         "read_only": s.read_only,
         "paused_workstreams": [w.id for w in s.state.data.workstreams.values() if w.paused],
+        "containment": msgspec.to_builtins(s.containment),
     }
     return out
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+import msgspec
 
 from supervisor.core.config import Config
 from supervisor.core.effects import Archive, Effect, Emit, Note
@@ -58,6 +60,21 @@ class Files(Protocol):
     def read_checkpoint(self, ws_id: str, which: Any) -> dict[str, Any]: ...
 
 
+class Containment(msgspec.Struct, kw_only=True):
+    """How attempts' processes are held together, decided once at start (service/daemon.py
+    finds out what the host allows; `workers.containment` says what is wanted)."""
+
+    mode: Literal["cgroup", "process"] = "process"
+    setting: str = "process"
+    # Why the process mode is in force although the setting allowed cgroups ("auto").
+    reason: str | None = None
+    # Mode "cgroup": the daemon's subtree, the directory of the attempts' cgroups and the
+    # controllers those have.
+    base: str | None = None
+    attempts: str | None = None
+    controllers: list[str] = []
+
+
 class Core:
     """State + runtime + settings + the open step (see the module docstring)."""
 
@@ -83,6 +100,7 @@ class Core:
         self.probes: dict[str, Any] = {}
         self.transitions_per_s = 0.0
         self.read_only: str | None = None
+        self.containment = Containment()
 
     def set_config(self, new: Config) -> None:
         """Settings reloaded, as part of the open step (taken back with it)."""

@@ -138,6 +138,16 @@ def start_attempt(m: Core, task: Task, wid: str) -> None:
     since = rt.queued_at(task.id)
     if since is not None:
         rt.queue_wait(m.now - since)
+    attempt: dict[str, object] = {
+        "attempt_id": attempt_id,
+        "number": n,
+        "worker_id": wid,
+        "started_at": m.wall,
+    }
+    # Containment "cgroup": the attempt's cgroup is in its record before the process starts.
+    cgroup = None if m.containment.attempts is None else f"{m.containment.attempts}/{attempt_id}"
+    if cgroup is not None:
+        attempt["cgroup"] = cgroup
     m.commit(
         "task",
         task.id,
@@ -146,7 +156,7 @@ def start_attempt(m: Core, task: Task, wid: str) -> None:
         worker_id=wid,
         pid=None,
         stopping=None,
-        attempt={"attempt_id": attempt_id, "number": n, "worker_id": wid, "started_at": m.wall},
+        attempt=attempt,
     )
     m.commit("worker", wid, "busy", "auto", task_id=task.id, attempt_id=attempt_id)
     m.note(wid, f"took task {task.id}, attempt {n} ({attempt_id})")
@@ -163,5 +173,6 @@ def start_attempt(m: Core, task: Task, wid: str) -> None:
         validate=None if task.revalidate else task.validate,
         rlimits=task.rlimits,
         log_path=str(m.files.task_log_path(task.id)),
+        cgroup=cgroup,
     )
     m.effect(Send(wid, run))

@@ -22,6 +22,8 @@ class TaskTree(msgspec.Struct, frozen=True):
     start_ticks: int | None
     marker: str
     legacy_create_time: float | None = None
+    # The attempt's cgroup when it has one: then a kill is that cgroup's, whole.
+    cgroup: str | None = None
 
 
 class OldAgent(msgspec.Struct, frozen=True):

@@ -28,6 +28,7 @@ class Task(Protocol):
     @property
     def resources(self) -> list[str]: ...
 
+
 _SATISFYING = frozenset({"completed", "cancelled"})
 
 

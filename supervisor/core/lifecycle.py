@@ -19,7 +19,8 @@ from supervisor.core.policy import STOP_RULES, StopReason
 
 def tree_of(attempt: Attempt) -> TaskTree:
     """Where an attempt's processes are: its session (led by the recorded pid, known by its
-    start ticks, or by the epoch create time of an older record) and marker."""
+    start ticks, or by the epoch create time of an older record) and marker, and its cgroup
+    when it has one."""
     pid = attempt.pid or 0
     return TaskTree(
         pid,
@@ -27,6 +28,7 @@ def tree_of(attempt: Attempt) -> TaskTree:
         attempt.pid_start_ticks,
         attempt.attempt_id,
         legacy_create_time=None if attempt.pid_start_ticks is not None else attempt.pid_create_time,
+        cgroup=attempt.cgroup,
     )
 
 
@@ -290,9 +292,7 @@ def stop_task(m: Core, task: Task, reason: StopReason, *, direct: bool = False) 
             message=f"unresponsive while its task had to stop ({reason}); killed with the "
             "task's tree",
         )
-        retire_worker(
-            m, wid, task_reason=reason, restart_same=False, graceful=False, cause=cause
-        )
+        retire_worker(m, wid, task_reason=reason, restart_same=False, graceful=False, cause=cause)
         return
     m.effect(KillTree(wid, attempt.attempt_id, tree_of(attempt), grace))
 

@@ -149,6 +149,11 @@ class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     failure_kind: FailureKind | None = None
     reassigned: bool = False
     message: str | None = None
+    # Containment "cgroup": the attempt's cgroup, recorded before its process starts (so
+    # a later life can kill it), and the accounting read from it at the attempt's end.
+    cgroup: str | None = None
+    cpu_s: float | None = None
+    memory_peak_bytes: int | None = None
 
 
 class Task(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

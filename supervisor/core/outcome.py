@@ -39,6 +39,10 @@ def on_finished(m: Core, wid: str, msg: wire.Finished) -> None:
     upd: dict[str, Any] = {"ended_at": m.wall, "exit_code": msg.exit_code, "signal": msg.signal}
     if msg.message:
         upd["message"] = msg.message
+    if msg.cpu_s is not None:
+        upd["cpu_s"] = msg.cpu_s
+    if msg.memory_peak_bytes is not None:
+        upd["memory_peak_bytes"] = msg.memory_peak_bytes
     if msg.pid is not None:  # it ended before a Started was worth sending
         upd["pid"], upd["pid_start_ticks"] = msg.pid, msg.start_ticks
     if out.kind is not None:

@@ -13,7 +13,7 @@ from supervisor.core.machine import Machine
 from supervisor.core.policy import StopReason
 
 # Settings read once at start; a change needs a restart.
-RESTART_ONLY = ("state_dir", "socket_path", "workers.python", "log.format")
+RESTART_ONLY = ("state_dir", "socket_path", "workers.python", "workers.containment", "log.format")
 
 
 def reject(m: Machine, message: str) -> None:

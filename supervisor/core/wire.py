@@ -34,6 +34,9 @@ class Run(msgspec.Struct, tag=True, kw_only=True):
     validate: list[str] | str | None = None
     rlimits: Rlimits | None = None
     log_path: str
+    # The attempt's own cgroup (containment "cgroup"): the agent makes it, starts every
+    # step inside it, kills it whole and removes it at the attempt's end.
+    cgroup: str | None = None
 
 
 class Kill(msgspec.Struct, tag=True, kw_only=True):
@@ -95,6 +98,10 @@ class Finished(msgspec.Struct, tag=True, kw_only=True):
     start_ticks: int | None = None
     # Processes of the attempt that outlived its kill or sweep, as (pid, start ticks).
     survivors: tuple[tuple[int, int], ...] = ()
+    # Read from the attempt's cgroup at its end: CPU time and, with the memory
+    # controller, peak memory.
+    cpu_s: float | None = None
+    memory_peak_bytes: int | None = None
 
 
 ToAgent = Run | Kill | Stop

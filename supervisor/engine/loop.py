@@ -351,7 +351,7 @@ class Engine:
 
     def status_line(self) -> str:
         """The one line systemd shows (`systemctl status`)."""
-        line = status_line(status_view(self.state))
+        line = f"{status_line(status_view(self.state))}; containment {self.m.containment.mode}"
         return f"READ-ONLY (the log refuses writes); {line}" if self.read_only else line
 
     def drain_state(self) -> tuple[bool, int]:

@@ -1,9 +1,11 @@
-"""Wiring only: open the store, start the pool, engine and control socket in one task
-group, notify systemd, turn signals into a clean stop or a config reload.
+"""Wiring only: open the store, settle the containment, start the pool, engine and
+control socket in one task group, notify systemd, turn signals into a clean stop or a
+config reload.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,11 +16,14 @@ import structlog
 
 from supervisor.control.server import Server, SocketInUse
 from supervisor.core.config import Config
+from supervisor.core.context import Containment
 from supervisor.core.errors import StoreCorrupt, StoreError, StoreFsyncError, StoreLocked
+from supervisor.core.model import Event
 from supervisor.engine.loop import Engine
 from supervisor.service.notify import Notifier
 from supervisor.service.reload import Reloader
 from supervisor.store.directory import Store
+from supervisor.workers.cgroup import Hierarchy, Unavailable
 from supervisor.workers.health import Health
 from supervisor.workers.pool import Pool
 
@@ -31,6 +36,7 @@ STATUS_INTERVAL_S = 5.0
 STATUS_DRAIN_POLL_S = 0.25
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another daemon owns the state directory
 EXIT_IOERR = 74  # EX_IOERR: the state directory could not be read or repaired
+EXIT_CONFIG = 78  # EX_CONFIG: the config is invalid, or cannot be met on this host
 
 
 async def run(cfg: Config, config_path: Path | None) -> int:
@@ -72,6 +78,19 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         last_seq=state.last_seq,
         tasks=len(state.data.tasks),
     )
+    try:
+        hierarchy, containment = await anyio.to_thread.run_sync(
+            _containment, cfg.workers.containment, cfg.state_dir
+        )
+    except Unavailable as exc:
+        print(
+            f'orchd: workers.containment is "cgroup", but {exc}; set it to "auto" or "process" '
+            "to run with the process containment instead",
+            file=sys.stderr,
+        )
+        notifier.send(f"STATUS=no cgroup can be made: {exc}")
+        await anyio.to_thread.run_sync(store.close, None)
+        return EXIT_CONFIG
     send, recv = anyio.create_memory_object_stream[Any](100_000)
     pool = Pool(
         python=cfg.workers.python or sys.executable,
@@ -81,12 +100,19 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         kill_grace_s=cfg.tasks.kill_grace_s,
     )
     engine = Engine(cfg, store, state, pool, recv, send, notify=notifier.send)
+    engine.m.containment = containment
+    _announce(engine, containment, hierarchy)
     health = Health(engine)
     clean = True
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pool.run)
             await tg.start(engine.run)
+            if hierarchy is not None and hierarchy.stale:
+                # Recovery killed the interrupted attempts' cgroups; any other a dead
+                # daemon left goes now.
+                for k in await anyio.to_thread.run_sync(hierarchy.clear_stale):
+                    log.warning("stale_cgroup_removed", cgroup=k.path, pids=list(k.signalled))
             await tg.start(Server(cfg.socket, engine, cfg.control).run)
             tg.start_soon(health.run)
             reloader = Reloader(config_path, engine)
@@ -99,7 +125,7 @@ async def run(cfg: Config, config_path: Path | None) -> int:
             notifier.send("READY=1", f"STATUS=running; state {cfg.state_dir}, socket {cfg.socket}")
             log.info(
                 "daemon_ready",
-                pid=__import__("os").getpid(),
+                pid=os.getpid(),
                 socket=cfg.socket,
                 workers=cfg.worker_count,
             )
@@ -127,6 +153,17 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         print(f"orchd: {first}; exiting, the next start recovers from the log", file=sys.stderr)
     finally:
         with anyio.CancelScope(shield=True):
+            if hierarchy is not None:
+                # The agents are gone (the pool stopped them): whatever is still in an
+                # attempt's cgroup is killed, and every cgroup the daemon made is removed.
+                left = await anyio.to_thread.run_sync(hierarchy.close, cfg.tasks.kill_grace_s)
+                for k in left:
+                    log.warning(
+                        "attempt_cgroup_killed",
+                        cgroup=k.path,
+                        pids=list(k.signalled),
+                        removed=k.removed,
+                    )
             try:
                 await anyio.to_thread.run_sync(store.close, state if clean else None)
             except StoreError as exc:
@@ -134,6 +171,54 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                 print(f"orchd: closing the state failed: {exc}", file=sys.stderr)
     log.info("daemon_stopped", last_seq=state.last_seq, clean=clean)
     return 0 if clean else 1
+
+
+def _containment(setting: str, state_dir: str) -> tuple[Hierarchy | None, Containment]:
+    """The containment in force: a cgroup per attempt where the setting allows it and the
+    host gives the daemon a cgroup of its own, else the process mode (and why). Raises
+    Unavailable when the setting is "cgroup" and no cgroup can be made."""
+    if setting == "process":
+        return None, Containment(mode="process", setting=setting)
+    try:
+        h = Hierarchy.open(state_dir)
+    except Unavailable as exc:
+        if setting == "cgroup":
+            raise
+        return None, Containment(mode="process", setting=setting, reason=str(exc))
+    return h, Containment(
+        mode="cgroup",
+        setting=setting,
+        base=h.base,
+        attempts=h.attempts,
+        controllers=list(h.controllers),
+    )
+
+
+def _announce(engine: Engine, c: Containment, h: Hierarchy | None) -> None:
+    """Say once, at start, which containment is in force (an event when "auto" had to
+    fall back; the journal either way)."""
+    log.info(
+        "containment",
+        mode=c.mode,
+        setting=c.setting,
+        cgroup=c.base,
+        controllers=c.controllers,
+        reason=c.reason,
+        pid=os.getpid(),
+    )
+    if h is not None and h.stale:
+        log.warning("stale_cgroups_found", cgroups=list(h.stale))
+    if c.reason is not None:
+        engine.fx.publish(
+            Event(
+                event="containment_fallback",
+                severity="warning",
+                ts=engine.wall(),
+                message=f"no cgroup per attempt: {c.reason}; attempts are held by session, "
+                "subreaper and marker sweep instead",
+                data={"setting": c.setting, "reason": c.reason},
+            )
+        )
 
 
 async def _status_lines(notifier: Notifier, engine: Engine) -> None:

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("orchd.reload")
 
 
-
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Read and parse a config file (None = all defaults)."""
     if path is None:

@@ -184,10 +184,17 @@ class Agent:
         result = wire.Finished(attempt_id=run.attempt_id, phase="spawn")
         try:
             with launch.open_log(run.log_path) as out:
-                result = await self._runner.steps(attempt, out)
+                try:
+                    self._runner.open_cgroup(attempt)
+                except OSError as exc:
+                    result.message = f"cannot make the attempt's cgroup {run.cgroup}: {exc}"
+                    launch.write_line(out, f"=== attempt {run.number} {result.message} ===")
+                else:
+                    result = await self._runner.steps(attempt, out)
                 if attempt.kill_requested:
                     await attempt.kill_done.wait()
                     result.killed = True
+                await self._runner.close_cgroup(attempt, result)
                 launch.write_line(out, launch.footer(run, result))
         except OSError as exc:
             result = wire.Finished(attempt_id=run.attempt_id, phase="spawn", message=str(exc))
@@ -195,6 +202,11 @@ class Agent:
             if attempt.kill_requested:
                 await attempt.kill_done.wait()
                 result.killed = True
+            if attempt.cgroup is not None:
+                # Not closed above (the log could not be opened, or a cancel): still no
+                # cgroup of ours is left behind.
+                with anyio.CancelScope(shield=True):
+                    await self._runner.close_cgroup(attempt, result)
             # Successes are many and the daemon records them; keep the worker's log for the rest.
             (log.debug if result.phase == "done" and not result.killed else log.info)(
                 "attempt_finished",

@@ -3,8 +3,13 @@
 An attempt is its command, then its validate step if it has one. Each step runs in its own
 session (so its process group is killable as a whole), with stdin on /dev/null, stdout and
 stderr appended to the task's log, and the marker variable ORCHD_ATTEMPT_ID in its
-environment. The runner does all the reaping of the agent's children itself (no asyncio
-child watcher is involved), watching its direct child through a pidfd, which keeps a spawn
+environment. With containment "cgroup" (the Run names a cgroup) the attempt also has a
+cgroup of its own: made before its first step, every step born inside it
+(supervisor.workers.cgroup.inside), killed whole through it, accounted from it and removed
+at the attempt's end; the process-mode tree kill is then not used.
+
+The runner does all the reaping of the agent's children itself (no asyncio child watcher
+is involved), watching its direct child through a pidfd, which keeps a spawn
 down to one fork+exec and no helper thread. What a finished step leaves behind is killed.
 
 The agent (supervisor.workers.agent) decides when an attempt starts and when it is killed;
@@ -13,16 +18,20 @@ the runner only carries that out and says how each step ended.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import anyio
+import msgspec
 import structlog
 
 from supervisor.core import wire
-from supervisor.workers import launch, proctree
+from supervisor.core.model import Rlimits
+from supervisor.workers import cgroup, launch, proctree
 from supervisor.workers.channel import FrameChannel
 
 log = structlog.get_logger("orchd.agent")
@@ -53,6 +62,8 @@ class RunningAttempt:
     command_start_ticks: int | None = None
     # What outlived a kill or a sweep of this attempt, as (pid, start ticks).
     survivors: set[tuple[int, int]] = field(default_factory=set)
+    # Containment "cgroup": the attempt's cgroup once made (None in the process mode).
+    cgroup: str | None = None
     kill_done: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -69,12 +80,72 @@ class AttemptRunner:
         # Exit statuses of reaped direct children (command/validate), by pid.
         self._direct: set[int] = set()
         self._statuses: dict[int, int] = {}
+        # This agent's own cgroup, to come back to after starting a step inside an
+        # attempt's (read once, at the first attempt that has a cgroup).
+        self._home_cgroup: str | None = None
+
+    def open_cgroup(self, attempt: RunningAttempt) -> None:
+        """Make the attempt's cgroup (containment "cgroup"), with its memory limit where
+        the memory controller is there. Raises OSError when it cannot be made."""
+        path = attempt.run.cgroup
+        if path is None:
+            return
+        if self._home_cgroup is None:
+            self._home_cgroup = cgroup.own_cgroup()
+            if self._home_cgroup is None:
+                raise OSError("this agent is in no cgroup v2")
+        cgroup.create(path)
+        attempt.cgroup = path
+
+    async def close_cgroup(self, attempt: RunningAttempt, result: wire.Finished) -> None:
+        """The attempt is over: read its accounting into `result`, kill anything still in
+        its cgroup and remove the cgroup."""
+        path = attempt.cgroup
+        if path is None:
+            return
+        if cgroup.populated(path):
+            report = await anyio.to_thread.run_sync(lambda: cgroup.kill(path, self._kill_grace_s))
+        else:
+            # The usual end: nothing left, so nothing blocks; no worker thread is needed.
+            report = cgroup.kill(path, 0.0)
+        attempt.cgroup = None
+        self.reap()
+        result.cpu_s, result.memory_peak_bytes = report.cpu_s, report.memory_peak_bytes
+        if report.signalled:
+            log.warning(
+                "leftovers_killed",
+                attempt_id=attempt.run.attempt_id,
+                cgroup=path,
+                pids=list(report.signalled),
+            )
+        if not report.removed:
+            log.error(
+                "cgroup_not_removed",
+                attempt_id=attempt.run.attempt_id,
+                cgroup=path,
+                survivors=list(report.survivors),
+            )
 
     async def kill(self, attempt: RunningAttempt, grace_s: float, reason: str) -> None:
         """Kill the attempt's tree (if a step has started); `kill_done` is set after."""
         try:
             # No step has started yet: the attempt task sees the flag and never spawns.
-            if attempt.pid is not None:
+            if attempt.pid is not None and attempt.cgroup is not None:
+                # Containment "cgroup": the attempt's cgroup holds all of it.
+                path = attempt.cgroup
+                killed = await anyio.to_thread.run_sync(
+                    lambda: cgroup.kill(path, grace_s, remove=False)
+                )
+                log.info(
+                    "attempt_killed",
+                    attempt_id=attempt.run.attempt_id,
+                    reason=reason,
+                    cgroup=path,
+                    pids=list(killed.signalled),
+                    survivors=list(killed.survivors),
+                )
+                attempt.survivors.update(_identities(killed.survivors))
+            elif attempt.pid is not None:
                 pid, ticks = attempt.pid, attempt.start_ticks
                 report = await anyio.to_thread.run_sync(
                     lambda: proctree.kill_tree(
@@ -140,43 +211,57 @@ class AttemptRunner:
             return None
         status_r: int | None = None
         pass_fds: tuple[int, ...] = ()
-        if run.rlimits is not None:
+        rlimits = run.rlimits
+        memory_mb = rlimits.memory_mb if rlimits is not None else None
+        if memory_mb is not None and attempt.cgroup is not None:
+            if cgroup.has_controller(attempt.cgroup, "memory"):
+                # The cgroup's memory.max replaces RLIMIT_AS where the memory controller is
+                # there: it limits what the whole tree uses, not each process's address space.
+                assert rlimits is not None
+                rlimits = msgspec.structs.replace(rlimits, memory_mb=None)
+            else:
+                memory_mb = None
+        else:
+            memory_mb = None
+        if rlimits is not None and rlimits != Rlimits():
             status_r, status_w = os.pipe()
             pass_fds = (status_w,)
-            argv = launch.limits_argv(run.rlimits, status_w) + argv
+            argv = launch.limits_argv(rlimits, status_w) + argv
         env = dict(self._base_env)
         env.update(run.env)
         env[launch.TASK_ID_ENV] = run.task_id
         env[proctree.MARKER_ENV] = run.attempt_id
         proc: subprocess.Popen[bytes] | None = None
         pid = None
-        if status_r is None and run.cwd is None:
-            pid = launch.spawn(argv, env, stdin=self._devnull, out=out.fileno())
-        if pid is None:
-            try:
-                # No preexec_fn: it would rule out vfork, which keeps a spawn cheap.
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=self._devnull,
-                    stdout=out,
-                    stderr=out,
-                    cwd=run.cwd,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                    pass_fds=pass_fds,
-                )
-            except (OSError, ValueError) as exc:
-                if status_r is not None:
-                    os.close(status_r)
-                launch.write_line(
-                    out, f"=== attempt {run.number} {step} could not start: {exc} ==="
-                )
-                raise SpawnFailed(str(exc)) from exc
-            finally:
-                for fd in pass_fds:
-                    os.close(fd)
-            pid = proc.pid
+        try:
+            with self._inside(attempt, lift_memory_max=memory_mb is not None):
+                if status_r is None and run.cwd is None:
+                    pid = launch.spawn(argv, env, stdin=self._devnull, out=out.fileno())
+                if pid is None:
+                    # No preexec_fn: it would rule out vfork, which keeps a spawn cheap.
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=self._devnull,
+                        stdout=out,
+                        stderr=out,
+                        cwd=run.cwd,
+                        env=env,
+                        start_new_session=True,
+                        close_fds=True,
+                        pass_fds=pass_fds,
+                    )
+                    pid = proc.pid
+        except (OSError, ValueError) as exc:
+            if status_r is not None:
+                os.close(status_r)
+            launch.write_line(out, f"=== attempt {run.number} {step} could not start: {exc} ===")
+            raise SpawnFailed(str(exc)) from exc
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+        if memory_mb is not None and attempt.cgroup is not None:
+            # Only now that the agent is out of the cgroup again (see cgroup.py).
+            cgroup.set_memory_max(attempt.cgroup, memory_mb)
         self._direct.add(pid)
         attempt.step, attempt.pid = step, pid
         try:
@@ -211,6 +296,21 @@ class AttemptRunner:
             raise SpawnFailed(exec_error)
         return code
 
+    @contextlib.contextmanager
+    def _inside(self, attempt: RunningAttempt, *, lift_memory_max: bool) -> Iterator[None]:
+        """Spawn inside the attempt's cgroup, if it has one (see cgroup.py for why the agent
+        moves itself there and back rather than its child moving itself). Its memory limit
+        is lifted meanwhile (no process of the attempt runs between steps), so that what
+        the agent allocates there can never OOM-kill it."""
+        path, home = attempt.cgroup, self._home_cgroup
+        if path is None or home is None:
+            yield
+            return
+        if lift_memory_max:
+            cgroup.set_memory_max(path, None)
+        with cgroup.inside(path, home):
+            yield
+
     async def _collect(self, pid: int) -> int:
         """The exit code of direct child `pid`, which has exited (its pidfd said so)."""
         while True:
@@ -238,8 +338,24 @@ class AttemptRunner:
 
     async def _sweep(self, attempt: RunningAttempt) -> None:
         """Kill what a finished step left behind. Every descendant of a subreaper that is
-        still alive keeps a live child of ours, so no children means nothing is left."""
-        if not self.reap():
+        still alive keeps a live child of ours, so no children means nothing is left (with a
+        cgroup, the cgroup says so)."""
+        if not self.reap() and (attempt.cgroup is None or not cgroup.populated(attempt.cgroup)):
+            return
+        if attempt.cgroup is not None:
+            path = attempt.cgroup
+            killed = await anyio.to_thread.run_sync(
+                lambda: cgroup.kill(path, self._kill_grace_s, remove=False)
+            )
+            self.reap()
+            if killed.signalled:
+                log.warning(
+                    "leftovers_killed",
+                    attempt_id=attempt.run.attempt_id,
+                    step=attempt.step,
+                    cgroup=path,
+                    pids=list(killed.signalled),
+                )
             return
         pid, ticks = attempt.pid, attempt.start_ticks
         report = await anyio.to_thread.run_sync(
@@ -261,3 +377,8 @@ class AttemptRunner:
                 step=attempt.step,
                 pids=list(report.signalled),
             )
+
+
+def _identities(pids: tuple[int, ...]) -> set[tuple[int, int]]:
+    """(pid, start ticks) of the pids still alive (a cgroup kill reports bare pids)."""
+    return {i for i in (proctree.process_identity(p) for p in pids) if i is not None}

@@ -33,6 +33,7 @@ from supervisor import failpoints
 from supervisor.core import wire
 from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.inputs import AgentExited, AgentMessage
+from supervisor.workers import cgroup as cgroups
 from supervisor.workers import proctree
 from supervisor.workers.launch import ORIGINAL_PYTHONPATH_ENV
 
@@ -334,7 +335,11 @@ class Pool:
     ) -> Survivors:
         """Kill one attempt's tree in process mode (session + subreaper + marker sweep); its
         survivors. The log line gives when it began and ended, so that kills meant to run
-        together can be seen to overlap."""
+        together can be seen to overlap. An attempt with a cgroup is killed through it."""
+        if tree.cgroup is not None:
+            # The branch point between the two containments: the cgroup holds every process
+            # of the attempt, wherever it was re-parented (the agent is not in it).
+            return await self._kill_cgroup(tree.cgroup, grace_s)
         began = time.monotonic()
         report = await anyio.to_thread.run_sync(
             lambda: proctree.kill_tree(
@@ -363,6 +368,33 @@ class Pool:
                 ended=round(time.monotonic(), 4),
             )
         return report.survivors
+
+    async def _kill_cgroup(self, path: str, grace_s: float) -> Survivors:
+        """Kill an attempt's cgroup whole (TERM, KILL after grace_s) and remove it; what is
+        left in it (none once it is empty), as (pid, start ticks)."""
+        try:
+            report = await anyio.to_thread.run_sync(lambda: cgroups.kill(path, grace_s))
+        except OSError as exc:
+            # Never stops the rest of a kill (the agent's, the TreeKilled that follows).
+            log.error("attempt_cgroup_kill_failed", cgroup=path, error=str(exc))
+            return ()
+        for killed in report.signalled:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(killed, os.WNOHANG)
+        if report.signalled or not report.removed:
+            (log.info if report.removed else log.error)(
+                "attempt_cgroup_killed",
+                cgroup=path,
+                pids=list(report.signalled),
+                survivors=list(report.survivors),
+                cgroup_kill=report.cgroup_killed,
+                removed=report.removed,
+            )
+        return tuple(
+            ident
+            for ident in (proctree.process_identity(pid) for pid in report.survivors)
+            if ident is not None
+        )
 
     async def _stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
