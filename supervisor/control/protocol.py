@@ -122,7 +122,22 @@ class DebugParams(_Params):
     lines: int = 20
 
 
+class StateValidateParams(_Params):
+    pass
+
+
+class StateBackupsParams(_Params):
+    pass
+
+
 # --- changing methods ------------------------------------------------------------------
+
+
+class _Previewable(_Params, kw_only=True):
+    """A request that can throw work away: with `dry_run` the daemon answers with what it
+    would do (control/preview.py) and records nothing."""
+
+    dry_run: bool = False
 
 
 class SubmitParams(_Params):
@@ -154,12 +169,12 @@ class RetryParams(_Params):
     reason: str | None = None
 
 
-class SkipParams(_Params):
+class SkipParams(_Previewable):
     task_id: str
     reason: str
 
 
-class CancelParams(_Params):
+class CancelParams(_Previewable):
     task_id: str
     reason: str | None = None
 
@@ -169,7 +184,7 @@ class WorkerRestartParams(_Params):
     reason: str | None = None
 
 
-class WorkerShutdownParams(_Params):
+class WorkerShutdownParams(_Previewable):
     worker_id: str
     force: bool = False
     reassign: bool = False
@@ -188,7 +203,7 @@ class DepRemoveParams(_Params):
     reason: str | None = None
 
 
-class WsRetryParams(_Params):
+class WsRetryParams(_Previewable):
     workstream: str
     reason: str | None = None
 
@@ -198,13 +213,13 @@ class WsRetryFailedParams(_Params):
     reason: str | None = None
 
 
-class WsResumeParams(_Params):
+class WsResumeParams(_Previewable):
     workstream: str
     from_task: str
     reason: str | None = None
 
 
-class WsRollbackParams(_Params):
+class WsRollbackParams(_Previewable):
     workstream: str
     to_checkpoint: str = "latest"
     reason: str | None = None
@@ -257,6 +272,8 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "interventions": (InterventionsParams, False),
     "metrics": (MetricsParams, False),
     "debug": (DebugParams, False),
+    "state_validate": (StateValidateParams, False),
+    "state_backups": (StateBackupsParams, False),
     "submit": (SubmitParams, True),
     "retry": (RetryParams, True),
     "skip": (SkipParams, True),

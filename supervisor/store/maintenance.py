@@ -78,59 +78,91 @@ def _replace_snapshot(d: Path, data: bytes, *, fsync: bool = True) -> str:
 
 def validate_state(state_dir: str | Path) -> list[str]:
     """Every problem found in the state directory (empty when all is well)."""
-    problems: list[str] = []
     with _locked(state_dir) as d:
-        snap = read_snapshot(d / SNAPSHOT_NAME)
-        replayed = State()
-        snap_ok: bool | None = None
+        return _problems(d, live=False)
 
-        def apply(rec: Transition) -> None:
-            nonlocal snap_ok
-            check_record(replayed, rec)
-            replayed.apply(rec)
-            if not isinstance(snap, str) and rec.seq == snap.last_seq:
-                snap_ok = equal_states(replayed.data, snapshot_state(snap))
 
-        scan = None
-        try:
-            with gc_paused():
-                if (d / LOG_NAME).exists():
-                    scan = Scanner(d / LOG_NAME, d).scan(apply=apply)
-        except StoreCorrupt as exc:
-            problems.append(str(exc))
-        if scan is not None and scan.torn_line is not None:
+def validate_live(state_dir: str | Path) -> list[str]:
+    """`validate_state` on the directory of the running daemon that calls it (from a worker
+    thread, without its lock). The daemon only appends to the log and replaces the other
+    files whole, so the files are read in an order that stays consistent while it writes:
+    snapshot, backups and checkpoints first, the log last (it holds at least every record
+    they cover); a last line still being appended is not a torn write."""
+    d = Path(state_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} is not a state directory")
+    return _problems(d, live=True)
+
+
+def _problems(d: Path, *, live: bool) -> list[str]:
+    problems: list[str] = []
+    snap = read_snapshot(d / SNAPSHOT_NAME)
+    side = _side_files(d)
+    replayed = State()
+    snap_ok: bool | None = None
+
+    def apply(rec: Transition) -> None:
+        nonlocal snap_ok
+        check_record(replayed, rec)
+        replayed.apply(rec)
+        if not isinstance(snap, str) and rec.seq == snap.last_seq:
+            snap_ok = equal_states(replayed.data, snapshot_state(snap))
+
+    scan = None
+    try:
+        with gc_paused():
+            if (d / LOG_NAME).exists():
+                scan = Scanner(d / LOG_NAME, d).scan(apply=apply)
+    except StoreCorrupt as exc:
+        problems.append(str(exc))
+    if scan is not None and scan.torn_line is not None and not live:
+        problems.append(
+            f"{LOG_NAME}: line {scan.torn_line} and after are a torn write ({scan.torn_why}); "
+            f"`orchctl state repair --state-dir {d}` cuts it (the next start does too)"
+        )
+    last = scan.last_seq if scan is not None else 0
+    if isinstance(snap, str):
+        if snap != "missing" or last:
             problems.append(
-                f"{LOG_NAME}: line {scan.torn_line} and after are a torn write ({scan.torn_why}); "
-                f"`orchctl state repair --state-dir {d}` cuts it (the next start does too)"
+                f"{SNAPSHOT_NAME} is {snap}; `orchctl state repair --state-dir {d}` rebuilds it"
             )
-        last = scan.last_seq if scan is not None else 0
-        if isinstance(snap, str):
-            if snap != "missing" or last:
-                problems.append(
-                    f"{SNAPSHOT_NAME} is {snap}; `orchctl state repair --state-dir {d}` rebuilds it"
-                )
-        elif snap.last_seq > last and (scan is not None or not problems):
-            problems.append(
-                f"{SNAPSHOT_NAME} covers records up to {snap.last_seq} but the log ends at {last}"
-            )
-        elif snap.last_seq == 0:
-            snap_ok = equal_states(State().data, snapshot_state(snap))
-        if snap_ok is False and not isinstance(snap, str):
-            problems.append(
-                f"{SNAPSHOT_NAME} differs from the replay of the log up to record {snap.last_seq}"
-            )
-        for b in list_backup_files(d / "backups"):
-            got = read_snapshot(b)
-            if isinstance(got, str):
-                problems.append(f"backups/{b.name} is {got}")
-            elif scan is not None and got.last_seq > last:
-                problems.append(
-                    f"backups/{b.name} covers records up to {got.last_seq}, beyond the log ({last})"
-                )
-        for c in sorted((d / "checkpoints").glob("*.json")):
-            if not is_sealed(c.read_bytes()):
-                problems.append(f"checkpoints/{c.name} is damaged (checksum mismatch)")
+    elif snap.last_seq > last and (scan is not None or not problems):
+        problems.append(
+            f"{SNAPSHOT_NAME} covers records up to {snap.last_seq} but the log ends at {last}"
+        )
+    elif snap.last_seq == 0:
+        snap_ok = equal_states(State().data, snapshot_state(snap))
+    if snap_ok is False and not isinstance(snap, str):
+        problems.append(
+            f"{SNAPSHOT_NAME} differs from the replay of the log up to record {snap.last_seq}"
+        )
+    for name, got in side:
+        if isinstance(got, str):
+            problems.append(f"{name} is {got}")
+        elif scan is not None and got > last:
+            problems.append(f"{name} covers records up to {got}, beyond the log ({last})")
     return problems
+
+
+def _side_files(d: Path) -> list[tuple[str, str | int]]:
+    """Each backup and checkpoint: what is wrong with it, or (a backup) the last record it
+    covers. One pruned while it is looked at is no longer there to be checked."""
+    out: list[tuple[str, str | int]] = []
+    for b in list_backup_files(d / "backups"):
+        if not b.exists():
+            continue
+        got = read_snapshot(b)
+        if got == "missing":
+            continue
+        out.append((f"backups/{b.name}", got if isinstance(got, str) else got.last_seq))
+    for c in sorted((d / "checkpoints").glob("*.json")):
+        try:
+            data = c.read_bytes()
+        except FileNotFoundError:
+            continue
+        if not is_sealed(data):
+            out.append((f"checkpoints/{c.name}", "damaged (checksum mismatch)"))
+    return out
 
 
 def list_backups(state_dir: str | Path) -> list[Path]:

@@ -1,0 +1,273 @@
+"""Commands that throw work away ask first: with no terminal and no --yes they exit 2 and
+change nothing; on a terminal (a real pty) they show the plan, `n` or end of input changes
+nothing, `y` acts. Commands that lose nothing do not ask. Real orchd, real orchctl."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT, Daemon, assert_no_leftovers
+from tests.test_operator import ws_file
+
+LIVE = ws_file(
+    "ws-live",
+    {"id": "long", "command": "sleep 600", "timeout_s": 900},
+    {"id": "after", "command": "true", "depends_on": ["long"]},
+)
+DONE = ws_file(
+    "ws-done",
+    {"id": "d1", "command": "true"},
+    {"id": "d2", "command": "true", "depends_on": ["d1"]},
+)
+BAD = ws_file("ws-bad", {"id": "bad", "command": "exit 3", "max_retries": 1})
+
+# Every command that throws work away, on the state the `world` fixture sets up.
+DESTRUCTIVE = {
+    "cancel-running": ["cancel", "long"],
+    "skip": ["skip", "after", "--reason", "not needed"],
+    "ws-rollback": ["ws", "rollback", "ws-live", "--to-checkpoint", "latest"],
+    "ws-retry": ["ws", "retry", "ws-done"],
+    "ws-resume": ["ws", "resume", "ws-done", "--from-task", "d1"],
+    "worker-shutdown-force": ["worker", "shutdown", "{worker}", "--force"],
+    "state-restore": ["state", "restore", "--from-transitions", "--state-dir", "{offline}"],
+    "state-repair": ["state", "repair", "--state-dir", "{offline}"],
+}
+
+
+class World:
+    """A daemon with a running task (and its pending dependent), a completed workstream
+    and a checkpoint of each; beside it, the state directory of a stopped daemon."""
+
+    def __init__(self, live: Daemon, offline: Path) -> None:
+        self.live, self.offline = live, offline
+        self.worker = str(live.task("long")["worker_id"])
+
+    def argv(self, name: str) -> list[str]:
+        fill = {"{worker}": self.worker, "{offline}": str(self.offline)}
+        return [fill.get(a, a) for a in DESTRUCTIVE[name]]
+
+    def fingerprint(self) -> tuple[int, str]:
+        """The live daemon's last seq, and a digest of every file of the offline directory."""
+        seq = int(self.live.call("status")["last_seq"])
+        h = hashlib.sha256()
+        for p in sorted(self.offline.rglob("*")):
+            if p.is_file() and p.name != "lock":
+                h.update(p.name.encode() + p.read_bytes())
+        return seq, h.hexdigest()
+
+
+def _set_up(live: Daemon) -> None:
+    live.submit(LIVE, "live.toml")
+    live.submit(DONE, "done.toml")
+    live.wait_task("long", "running")
+    live.wait_ws("ws-done", "completed")
+    for ws in ("ws-live", "ws-done"):
+        live.wait_for(lambda w=ws: bool(live.call("ws_checkpoints", workstream=w)), 10, "a cp")
+    # The running task's pid is recorded lazily: wait until it is, so the seq stands still.
+    live.wait_for(lambda: bool(live.task("long")["attempts"][-1].get("pid")), 10, "its pid")
+
+
+def _offline_dir(tmp: Path) -> Path:
+    d = Daemon(tmp).start()
+    try:
+        d.submit(DONE)
+        d.wait_ws("ws-done", "completed")
+    finally:
+        assert d.stop() == 0
+    return d.state_dir
+
+
+def _rerun(live: Daemon, task_id: str, attempt: int) -> None:
+    """Wait until `task_id` runs its attempt number `attempt` (its pid known)."""
+
+    def running() -> bool:
+        t = live.task(task_id)
+        last = t["attempts"][-1]
+        return t["state"] == "running" and last["number"] == attempt and bool(last.get("pid"))
+
+    live.wait_for(running, 15, f"{task_id} to run attempt {attempt}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One World for the tests that must change nothing (so they can share it)."""
+    offline = _offline_dir(tmp_path_factory.mktemp("offline"))
+    live = Daemon(tmp_path_factory.mktemp("live")).start()
+    try:
+        _set_up(live)
+        yield World(live, offline)
+    finally:
+        live.stop()
+        assert_no_leftovers()
+
+
+def ctl(socket: str, argv: list[str], *, stdin: str) -> subprocess.CompletedProcess[str]:
+    """Run the real orchctl with its stdin `closed` (fd 0 shut), `devnull`, or a pty on
+    which `stdin` is typed (anything else)."""
+    cmd = [sys.executable, "-m", "ctl", "--socket", socket, *argv]
+    if stdin == "closed":
+        return subprocess.run(
+            ["sh", "-c", 'exec "$@" 0<&-', "sh", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+    if stdin == "devnull":
+        return subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        os.close(slave)
+        slave = -1
+        os.write(master, stdin.encode())  # held by the terminal until orchctl reads it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if slave != -1:
+            os.close(slave)
+        os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("stdin", ["closed", "devnull"])
+@pytest.mark.parametrize("name", sorted(DESTRUCTIVE))
+def test_no_terminal_and_no_yes_exits_2_and_changes_nothing(
+    world: World, name: str, stdin: str
+) -> None:
+    """Without a terminal and without --yes: exit 2 at once, a message naming --yes and
+    what would have been done, the log's last seq and the offline files unchanged."""
+    before = world.fingerprint()
+    r = ctl(world.live.socket, world.argv(name), stdin=stdin)
+    assert r.returncode == 2, r.stderr
+    assert "--yes" in r.stderr and "nothing was changed" in r.stderr and " will:" in r.stderr
+    assert world.fingerprint() == before
+
+
+@pytest.mark.parametrize("answer", ["n\n", "\x04"], ids=["n", "eof"])
+@pytest.mark.parametrize("name", sorted(DESTRUCTIVE))
+def test_answering_no_on_a_terminal_changes_nothing(world: World, name: str, answer: str) -> None:
+    """On a terminal the plan is shown and asked about; `n` (or end of input) exits 1 with
+    `not done`, the state unchanged."""
+    before = world.fingerprint()
+    r = ctl(world.live.socket, world.argv(name), stdin=answer)
+    assert r.returncode == 1, r.stderr
+    assert "[y/N]" in r.stderr and "not done; nothing was changed" in r.stderr
+    assert world.fingerprint() == before
+
+
+def test_the_plans_name_what_is_killed_and_what_changes(world: World) -> None:
+    """The plans shown say which attempt is killed and which tasks change state."""
+    plans = {n: ctl(world.live.socket, world.argv(n), stdin="devnull").stderr for n in DESTRUCTIVE}
+    kill = f"kill attempt 1 of task long (on {world.worker})"
+    assert kill in plans["cancel-running"]
+    assert "task long: stop it (cancel)" in plans["cancel-running"]
+    assert kill in plans["ws-rollback"] and kill in plans["worker-shutdown-force"]
+    assert "task after: pending -> completed" in plans["skip"]
+    for n in ("ws-retry", "ws-resume"):
+        for t in ("d1", "d2"):
+            assert f"task {t}: completed -> pending" in plans[n]
+    assert "replaying the whole log" in plans["state-restore"]
+    assert "repair:" in plans["state-repair"] or "no problem" in plans["state-repair"]
+
+
+def test_preview_records_nothing(world: World) -> None:
+    """A dry_run request answers with the plan and its result without a seq, and neither
+    the log nor interventions.log grows."""
+    before = world.fingerprint()
+    interventions = world.live.state_dir / "interventions.log"
+    size = interventions.stat().st_size if interventions.exists() else 0
+    plan = world.live.call("cancel", task_id="long", dry_run=True)
+    assert plan["dry_run"] and plan["result"]["seq"] is None
+    assert plan["kills"] == [{"task_id": "long", "attempt": 1, "worker_id": world.worker}]
+    assert world.fingerprint() == before
+    assert (interventions.stat().st_size if interventions.exists() else 0) == size
+
+
+def test_yes_on_a_terminal_acts_and_losing_nothing_does_not_ask(tmp_path: Path) -> None:
+    """`y` on a terminal does each destructive command; retry of a failed task, resource
+    set-limit, dep remove and cancel of a pending task do not ask even without a terminal;
+    `--yes` after the arguments is taken as typed."""
+    (tmp_path / "offline").mkdir()
+    (tmp_path / "live").mkdir()
+    offline = _offline_dir(tmp_path / "offline")
+    live = Daemon(tmp_path / "live").start()
+    try:
+        _set_up(live)
+        live.submit(BAD, "bad.toml")
+        live.wait_task("bad", "failed")
+        w = World(live, offline)
+        sock = live.socket
+
+        def yes(name: str) -> None:
+            r = ctl(sock, w.argv(name), stdin="y\n")
+            assert r.returncode == 0, r.stderr
+            assert "[y/N]" in r.stderr and r.stdout.startswith("ok (seq ")
+
+        # Losing nothing: done at once with no terminal.
+        q = ws_file(
+            "ws-q",
+            {"id": "q1", "command": "sleep 600", "timeout_s": 900},
+            {"id": "q2", "command": "true", "depends_on": ["q1"]},
+            {"id": "q3", "command": "true", "depends_on": ["q1"]},
+        )
+        live.submit(q, "q.toml")
+        live.wait_task("q1", "running")
+        for argv in (
+            ["retry", "bad"],
+            ["resource", "set-limit", "git_repo_write", "2"],
+            ["dep", "remove", "--from", "q3", "--to", "q1"],
+            ["cancel", "q2"],  # pending: nothing is lost
+        ):
+            r = ctl(sock, argv, stdin="closed")
+            assert r.returncode == 0 and "[y/N]" not in r.stderr, (argv, r.stderr)
+        assert live.task("q2")["state"] == "cancelled"
+        r = ctl(sock, ["cancel", "q1", "--yes"], stdin="closed")  # frees a worker
+        assert r.returncode == 0, r.stderr
+        live.wait_task("q1", "cancelled")
+        live.wait_task("q3", "completed")
+        live.wait_for(lambda: len(live.task("bad")["attempts"]) == 2, 10, "bad to run again")
+        live.wait_task("bad", "failed")
+
+        yes("ws-retry")
+        live.wait_ws("ws-done", "completed")
+        assert len(live.task("d1")["attempts"]) == 2
+        yes("ws-resume")
+        live.wait_ws("ws-done", "completed")
+        assert len(live.task("d1")["attempts"]) == 3
+        yes("skip")
+        assert live.task("after")["skipped"] is True
+
+        yes("worker-shutdown-force")
+        _rerun(live, "long", 2)
+        assert live.task("long")["attempts"][0]["failure_kind"] == "worker_lost"
+        yes("ws-rollback")
+        live.wait_for(
+            lambda: any(
+                a.get("failure_kind") == "interrupted" for a in live.task("long")["attempts"]
+            ),
+            10,
+            "the rollback to stop long",
+        )
+        _rerun(live, "long", 3)
+
+        yes("cancel-running")
+        live.wait_task("long", "cancelled")
+
+        for name, said in (("state-repair", ""), ("state-restore", "replaying")):
+            r = ctl(sock, w.argv(name), stdin="y\n")
+            assert r.returncode == 0 and said in r.stdout, r.stderr
+        assert "rebuilt by replaying" in r.stdout
+    finally:
+        live.stop()
+        assert_no_leftovers()
