@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ctl import completion, confirm, dag, menu, prometheus, render, statedir
+from ctl import completion, confirm, menu, prometheus, render, statedir
 from ctl.client import Client, DaemonUnreachable, RemoteError
 from ctl.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from supervisor.control.protocol import EXIT_CODES, drain_words
+from supervisor.control.frames import EXIT_CODES, drain_words
 
 SERVICE_SOCKET = "/run/orchd/orchd.sock"
 # How often `drain --wait` asks whether tasks still run.
@@ -75,7 +78,25 @@ def _with_global_options(ap: argparse.ArgumentParser) -> argparse.ArgumentParser
     return ap
 
 
+@contextlib.contextmanager
+def _translations_cached() -> Iterator[None]:
+    """argparse looks each of its messages up in the gettext catalogues, on disk, once per
+    (sub)parser: about 130 lookups, a third of building orchctl's parser. The same message
+    translates the same way throughout one short run, so each is looked up once."""
+    plain = argparse._  # type: ignore[attr-defined]
+    argparse._ = functools.lru_cache(maxsize=None)(plain)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        argparse._ = plain  # type: ignore[attr-defined]
+
+
 def _parser() -> argparse.ArgumentParser:
+    with _translations_cached():
+        return _commands()
+
+
+def _commands() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orchctl", description="Control the orchd supervisor daemon.")
     _global_options(ap, below=False)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -387,12 +408,12 @@ def _wait_drained(client: Client) -> int:
         time.sleep(DRAIN_POLL_S)
 
 
-_DAG = {"text": dag.text, "dot": dag.dot, "mermaid": dag.mermaid}
-
-
 def _output(args: argparse.Namespace, method: str, result: Any) -> str:
     if args.cmd == "dag":
-        return _DAG[args.format](result)
+        from ctl import dag  # here: it needs the graph code, which status has no use for
+
+        draw = {"text": dag.text, "dot": dag.dot, "mermaid": dag.mermaid}[args.format]
+        return draw(result)
     if args.cmd == "metrics" and args.prometheus:
         return prometheus.exposition(result).rstrip("\n")
     return render.to_json(result) if args.json else _human(method, result, _colour())

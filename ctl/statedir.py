@@ -23,7 +23,7 @@ from ctl.exitcodes import (
     EXIT_UNREACHABLE,
     EXIT_WRONG_STATE,
 )
-from supervisor.control.protocol import EXIT_CODES
+from supervisor.control.frames import EXIT_CODES
 
 STOP_FIRST = "stop the daemon first (systemctl stop orchd)"
 
