@@ -33,10 +33,6 @@ def default_socket() -> str:
 def _global_options(parser: argparse.ArgumentParser, *, below: bool) -> None:
     """The options every command takes, before or after its name. Below the top level
     their default is SUPPRESS: one not given there leaves the top level's value alone."""
-
-    def default(value: object) -> object:
-        return argparse.SUPPRESS if below else value
-
     have = parser._option_string_actions
     if "--socket" not in have:
         parser.add_argument(
@@ -49,14 +45,14 @@ def _global_options(parser: argparse.ArgumentParser, *, below: bool) -> None:
         parser.add_argument(
             "--json",
             action="store_true",
-            default=default(False),
+            default=argparse.SUPPRESS if below else False,
             help="machine-readable output on stdout",
         )
     if "--yes" not in have:
         parser.add_argument(
             "--yes",
             action="store_true",
-            default=default(False),
+            default=argparse.SUPPRESS if below else False,
             help="do not ask for confirmation",
         )
 

@@ -137,32 +137,23 @@ def _offline(args: argparse.Namespace) -> int:
 
 
 def _confirm_offline(args: argparse.Namespace) -> int | None:
-    """repair and restore replace files: checked to be free (no daemon holds the lock),
-    then confirmed with what they will do; None to go on, else the exit code."""
-    from pathlib import Path
-
+    """repair and restore replace files: the plan is made by the same functions with
+    `dry_run` (which also refuses a directory a daemon holds, before anything is asked),
+    then confirmed. None to go on, else the exit code."""
     from supervisor.store import maintenance
-    from supervisor.store.files import lock_dir
 
-    d = Path(args.state_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d} is not a state directory")
-    os.close(lock_dir(d))  # StoreLocked while a daemon runs on it: refused before asking
+    if args.yes:
+        return None
+    d = args.state_dir
     if args.state_cmd == "repair":
-        problems = maintenance.validate_state(d)
-        lines = [f"  repair: {p}" for p in problems] or [
-            "  find no problem to repair (stale temporary files are removed)"
-        ]
+        plan = maintenance.repair_state(d, dry_run=True)
+        if not plan:
+            return None  # nothing to repair: nothing to lose either
     elif args.from_transitions:
-        lines = [f"  rebuild {d}/current.json by replaying the whole log"]
+        plan = [maintenance.restore_from_transitions(d, dry_run=True)]
     else:
-        lines = [f"  replace {d}/current.json by the backup {args.from_backup}"]
-    if args.state_cmd == "restore":
-        lines.append(
-            "  keep the present current.json as a backup (aside as *.broken.* if damaged); "
-            "the log is not changed"
-        )
-    return confirm.ask(f"orchctl state {args.state_cmd}", lines, yes=args.yes)
+        plan = [maintenance.restore_from_backup(d, args.from_backup, dry_run=True)]
+    return confirm.ask(f"orchctl state {args.state_cmd}", [f"  {p}" for p in plan], yes=args.yes)
 
 
 def _print(args: argparse.Namespace, out: dict[str, Any]) -> int:

@@ -43,7 +43,8 @@ DESTRUCTIVE = {
 
 class World:
     """A daemon with a running task (and its pending dependent), a completed workstream
-    and a checkpoint of each; beside it, the state directory of a stopped daemon."""
+    and a checkpoint of each; beside it, the state directory of a stopped daemon, its log
+    ending in a torn write."""
 
     def __init__(self, live: Daemon, offline: Path) -> None:
         self.live, self.offline = live, offline
@@ -81,6 +82,8 @@ def _offline_dir(tmp: Path) -> Path:
         d.wait_ws("ws-done", "completed")
     finally:
         assert d.stop() == 0
+    with (d.state_dir / "transitions.jsonl").open("ab") as log:
+        log.write(b'{"seq":999,"ts":1.0,"entity":"ta')  # a torn write, for repair to cut
     return d.state_dir
 
 
@@ -177,8 +180,9 @@ def test_the_plans_name_what_is_killed_and_what_changes(world: World) -> None:
     for n in ("ws-retry", "ws-resume"):
         for t in ("d1", "d2"):
             assert f"task {t}: completed -> pending" in plans[n]
-    assert "replaying the whole log" in plans["state-restore"]
-    assert "repair:" in plans["state-repair"] or "no problem" in plans["state-repair"]
+    assert "rebuild current.json by replaying" in plans["state-restore"]
+    assert "the present current.json is kept as backups/" in plans["state-restore"]
+    assert "cut the torn tail of transitions.jsonl" in plans["state-repair"]
 
 
 def test_preview_records_nothing(world: World) -> None:

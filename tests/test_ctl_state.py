@@ -42,7 +42,11 @@ def test_validate_asks_the_daemon_about_its_own_state_dir(daemon: Daemon, tmp_pa
     about the daemon's state directory (not `.state is not a state directory`)."""
     daemon.submit(ws_file("ws-a", {"id": "a", "command": "true"}))
     daemon.wait_ws("ws-a", "completed")
-    daemon.wait_for(lambda: any((daemon.state_dir / "backups").glob("*")), 10, "a backup")
+    daemon.wait_for(lambda: (daemon.state_dir / "current.json").exists(), 30, "a snapshot")
+    # A later snapshot keeps the first one as a backup.
+    daemon.submit(ws_file("ws-a2", {"id": "a2", "command": "true"}), "a2.toml")
+    daemon.wait_ws("ws-a2", "completed")
+    daemon.wait_for(lambda: any((daemon.state_dir / "backups").glob("*")), 30, "a backup")
     cwd = _elsewhere(tmp_path)
     r = orchctl(cwd, "--socket", daemon.socket, "state", "validate")
     assert r.returncode == 0, r.stderr

@@ -57,22 +57,29 @@ def _log_end(d: Path) -> ScanResult:
     return Scanner(d / LOG_NAME, d).scan(apply_after=_NEVER)
 
 
-def _replace_snapshot(d: Path, data: bytes, *, fsync: bool = True) -> str:
+def _replace_snapshot(d: Path, data: bytes, *, fsync: bool = True, dry_run: bool = False) -> str:
     """Install `data` as current.json; a valid old one becomes a backup, a bad one is kept
-    aside as current.json.broken.<time>. Says what happened to the old one."""
+    aside as current.json.broken.<time>. Says what happened (with `dry_run`: what would
+    happen, and nothing is done) to the old one."""
     cur = d / SNAPSHOT_NAME
     old = read_snapshot(cur)
     keep: Path | None = None
-    note = "there was no current.json"
+    note = "there is no current.json now" if dry_run else "there was no current.json"
     if not isinstance(old, str):
         existing = list_backup_files(d / "backups")
         keep = next_backup_path(d / "backups", existing[-1] if existing else None)
-        note = f"the previous current.json was kept as backups/{keep.name}"
+        verb = "is kept" if dry_run else "was kept"
+        note = (
+            f"the {'present' if dry_run else 'previous'} current.json {verb} as backups/{keep.name}"
+        )
     elif old != "missing":
         aside = d / f"{SNAPSHOT_NAME}.broken.{utc_stamp()}"
+        if dry_run:
+            return f"the damaged current.json ({old}) is kept aside as {aside.name}"
         os.replace(cur, aside)
         note = f"the damaged current.json ({old}) was kept as {aside.name}"
-    write_atomic(cur, data, fsync=fsync, keep_as=keep)
+    if not dry_run:
+        write_atomic(cur, data, fsync=fsync, keep_as=keep)
     return note
 
 
@@ -170,9 +177,12 @@ def list_backups(state_dir: str | Path) -> list[Path]:
     return list_backup_files(Path(state_dir) / "backups")
 
 
-def restore_from_backup(state_dir: str | Path, which: str = "latest") -> str:
+def restore_from_backup(
+    state_dir: str | Path, which: str = "latest", *, dry_run: bool = False
+) -> str:
     """Make current.json from a backup ("latest" = the newest valid one, or a file name or
-    path); the log's later records are replayed at the next start. Says what it did."""
+    path); the log's later records are replayed at the next start. Says what it did (with
+    `dry_run`, what it would do: every check is made, nothing is written)."""
     with _locked(state_dir) as d:
         backups = list_backup_files(d / "backups")
         if which == "latest":
@@ -196,39 +206,46 @@ def restore_from_backup(state_dir: str | Path, which: str = "latest") -> str:
                 f"pick an older backup, or `orchctl state restore --from-transitions`",
                 path=str(chosen),
             )
-        note = _replace_snapshot(d, chosen.read_bytes())
+        note = _replace_snapshot(d, chosen.read_bytes(), dry_run=dry_run)
         tail = end.last_seq - snap.last_seq
+        done = "restore current.json from" if dry_run else "current.json restored from"
         return (
-            f"current.json restored from {chosen.name} (record {snap.last_seq}); {note}; the log's "
+            f"{done} {chosen.name} (record {snap.last_seq}); {note}; the log's "
             f"{tail} later record(s) are replayed at the next start"
         )
 
 
-def restore_from_transitions(state_dir: str | Path) -> str:
-    """Rebuild current.json by replaying the whole log. Says what it did."""
+def restore_from_transitions(state_dir: str | Path, *, dry_run: bool = False) -> str:
+    """Rebuild current.json by replaying the whole log. Says what it did (with `dry_run`,
+    what it would do: the log is replayed, nothing is written)."""
     with _locked(state_dir) as d, gc_paused():
         loaded = load(d, full=True)
         scan = loaded.scan
         data = encode_snapshot(loaded.state, log_offset=scan.end, log_crc=scan.crc)
-        note = _replace_snapshot(d, data)
+        note = _replace_snapshot(d, data, dry_run=dry_run)
     torn = (
         f"; the torn tail at line {scan.torn_line} is cut at the next start"
         if scan.torn_line
         else ""
     )
-    return f"current.json rebuilt by replaying {scan.last_seq} record(s) of the log; {note}{torn}"
+    done = "rebuild current.json" if dry_run else "current.json rebuilt"
+    return f"{done} by replaying {scan.last_seq} record(s) of the log; {note}{torn}"
 
 
-def repair_state(state_dir: str | Path) -> list[str]:
+def repair_state(state_dir: str | Path, *, dry_run: bool = False) -> list[str]:
     """Cut a torn log tail (kept aside), rebuild a damaged or impossible snapshot, drop
-    stale temp files. Never deletes a good record. Returns what it did; raises
-    StoreCorrupt when the log itself is damaged before its end (that needs an operator)."""
+    stale temp files. Never deletes a good record. Returns what it did (with `dry_run`,
+    what it would do, deciding as it would and changing nothing); raises StoreCorrupt
+    when the log itself is damaged before its end (that needs an operator)."""
     done: list[str] = []
     with _locked(state_dir) as d, gc_paused():
         for sub in ("", "backups", "checkpoints", "archive"):
             for p in (d / sub).glob(f"*{TMP_SUFFIX}"):
-                p.unlink()
-                done.append(f"removed stale temp file {p.relative_to(d)}")
+                if not dry_run:
+                    p.unlink()
+                done.append(
+                    f"{'remove' if dry_run else 'removed'} stale temp file {p.relative_to(d)}"
+                )
         end = _log_end(d)  # raises on damage before the end: nothing here may fix that
         rebuild = False
         try:
@@ -238,17 +255,22 @@ def repair_state(state_dir: str | Path) -> list[str]:
             loaded, rebuild = load(d, full=True), True
         scan = loaded.scan
         if scan.torn_line is not None:
-            note = cut_torn_tail(d, scan, fsync=True)
+            note = (
+                f"the torn bytes after record {scan.last_seq} are kept aside"
+                if dry_run
+                else cut_torn_tail(d, scan, fsync=True)
+            )
             done.append(
                 f"cut the torn tail of {LOG_NAME} at line {scan.torn_line} "
                 f"({scan.torn_why}); {note}"
             )
         if rebuild:
             data = encode_snapshot(loaded.state, log_offset=scan.end, log_crc=scan.crc)
-            note = _replace_snapshot(d, data)
-            done.append(f"rebuilt {SNAPSHOT_NAME} from the log (record {scan.last_seq}); {note}")
+            note = _replace_snapshot(d, data, dry_run=dry_run)
+            verb = "rebuild" if dry_run else "rebuilt"
+            done.append(f"{verb} {SNAPSHOT_NAME} from the log (record {scan.last_seq}); {note}")
         for name in ("events.jsonl", "interventions.log"):
-            if cut_torn_text(d / name):
+            if cut_torn_text(d / name, dry_run=dry_run):
                 done.append(f"cut a partial last line of {name}")
     return done
 
