@@ -431,15 +431,16 @@ def _follow(client: Client, method: str, params: dict[str, Any], args: argparse.
     return EXIT_OK
 
 
-def _confirm(client: Client, method: str, params: dict[str, Any]) -> int | None:
+def _confirm(client: Client, method: str, params: dict[str, Any]) -> tuple[int | None, str]:
     """Ask the daemon what the request would do; when that throws work away, have it
-    confirmed (ctl/confirm.py). None to go on, else the exit code."""
+    confirmed (ctl/confirm.py). (None to go on, else the exit code; the plan's digest, for
+    the daemon to refuse the request if it would now do something else.)"""
     plan = client.call(method, **params, dry_run=True)
     if not confirm.asks(method, plan):
-        return None
+        return None, plan["digest"]
     named = [str(v) for k, v in params.items() if k in ("workstream", "task_id", "worker_id")]
     what = " ".join(["orchctl", method.replace("_", " "), *named])
-    return confirm.ask(what, confirm.plan_lines(plan), yes=False)
+    return confirm.ask(what, confirm.plan_lines(plan), yes=False), plan["digest"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             if method in ("events", "logs") and args.follow:
                 return _follow(client, method, params, args)
             if not args.yes and confirm.previewed(method, params):
-                refused = _confirm(client, method, params)
+                refused, params["expect"] = _confirm(client, method, params)
                 if refused is not None:
                     return refused
             if method == "submit":

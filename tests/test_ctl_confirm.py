@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ctl.client import RemoteError
 from tests.harness import ROOT, Daemon, assert_no_leftovers
 from tests.test_operator import ws_file
 
@@ -196,3 +197,19 @@ def test_preview_records_nothing(world: World) -> None:
     assert plan["kills"] == [{"task_id": "long", "attempt": 1, "worker_id": world.worker}]
     assert world.fingerprint() == before
     assert (interventions.stat().st_size if interventions.exists() else 0) == size
+
+
+def test_a_confirmed_request_is_done_only_as_planned(world: World) -> None:
+    """A request sent with the digest of another plan (the state changed after the plan
+    was shown) is refused, wrong_state, and nothing is done; the plan's own digest is
+    stable from one step to the next."""
+    before = world.fingerprint()
+    plan = world.live.call("ws_retry", workstream="ws-done", dry_run=True)
+    again = world.live.call("ws_retry", workstream="ws-done", dry_run=True)
+    assert plan["digest"] == again["digest"]
+    other = world.live.call("ws_resume", workstream="ws-done", from_task="d2", dry_run=True)
+    assert other["digest"] != plan["digest"]
+    with pytest.raises(RemoteError) as refused:
+        world.live.call("ws_retry", workstream="ws-done", expect=other["digest"])
+    assert refused.value.code == "wrong_state" and "nothing was done" in refused.value.message
+    assert world.fingerprint() == before

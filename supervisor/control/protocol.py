@@ -126,9 +126,11 @@ class StateBackupsParams(_Params):
 
 class _Previewable(_Params, kw_only=True):
     """A request that can throw work away: with `dry_run` the daemon answers with what it
-    would do (control/preview.py) and records nothing."""
+    would do (control/preview.py) and records nothing; with `expect` (the `digest` of a
+    plan the operator confirmed) it is done only if it still does exactly that."""
 
     dry_run: bool = False
+    expect: str | None = None
 
 
 class SubmitParams(_Params):

@@ -25,7 +25,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from supervisor.control import protocol as p
 from supervisor.control.actions import HANDLERS, SEVERITIES
 from supervisor.control.admission import Admission, RefusalLog
-from supervisor.control.preview import rehearsal
+from supervisor.control.preview import confirmed, rehearsal
 from supervisor.control.state_actions import OFF_LOOP
 from supervisor.control.upload import Upload, Uploads
 from supervisor.core.config import ControlConfig
@@ -359,6 +359,7 @@ class Server:
     ) -> p.Response:
         logged: Any = None
         dry_run = getattr(params, "dry_run", False)
+        expect = getattr(params, "expect", None)
         try:
             if isinstance(params, p.SubmitParams):
                 # The interventions log names the file, not its (maybe megabytes of) text.
@@ -369,7 +370,11 @@ class Server:
                 result = await self._off_loop(req.method, params)
             else:
                 handler = HANDLERS[req.method]
-                result = await self.engine.call(rehearsal(handler) if dry_run else handler, params)
+                if dry_run:
+                    handler = rehearsal(handler)
+                elif expect is not None:
+                    handler = confirmed(handler, expect)
+                result = await self.engine.call(handler, params)
             if req.method == "status":
                 result["uploads"] = self.uploads.figures()
             resp = p.Response(id=req.id, ok=True, result=result)
