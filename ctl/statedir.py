@@ -81,6 +81,13 @@ def _online(args: argparse.Namespace, wanted: str | None) -> int:
                 return EXIT_WRONG_STATE
             out = client.call(f"state_{args.state_cmd}")
     except DaemonUnreachable as exc:
+        if wanted is not None:
+            print(
+                f"orchctl: {wanted} is in use by a running orchd, and none answers on "
+                f"{args.socket}; {STOP_FIRST}, or pass that daemon's --socket",
+                file=sys.stderr,
+            )
+            return EXIT_WRONG_STATE
         print(
             f"orchctl: {exc}; to work on a state directory offline, pass --state-dir DIR",
             file=sys.stderr,

@@ -5,11 +5,13 @@ nothing, `y` acts. Commands that lose nothing do not ask. Real orchd, real orchc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,19 +52,27 @@ class World:
     def __init__(self, live: Daemon, offline: Path) -> None:
         self.live, self.offline = live, offline
         self.worker = str(live.task("long")["worker_id"])
+        self.seq = int(live.call("status")["last_seq"])
 
     def argv(self, name: str) -> list[str]:
         fill = {"{worker}": self.worker, "{offline}": str(self.offline)}
         return [fill.get(a, a) for a in DESTRUCTIVE[name]]
 
-    def fingerprint(self) -> tuple[int, str]:
-        """The live daemon's last seq, and a digest of every file of the offline directory."""
-        seq = int(self.live.call("status")["last_seq"])
+    def fingerprint(self) -> tuple[list[dict[str, Any]], dict[str, str], str]:
+        """What an operator's command could have changed: the log's records after the
+        world was set up that are not the daemon's own doing (an agent's hello, a health
+        verdict under load), every task's state, and a digest of the offline directory."""
+        mine = []
+        for line in (self.live.state_dir / "transitions.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["seq"] > self.seq and rec["cause"] not in ("auto", "health"):
+                mine.append(rec)
+        states = {t["id"]: t["state"] for t in self.live.call("tasks")}
         h = hashlib.sha256()
         for p in sorted(self.offline.rglob("*")):
             if p.is_file() and p.name != "lock":
                 h.update(p.name.encode() + p.read_bytes())
-        return seq, h.hexdigest()
+        return mine, states, h.hexdigest()
 
 
 def _set_up(live: Daemon) -> None:
@@ -150,7 +160,8 @@ def test_no_terminal_and_no_yes_exits_2_and_changes_nothing(
     world: World, name: str, stdin: str
 ) -> None:
     """Without a terminal and without --yes: exit 2 at once, a message naming --yes and
-    what would have been done, the log's last seq and the offline files unchanged."""
+    what would have been done; no record in the log since but the daemon's own, no task
+    changed, the offline files unchanged."""
     before = world.fingerprint()
     r = ctl(world.live.socket, world.argv(name), stdin=stdin)
     assert r.returncode == 2, r.stderr
