@@ -31,10 +31,19 @@ class RemoteError(Exception):
         super().__init__(message)
 
 
+def _base64(obj: object) -> str:
+    """bytes travel as base64 in the JSON (as the daemon's msgspec decodes them)."""
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return base64.b64encode(obj).decode("ascii")
+    raise TypeError(f"{type(obj).__name__} cannot be sent to the daemon")
+
+
 def _frame(request_id: int, method: str, params: dict[str, Any]) -> bytes:
     present = {k: v for k, v in params.items() if v is not None}
     body = json.dumps(
-        {"id": request_id, "method": method, "params": present}, separators=(",", ":")
+        {"id": request_id, "method": method, "params": present},
+        separators=(",", ":"),
+        default=_base64,
     ).encode()
     return f.HEADER.pack(len(body)) + body
 
@@ -112,9 +121,7 @@ class Client:
             return self.call("submit", **inline)
         self.call("upload_begin", size=len(data))
         for start in range(0, len(data), f.UPLOAD_CHUNK):
-            chunk = data[start : start + f.UPLOAD_CHUNK]
-            # bytes travel as base64 in the JSON (as the daemon's msgspec decodes them)
-            self.call("upload_chunk", data=base64.b64encode(chunk).decode("ascii"))
+            self.call("upload_chunk", data=data[start : start + f.UPLOAD_CHUNK])
         return self.call("submit", upload=True, source=source, **params)
 
     def stream(self, method: str, **params: Any) -> Iterator[Any]:
