@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ctl import completion, dag, follow, menu, prometheus, render, statedir
+from ctl import completion, confirm, follow, menu, prometheus, render, statedir
 from ctl.client import Client, DaemonUnreachable, RemoteError
 from ctl.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from supervisor.control.protocol import EXIT_CODES, drain_words
+from supervisor.control.frames import EXIT_CODES, drain_words
 
 SERVICE_SOCKET = "/run/orchd/orchd.sock"
 # How often `drain --wait` asks whether tasks still run.
@@ -35,16 +38,71 @@ def _workstream_option(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def _global_options(parser: argparse.ArgumentParser, *, below: bool) -> None:
+    """The options every command takes, before or after its name. Below the top level
+    their default is SUPPRESS: one not given there leaves the top level's value alone."""
+    have = parser._option_string_actions
+    if "--socket" not in have:
+        parser.add_argument(
+            "--socket",
+            default=argparse.SUPPRESS if below else default_socket(),
+            help=f"control socket (default $ORCHD_SOCKET, else {SERVICE_SOCKET} if it exists, "
+            "else .state/orchd.sock)",
+        )
+    if "--json" not in have:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS if below else False,
+            help="machine-readable output on stdout",
+        )
+    if "--yes" not in have:
+        parser.add_argument(
+            "--yes",
+            action="store_true",
+            default=argparse.SUPPRESS if below else False,
+            help="do not ask for confirmation",
+        )
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser`, at any depth (each once, aliases or not)."""
+    out: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                out += [sub, *subcommand_parsers(sub)]
+    return out
+
+
+def _with_global_options(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give every subcommand, however deep and whoever added it, the global options."""
+    for sp in subcommand_parsers(ap):
+        _global_options(sp, below=True)
+    return ap
+
+
+@contextlib.contextmanager
+def _translations_cached() -> Iterator[None]:
+    """argparse looks each of its messages up in the gettext catalogues, on disk, once per
+    (sub)parser: about 130 lookups, a third of building orchctl's parser. The same message
+    translates the same way throughout one short run, so each is looked up once."""
+    plain = argparse._  # type: ignore[attr-defined]
+    argparse._ = functools.lru_cache(maxsize=None)(plain)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        argparse._ = plain  # type: ignore[attr-defined]
+
+
 def _parser() -> argparse.ArgumentParser:
+    with _translations_cached():
+        return _commands()
+
+
+def _commands() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orchctl", description="Control the orchd supervisor daemon.")
-    ap.add_argument(
-        "--socket",
-        default=default_socket(),
-        help=f"control socket (default $ORCHD_SOCKET, else {SERVICE_SOCKET} if it exists, "
-        "else .state/orchd.sock)",
-    )
-    ap.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    ap.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _global_options(ap, below=False)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("status", help="daemon and state summary")
     sp = sub.add_parser("submit", help="submit a workstream file (TOML): a new run each time")
@@ -172,21 +230,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("resource")
     sp.add_argument("max_holders", type=int)
     statedir.add_commands(sub)
-    return ap
+    return _with_global_options(ap)
 
 
 def _colour() -> bool:
     return sys.stdout.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
-
-
-def _confirm(args: argparse.Namespace, question: str) -> bool | None:
-    """True/False from the user; None when there is no TTY to ask on and no --yes."""
-    if args.yes:
-        return True
-    if not sys.stdin.isatty():
-        return None
-    answer = input(f"{question} [y/N] ").strip().lower()
-    return answer in ("y", "yes")
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -411,12 +459,12 @@ def _wait_drained(client: Client) -> int:
         time.sleep(DRAIN_POLL_S)
 
 
-_DAG = {"text": dag.text, "dot": dag.dot, "mermaid": dag.mermaid}
-
-
 def _output(args: argparse.Namespace, method: str, result: Any) -> str:
     if args.cmd == "dag":
-        return _DAG[args.format](result)
+        from ctl import dag  # here: it needs the graph code, which status has no use for
+
+        draw = {"text": dag.text, "dot": dag.dot, "mermaid": dag.mermaid}[args.format]
+        return draw(result)
     if args.cmd == "metrics" and args.prometheus:
         return prometheus.exposition(result).rstrip("\n")
     return render.to_json(result) if args.json else _human(method, result, _colour())
@@ -438,6 +486,18 @@ def _follow(client: Client, method: str, params: dict[str, Any], args: argparse.
     return EXIT_OK
 
 
+def _confirm(client: Client, method: str, params: dict[str, Any]) -> tuple[int | None, str]:
+    """Ask the daemon what the request would do; when that throws work away, have it
+    confirmed (ctl/confirm.py). (None to go on, else the exit code; the plan's digest, for
+    the daemon to refuse the request if it would now do something else.)"""
+    plan = client.call(method, **params, dry_run=True)
+    if not confirm.asks(method, plan):
+        return None, plan["digest"]
+    named = [str(v) for k, v in params.items() if k in ("workstream", "task_id", "worker_id")]
+    what = " ".join(["orchctl", method.replace("_", " "), *named])
+    return confirm.ask(what, confirm.plan_lines(plan), yes=False), plan["digest"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -455,21 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"orchctl: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return EXIT_USAGE
-    if method == "skip":
-        ok = _confirm(args, f"Mark {args.task} completed without running it ({args.reason})?")
-        if ok is None:
-            print(
-                "orchctl: skip needs confirmation: run it on a terminal or add --yes",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        if not ok:
-            print("orchctl: not skipped", file=sys.stderr)
-            return EXIT_FAILED
     try:
         with Client(args.socket) as client:
             if method in ("events", "logs") and args.follow:
                 return _follow(client, method, params, args)
+            if not args.yes and confirm.previewed(method, params):
+                refused, params["expect"] = _confirm(client, method, params)
+                if refused is not None:
+                    return refused
             if method == "submit":
                 result = client.submit(**params)
             else:
@@ -508,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES.get(exc.code, EXIT_FAILED)
     print(_output(args, method, result))
     if method == "debug" and not args.json:
-        if sys.stdin.isatty() and sys.stdout.isatty():
+        if sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty():
             chosen = menu.choose(result["actions"])
             if isinstance(chosen, int):
                 return chosen

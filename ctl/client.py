@@ -1,14 +1,22 @@
-"""A blocking client for the control socket (orchctl is short-lived: no event loop needed)."""
+"""A blocking client for the control socket (orchctl is short-lived: no event loop needed).
+
+It speaks the frames of supervisor/control/frames.py with the standard json module rather
+than msgspec: importing msgspec would be most of a short command's start-up time, and the
+replies are read as plain JSON values anyway. The daemon decodes every request into its
+typed params (protocol.py) and refuses what does not fit.
+"""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
+import json
 import socket
 from collections.abc import Iterator
 from typing import Any
 
-from supervisor.control import protocol as p
+from supervisor.control import frames as f
 
 
 class DaemonUnreachable(Exception):
@@ -23,10 +31,26 @@ class RemoteError(Exception):
         super().__init__(message)
 
 
+def _base64(obj: object) -> str:
+    """bytes travel as base64 in the JSON (as the daemon's msgspec decodes them)."""
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return base64.b64encode(obj).decode("ascii")
+    raise TypeError(f"{type(obj).__name__} cannot be sent to the daemon")
+
+
+def _frame(request_id: int, method: str, params: dict[str, Any]) -> bytes:
+    present = {k: v for k, v in params.items() if v is not None}
+    body = json.dumps(
+        {"id": request_id, "method": method, "params": present},
+        separators=(",", ":"),
+        default=_base64,
+    ).encode()
+    return f.HEADER.pack(len(body)) + body
+
+
 def _fits(params: dict[str, Any]) -> bool:
     """The request fits in one frame (JSON escapes can make a text up to six times longer)."""
-    frame = p.encode_request(0, "submit", {k: v for k, v in params.items() if v is not None})
-    return len(frame) - 4 <= p.MAX_REQUEST
+    return len(_frame(0, "submit", params)) - 4 <= f.MAX_REQUEST
 
 
 class Client:
@@ -64,31 +88,28 @@ class Client:
             buf += chunk
         return bytes(buf)
 
-    def _read_response(self) -> p.Response:
-        n = p.frame_length(self._recv_exact(4), p.MAX_RESPONSE)
-        return p.response_decoder.decode(self._recv_exact(n))
+    def _read_result(self) -> Any:
+        """The next response's result; RemoteError when it is an error response."""
+        n = f.frame_length(self._recv_exact(4), f.MAX_RESPONSE)
+        resp = json.loads(self._recv_exact(n))
+        if not resp.get("ok"):
+            err = resp.get("error") or {}
+            raise RemoteError(err.get("code", "failed"), err.get("message", "unknown error"))
+        return resp.get("result")
 
     def call(self, method: str, **params: Any) -> Any:
         """Send one request and return its result; RemoteError on an error response."""
-        frame = p.encode_request(
-            next(self._ids), method, {k: v for k, v in params.items() if v is not None}
-        )
-        if len(frame) - 4 > p.MAX_REQUEST:
+        frame = _frame(next(self._ids), method, params)
+        if len(frame) - 4 > f.MAX_REQUEST:
             raise RemoteError(
                 "too_large",
                 f"the request is {len(frame) - 4} bytes, over the daemon's "
-                f"{p.MAX_REQUEST}-byte limit",
+                f"{f.MAX_REQUEST}-byte limit",
             )
         # If the daemon refuses part-way its error response is still there to be read.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.sock.sendall(frame)
-        resp = self._read_response()
-        if not resp.ok:
-            err = resp.error
-            raise RemoteError(
-                err.code if err else "failed", err.message if err else "unknown error"
-            )
-        return resp.result
+        return self._read_result()
 
     def submit(self, text: str, source: str | None = None, **params: Any) -> Any:
         """Submit a workstream file: in one request when it fits in a frame, else uploaded
@@ -96,26 +117,16 @@ class Client:
         file before it records anything)."""
         data = text.encode()
         inline = {"text": text, "source": source, **params}
-        if len(data) <= p.UPLOAD_CHUNK and _fits(inline):
+        if len(data) <= f.UPLOAD_CHUNK and _fits(inline):
             return self.call("submit", **inline)
         self.call("upload_begin", size=len(data))
-        for start in range(0, len(data), p.UPLOAD_CHUNK):
-            self.call("upload_chunk", data=data[start : start + p.UPLOAD_CHUNK])
+        for start in range(0, len(data), f.UPLOAD_CHUNK):
+            self.call("upload_chunk", data=data[start : start + f.UPLOAD_CHUNK])
         return self.call("submit", upload=True, source=source, **params)
 
     def stream(self, method: str, **params: Any) -> Iterator[Any]:
         """Send a streaming request; yield each result until the daemon closes."""
         self.sock.settimeout(None)
-        self.sock.sendall(
-            p.encode_request(
-                next(self._ids), method, {k: v for k, v in params.items() if v is not None}
-            )
-        )
+        self.sock.sendall(_frame(next(self._ids), method, params))
         while True:
-            resp = self._read_response()
-            if not resp.ok:
-                err = resp.error
-                raise RemoteError(
-                    err.code if err else "failed", err.message if err else "unknown error"
-                )
-            yield resp.result
+            yield self._read_result()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
-
-import msgspec
 
 _COLOURS = {
     "completed": "32",
@@ -25,12 +24,14 @@ _COLOURS = {
 
 
 def to_json(obj: Any) -> str:
-    return msgspec.json.format(msgspec.json.encode(obj), indent=2).decode()
+    """`obj` (plain JSON values, as a reply decodes to) as indented JSON. The standard json
+    module, not msgspec: importing msgspec would be most of a short command's start-up."""
+    return json.dumps(obj, indent=2, ensure_ascii=False)
 
 
 def compact(obj: Any) -> str:
     """One JSON object on one line (streams of JSON lines)."""
-    return msgspec.json.encode(obj).decode()
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def paint(text: str, colour: bool) -> str:

@@ -260,7 +260,7 @@ critical = false
     again = daemon.ctl("--yes", "skip", "hopeless", "--reason", "twice")
     assert again.returncode == 5
     daemon.wait_task("forever", "running")
-    assert daemon.ctl("cancel", "forever").returncode == 0
+    assert daemon.ctl("--yes", "cancel", "forever").returncode == 0
     daemon.wait_task("forever", "cancelled")
     daemon.wait_ws("ws-ops", "completed")
 

@@ -203,7 +203,8 @@ def test_forced_shutdown_of_a_busy_worker(daemon: Daemon, reassign: bool) -> Non
     w = running_on(daemon, "job")
     first = daemon.task("job")["attempts"][0]["attempt_id"]
     Daemon.wait_for(lambda: len(marked(first)) >= 2, 5, "the task's tree to be up")
-    args = ["worker", "shutdown", w["id"], "--force"] + (["--reassign"] if reassign else [])
+    args = ["--yes", "worker", "shutdown", w["id"], "--force"]
+    args += ["--reassign"] if reassign else []
     out = daemon.ctl_json(*args)
     assert out["worker_id"] == w["id"] and out["task_id"] == "ws-job/job"
     assert out["reassigned"] is reassign
@@ -246,7 +247,7 @@ def test_worker_commands_exit_codes(daemon: Daemon) -> None:
     idle = next(x for x in daemon.workers() if x["state"] == "idle")
     assert daemon.ctl_json("worker", "shutdown", idle["id"])["task_id"] is None
     assert daemon.ctl("worker", "restart", idle["id"]).returncode == 5
-    daemon.ctl_json("cancel", "busy")
+    daemon.ctl_json("--yes", "cancel", "busy")
     daemon.wait_task("busy", "cancelled")
     daemon.stop()
     r = daemon.ctl("worker", "check", w["id"])

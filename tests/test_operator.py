@@ -84,14 +84,14 @@ def test_ws_analyze_retry_failed_resume_and_mark_merged(daemon: Daemon, tmp_path
     daemon.wait_ws("ws-fix", "completed")
     assert runs.read_text().count("x") == 1
     assert daemon.ctl("ws", "retry-failed", "ws-fix").returncode == 5
-    r = daemon.ctl_json("ws", "resume", "ws-fix", "--from-task", "first")
+    r = daemon.ctl_json("--yes", "ws", "resume", "ws-fix", "--from-task", "first")
     assert r["reset"] == ["ws-fix/first", "ws-fix/second"] and r["state"] == "running"
     daemon.wait_ws("ws-fix", "completed")
     assert runs.read_text().count("x") == 2
     seq_of(daemon.ctl("ws", "mark-merged", "ws-fix"))
     for args in (("retry",), ("retry-failed",), ("rollback", "--to-checkpoint", "latest")):
         assert daemon.ctl("ws", args[0], "ws-fix", *args[1:]).returncode == 5
-    assert daemon.ctl("ws", "retry", "nope").returncode == 3
+    assert daemon.ctl("--yes", "ws", "retry", "nope").returncode == 3
 
 
 def test_ws_retry_refused_while_running_then_reruns_everything(
@@ -107,15 +107,15 @@ def test_ws_retry_refused_while_running_then_reruns_everything(
         )
     )
     daemon.wait_task("slow", "running")
-    assert daemon.ctl("ws", "retry", "ws-all").returncode == 5
-    daemon.ctl("cancel", "slow")
+    assert daemon.ctl("--yes", "ws", "retry", "ws-all").returncode == 5
+    daemon.ctl("--yes", "cancel", "slow")
     daemon.wait_ws("ws-all", "completed")
     assert runs.read_text().count("1") == 1
-    r = daemon.ctl_json("ws", "retry", "ws-all")
+    r = daemon.ctl_json("--yes", "ws", "retry", "ws-all")
     assert set(r["reset"]) == {"ws-all/one", "ws-all/slow"} and r["seq"] > 0
     daemon.wait_task("slow", "running")
     daemon.wait_for(lambda: runs.read_text().count("1") == 2, 10, "one to run again")
-    daemon.ctl("cancel", "slow")
+    daemon.ctl("--yes", "cancel", "slow")
     daemon.wait_ws("ws-all", "completed")
 
 
@@ -145,7 +145,7 @@ def test_rollback_restores_failed_task_and_stops_running_one(daemon: Daemon) -> 
     cp = _checkpoints(daemon, "ws-rb", lambda c: c["failed"] == 0 and c["completed"] == 1)[-1]
     assert daemon.ctl("ws", "rollback", "ws-rb", "--to-checkpoint", "999999").returncode == 3
     assert daemon.ctl("ws", "rollback", "ws-rb", "--to-checkpoint", "soon").returncode == 2
-    r = daemon.ctl_json("ws", "rollback", "ws-rb", "--to-checkpoint", str(cp["seq"]))
+    r = daemon.ctl_json("--yes", "ws", "rollback", "ws-rb", "--to-checkpoint", str(cp["seq"]))
     assert (
         r["restored"] == ["ws-rb/bad"] and r["checkpoint_seq"] == cp["seq"] and r["seq"] > cp["seq"]
     )
@@ -159,7 +159,7 @@ def test_rollback_restores_failed_task_and_stops_running_one(daemon: Daemon) -> 
     daemon.submit(ws_file("ws-run", {"id": "long", "command": "sleep 30"}), "run.toml")
     daemon.wait_task("long", "running")
     _checkpoints(daemon, "ws-run", lambda c: c["pending"] == 1)
-    r = daemon.ctl_json("ws", "rollback", "ws-run", "--to-checkpoint", "latest")
+    r = daemon.ctl_json("--yes", "ws", "rollback", "ws-run", "--to-checkpoint", "latest")
     assert r["stopping"] == ["ws-run/long"]
     daemon.wait_for(
         lambda: daemon.task("long")["attempts"][0].get("failure_kind") == "interrupted",
@@ -168,7 +168,7 @@ def test_rollback_restores_failed_task_and_stops_running_one(daemon: Daemon) -> 
     )
     assert daemon.task("long")["retry_count"] == 0
     daemon.wait_task("long", "running")
-    daemon.ctl("cancel", "long")
+    daemon.ctl("--yes", "cancel", "long")
     daemon.wait_task("long", "cancelled")
 
 
@@ -237,7 +237,7 @@ def test_debug_interventions_metrics_and_log_follow(daemon: Daemon) -> None:
         proc.wait(5)
         if proc.stdout is not None:
             proc.stdout.close()
-    daemon.ctl("cancel", "talker")
+    daemon.ctl("--yes", "cancel", "talker")
     assert daemon.ctl("logs", "ghost", "-f").returncode == 3
     done = daemon.ctl_json("interventions", "-n", "5")
     assert done[-1]["method"] == "cancel" and done[-1]["params"]["task_id"] == "talker"

@@ -150,3 +150,33 @@ def test_repair_refuses_damage_inside_the_log(tmp_path: Path) -> None:
     with pytest.raises(StoreCorrupt, match="line 1"):
         repair_state(tmp_path)
     assert log.read_bytes() == bytes(data)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_dry_runs_change_no_file_and_announce_what_the_real_runs_do(tmp_path: Path) -> None:
+    """repair and restore with dry_run decide as the real runs (the same steps, named the
+    same way) and leave every file as it was."""
+    _dir_with_history(tmp_path)
+    with open(tmp_path / "transitions.jsonl", "ab") as f:
+        f.write(b'{"seq":99,"ts"')
+    (tmp_path / "events.jsonl").write_bytes(b'{"event":"x"}\n{"ev')
+    cur = tmp_path / "current.json"
+    cur.write_bytes(cur.read_bytes()[:10])
+    before = _files(tmp_path)
+    plan = repair_state(tmp_path, dry_run=True)
+    assert _files(tmp_path) == before
+    assert [p.split()[0] for p in plan] == ["cut", "rebuild", "cut"], plan
+    assert "is kept aside as current.json.broken." in plan[1]
+    done = repair_state(tmp_path)
+    assert [d.split()[0] for d in done] == ["cut", "rebuilt", "cut"], done
+    before = _files(tmp_path)
+    (backup,) = list_backups(tmp_path)[-1:]
+    said = restore_from_backup(tmp_path, backup.name, dry_run=True)
+    assert said.startswith(f"restore current.json from {backup.name}")
+    assert "the present current.json is kept as backups/" in said
+    said = restore_from_transitions(tmp_path, dry_run=True)
+    assert said.startswith("rebuild current.json by replaying")
+    assert _files(tmp_path) == before

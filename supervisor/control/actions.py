@@ -20,6 +20,7 @@ from supervisor.control import ws_actions as ws_ops
 from supervisor.control.lookup import fresh_changes, get_ws
 from supervisor.control.lookup import get_task as _task
 from supervisor.control.lookup import reopen_workstream as _reopen_workstream
+from supervisor.control.state_actions import OFF_LOOP
 from supervisor.core.errors import OperatorError, WorkstreamExists, WorkstreamFileError
 from supervisor.core.figures import probe_report, resource_figures
 from supervisor.core.graph import find_cycles
@@ -49,7 +50,7 @@ def status(s: Machine, _: p.StatusParams) -> dict[str, Any]:
         "uptime_s": round(s.now - s.started_at, 3),
         "draining": s.rt.draining,
         "queued_ready": s.rt.queue_length(),
-        "state_dir": str(s.files.state_dir),
+        "state_dir": os.path.abspath(s.files.state_dir),
         "read_only": s.read_only,
         "paused_workstreams": [w.id for w in s.state.data.workstreams.values() if w.paused],
         "containment": msgspec.to_builtins(s.containment),
@@ -391,4 +392,4 @@ HANDLERS: dict[str, Any] = {
     "drain": hold_ops.drain,
     "undrain": hold_ops.undrain,
 }
-assert set(HANDLERS) == set(p.METHODS), "every protocol method has a handler"
+assert set(HANDLERS) | set(OFF_LOOP) == set(p.METHODS), "every protocol method has a handler"

@@ -1,4 +1,5 @@
-"""Control-socket messages and framing, shared by the daemon and orchctl. Pure: no I/O.
+"""Control-socket messages, shared by the daemon and orchctl (framing, limits and error
+codes are in frames.py, re-exported here). Pure: no I/O.
 
 A frame is a 4-byte big-endian length followed by a JSON body. A request is
 `{id, method, params}`; a response is `{id, ok, result}` or `{id, ok: false, error:
@@ -12,30 +13,20 @@ are answered by the server itself) and is dropped with it.
 
 from __future__ import annotations
 
-import struct
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 
-MAX_REQUEST: Final = 1024 * 1024
-MAX_RESPONSE: Final = 256 * 1024 * 1024
-# Raw bytes per upload chunk: base64 makes 4/3 of it, well under MAX_REQUEST.
-UPLOAD_CHUNK: Final = 512 * 1024
-_LEN = struct.Struct(">I")
-
-# Error codes and the orchctl exit code each maps to (DESIGN.md §6).
-ErrorCode = Literal[
-    "failed", "invalid", "not_found", "permission_denied", "wrong_state", "unavailable", "too_large"
-]
-EXIT_CODES: Final[dict[str, int]] = {
-    "failed": 1,
-    "unavailable": 1,
-    "invalid": 2,
-    "too_large": 2,
-    "not_found": 3,
-    "permission_denied": 4,
-    "wrong_state": 5,
-}
+# Re-exported: the framing, limits and error codes are protocol too.
+from supervisor.control.frames import EXIT_CODES as EXIT_CODES
+from supervisor.control.frames import HEADER as _LEN
+from supervisor.control.frames import MAX_REQUEST as MAX_REQUEST
+from supervisor.control.frames import MAX_RESPONSE as MAX_RESPONSE
+from supervisor.control.frames import UPLOAD_CHUNK as UPLOAD_CHUNK
+from supervisor.control.frames import ErrorCode as ErrorCode
+from supervisor.control.frames import ProtocolError as ProtocolError
+from supervisor.control.frames import drain_words as drain_words
+from supervisor.control.frames import frame_length as frame_length
 
 
 class _Params(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -140,7 +131,24 @@ class DebugParams(_Params):
     workstream: str | None = None
 
 
+class StateValidateParams(_Params):
+    pass
+
+
+class StateBackupsParams(_Params):
+    pass
+
+
 # --- changing methods ------------------------------------------------------------------
+
+
+class _Previewable(_Params, kw_only=True):
+    """A request that can throw work away: with `dry_run` the daemon answers with what it
+    would do (control/preview.py) and records nothing; with `expect` (the `digest` of a
+    plan the operator confirmed) it is done only if it still does exactly that."""
+
+    dry_run: bool = False
+    expect: str | None = None
 
 
 class SubmitParams(_Params):
@@ -176,14 +184,14 @@ class RetryParams(_Params):
     workstream: str | None = None
 
 
-class SkipParams(_Params):
+class SkipParams(_Previewable):
     task_id: str
     reason: str
     # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
     workstream: str | None = None
 
 
-class CancelParams(_Params):
+class CancelParams(_Previewable):
     task_id: str
     reason: str | None = None
     # Which workstream a bare task id is looked up in (a full name WS/TASK needs none).
@@ -195,7 +203,7 @@ class WorkerRestartParams(_Params):
     reason: str | None = None
 
 
-class WorkerShutdownParams(_Params):
+class WorkerShutdownParams(_Previewable):
     worker_id: str
     force: bool = False
     reassign: bool = False
@@ -216,7 +224,7 @@ class DepRemoveParams(_Params):
     workstream: str | None = None
 
 
-class WsRetryParams(_Params):
+class WsRetryParams(_Previewable):
     workstream: str
     reason: str | None = None
 
@@ -226,13 +234,13 @@ class WsRetryFailedParams(_Params):
     reason: str | None = None
 
 
-class WsResumeParams(_Params):
+class WsResumeParams(_Previewable):
     workstream: str
     from_task: str
     reason: str | None = None
 
 
-class WsRollbackParams(_Params):
+class WsRollbackParams(_Previewable):
     workstream: str
     to_checkpoint: str = "latest"
     reason: str | None = None
@@ -288,6 +296,8 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "interventions": (InterventionsParams, False),
     "metrics": (MetricsParams, False),
     "debug": (DebugParams, False),
+    "state_validate": (StateValidateParams, False),
+    "state_backups": (StateBackupsParams, False),
     "submit": (SubmitParams, True),
     "retry": (RetryParams, True),
     "skip": (SkipParams, True),
@@ -335,14 +345,6 @@ class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: ErrorBody | None = None
 
 
-class ProtocolError(Exception):
-    """Raised by `decode_request` when a request is malformed; carries the error code."""
-
-    def __init__(self, code: str, message: str, request_id: int = 0) -> None:
-        self.code, self.message, self.request_id = code, message, request_id
-        super().__init__(message)
-
-
 _request_decoder = msgspec.json.Decoder(Request)
 _encoder = msgspec.json.Encoder()
 
@@ -378,19 +380,4 @@ def error_response(request_id: int, code: str, message: str) -> Response:
     return Response(id=request_id, ok=False, error=ErrorBody(code=code, message=message))
 
 
-def frame_length(header: bytes, limit: int) -> int:
-    """The body length of a frame header; raises ProtocolError past `limit`."""
-    n = int(_LEN.unpack(header)[0])
-    if n > limit:
-        raise ProtocolError("too_large", f"frame of {n} bytes exceeds the {limit}-byte limit")
-    return n
-
-
 response_decoder: Final = msgspec.json.Decoder(Response)
-
-
-def drain_words(drain: dict[str, Any]) -> str:
-    """An operator's drain, as `orchctl status` and systemd's STATUS= line both say it:
-    "draining: N running", or "drained: nothing running" once N is 0."""
-    n = drain["running"]
-    return f"draining: {n} running" if n else "drained: nothing running"

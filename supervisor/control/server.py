@@ -27,6 +27,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from supervisor.control import protocol as p
 from supervisor.control.actions import HANDLERS, SEVERITIES
 from supervisor.control.admission import Admission, RefusalLog
+from supervisor.control.preview import confirmed, rehearsal
+from supervisor.control.state_actions import OFF_LOOP
 from supervisor.control.upload import Upload, Uploads
 from supervisor.core.config import ControlConfig
 from supervisor.core.errors import OperatorError, OrchdError, StoreError, WorkstreamFileError
@@ -125,6 +127,7 @@ class Server:
         self.admission = Admission()
         self.refusals = RefusalLog()
         self.uploads = Uploads()
+        self._file_readers: anyio.CapacityLimiter | None = None
 
     def _access(self) -> Access:
         """The access lists in force: a config reload replaces the engine's settings."""
@@ -360,15 +363,24 @@ class Server:
     async def _dispatch(
         self, req: p.Request, params: p.Params, changes: bool, peer: Peer, conn: Connection
     ) -> p.Response:
-        handler = HANDLERS[req.method]
         logged: Any = None
+        dry_run = getattr(params, "dry_run", False)
+        expect = getattr(params, "expect", None)
         try:
             if isinstance(params, p.SubmitParams):
                 # The interventions log names the file, not its (maybe megabytes of) text.
                 logged = {"source": params.source, "upload": params.upload, "id": params.id}
                 params = await self._prepared(params, conn)
                 logged["bytes"] = len(params.text.encode())
-            result = await self.engine.call(handler, params)
+            if req.method in OFF_LOOP:
+                result = await self._off_loop(req.method, params)
+            else:
+                handler = HANDLERS[req.method]
+                if dry_run:
+                    handler = rehearsal(handler)
+                elif expect is not None:
+                    handler = confirmed(handler, expect)
+                result = await self.engine.call(handler, params)
             if req.method == "status":
                 result["uploads"] = self.uploads.figures()
             resp = p.Response(id=req.id, ok=True, result=result)
@@ -381,7 +393,7 @@ class Server:
         except Exception as exc:  # a bug must not kill the daemon; the caller gets a message
             log.exception("request_failed", method=req.method)
             resp = p.error_response(req.id, "failed", f"internal error in {req.method}: {exc}")
-        if changes:
+        if changes and not dry_run:
             log.info("control_change", method=req.method, uid=peer.uid, pid=peer.pid, ok=resp.ok)
             entry = {
                 "ts": round(self.engine.wall(), 3),
@@ -395,6 +407,17 @@ class Server:
             with contextlib.suppress(OSError):
                 self.engine.record_intervention(entry)
         return resp
+
+    async def _off_loop(self, method: str, params: p.Params) -> Any:
+        """A request that reads the state directory's files: in a worker thread, one at a
+        time, so the engine's loop goes on meanwhile."""
+        state_dir = self.engine.store.state_dir.absolute()
+        fn = OFF_LOOP[method]
+        if self._file_readers is None:
+            self._file_readers = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(
+            fn, state_dir, params, limiter=self._file_readers, abandon_on_cancel=True
+        )
 
     async def _follow_events(
         self, stream: SocketStream, req_id: int, params: p.EventsParams

@@ -163,8 +163,9 @@ def lock_dir(state_dir: Path) -> int:
     return fd
 
 
-def cut_torn_text(path: Path) -> bool:
-    """Drop a partial last line of a JSON-lines side file (events, interventions)."""
+def cut_torn_text(path: Path, *, dry_run: bool = False) -> bool:
+    """Drop a partial last line of a JSON-lines side file (events, interventions); with
+    `dry_run`, only say whether there is one."""
     try:
         with open(path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
@@ -176,6 +177,8 @@ def cut_torn_text(path: Path) -> bool:
             if tail.endswith(b"\n"):
                 return False
             cut = tail.rfind(b"\n")
+            if dry_run:
+                return True
             f.truncate(size - back + cut + 1 if cut >= 0 else (0 if back == size else size))
             return True
     except FileNotFoundError:
