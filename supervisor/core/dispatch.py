@@ -131,7 +131,8 @@ def start_attempt(m: Core, task: Task, wid: str) -> None:
     rt = m.rt
     n = len(task.attempts) + 1
     # A random suffix: an attempt id is never reused, even by a task rolled back or retried.
-    attempt_id = f"{task.id}.{n}.{int(m.rand() * 0x1000000):06x}"
+    # It names the attempt's cgroup, so it is one path component: WS/TASK becomes WS:TASK.
+    attempt_id = f"{task.id.replace('/', ':')}.{n}.{int(m.rand() * 0x1000000):06x}"
     rt.set_parked_on(task.id, None)
     rt.disarm("queue_alert", task.id)
     rt.disarm("resource_alert", task.id)
