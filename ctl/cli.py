@@ -493,7 +493,11 @@ def _confirm(client: Client, method: str, params: dict[str, Any]) -> tuple[int |
     plan = client.call(method, **params, dry_run=True)
     if not confirm.asks(method, plan):
         return None, plan["digest"]
-    named = [str(v) for k, v in params.items() if k in ("workstream", "task_id", "worker_id")]
+    named = [
+        str(v)
+        for k, v in params.items()
+        if k in ("workstream", "task_id", "worker_id") and v is not None
+    ]
     what = " ".join(["orchctl", method.replace("_", " "), *named])
     return confirm.ask(what, confirm.plan_lines(plan), yes=False), plan["digest"]
 

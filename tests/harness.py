@@ -328,13 +328,14 @@ def orchd_processes() -> list[psutil.Process]:
 
 def marker_processes(prefix: str) -> list[psutil.Process]:
     """Live processes of this run whose attempt marker (ORCHD_ATTEMPT_ID, which begins with
-    the task's full name WS/TASK) starts with `prefix`, or whose part after the workstream
-    does (`slow.` for ws-1/slow's attempts): a task's whole tree, escapees included."""
+    the task's full name written WS:TASK) starts with `prefix`, or whose part after the
+    workstream does (`slow.` for ws-1/slow's attempts): a task's whole tree, escapees
+    included."""
     out = []
     for proc in orchd_processes():
         with contextlib.suppress(psutil.NoSuchProcess):
             marker = proc.environ().get("ORCHD_ATTEMPT_ID", "")
-            if marker.startswith(prefix) or marker.rpartition("/")[2].startswith(prefix):
+            if marker.startswith(prefix) or marker.rpartition(":")[2].startswith(prefix):
                 out.append(proc)
     return out
 

@@ -184,14 +184,14 @@ def test_answering_no_on_a_terminal_changes_nothing(world: World, name: str, ans
 def test_the_plans_name_what_is_killed_and_what_changes(world: World) -> None:
     """The plans shown say which attempt is killed and which tasks change state."""
     plans = {n: ctl(world.live.socket, world.argv(n), stdin="devnull").stderr for n in DESTRUCTIVE}
-    kill = f"kill attempt 1 of task long (on {world.worker})"
+    kill = f"kill attempt 1 of task ws-live/long (on {world.worker})"
     assert kill in plans["cancel-running"]
-    assert "task long: stop it (cancel)" in plans["cancel-running"]
+    assert "task ws-live/long: stop it (cancel)" in plans["cancel-running"]
     assert kill in plans["ws-rollback"] and kill in plans["worker-shutdown-force"]
-    assert "task after: pending -> completed" in plans["skip"]
+    assert "task ws-live/after: pending -> completed" in plans["skip"]
     for n in ("ws-retry", "ws-resume"):
         for t in ("d1", "d2"):
-            assert f"task {t}: completed -> pending" in plans[n]
+            assert f"task ws-done/{t}: completed -> pending" in plans[n]
     assert "rebuild current.json by replaying" in plans["state-restore"]
     assert "the present current.json is kept as backups/" in plans["state-restore"]
     assert "cut the torn tail of transitions.jsonl" in plans["state-repair"]
@@ -205,7 +205,7 @@ def test_preview_records_nothing(world: World) -> None:
     size = interventions.stat().st_size if interventions.exists() else 0
     plan = world.live.call("cancel", task_id="long", dry_run=True)
     assert plan["dry_run"] and plan["result"]["seq"] is None
-    assert plan["kills"] == [{"task_id": "long", "attempt": 1, "worker_id": world.worker}]
+    assert plan["kills"] == [{"task_id": "ws-live/long", "attempt": 1, "worker_id": world.worker}]
     assert world.fingerprint() == before
     assert (interventions.stat().st_size if interventions.exists() else 0) == size
 
