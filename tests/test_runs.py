@@ -24,7 +24,7 @@ TASKS = ("fetch", "compile", "lint", "package")
 
 @pytest.fixture
 def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
-    # The example writes under $TMPDIR/orchd-example: this test's own directory.
+    # The example writes under $TMPDIR/orchd-example/<run>: this test's own directory.
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     # Three workers: a later run's fetch can run beside an earlier run's compile and lint.
     d = Daemon(tmp_path, {"workers": {"count": 3}}).start()

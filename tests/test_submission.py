@@ -417,8 +417,13 @@ def test_bundled_example_is_accepted_and_its_commands_work(tmp_path: Path) -> No
     assert cycle_report(tasks) == []
     assert (ws.id, ws.name) == ("nightly-1", "nightly")
     for task in topological(tasks):
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(tmp_path), **task.env}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "TMPDIR": str(tmp_path),
+            "ORCHD_TASK_ID": task.id,
+            **task.env,
+        }
         assert run(task.command, env) == 0, task.id
         if task.validate is not None:
             assert run(task.validate, env) == 0, task.id
-    assert (tmp_path / "orchd-example" / "app.tar").stat().st_size > 0
+    assert (tmp_path / "orchd-example" / "nightly-1" / "app.tar").stat().st_size > 0

@@ -5,6 +5,8 @@ config reload.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -39,8 +41,27 @@ EXIT_IOERR = 74  # EX_IOERR: the state directory could not be read or repaired
 EXIT_CONFIG = 78  # EX_CONFIG: the config is invalid, or cannot be met on this host
 
 
+def _ignore_cancelled_wakeups(loop: asyncio.AbstractEventLoop) -> None:
+    """A socket that became readable or writable in the same turn as its waiter was
+    cancelled (a client going away mid-request) has its wake-up callback run on a
+    cancelled future: asyncio reports an InvalidStateError that means nothing. Those are
+    dropped; every other unhandled error still goes to the log."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, asyncio.InvalidStateError) and "set_result" in str(
+            context.get("handle", "")
+        ):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def run(cfg: Config, config_path: Path | None) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit code."""
+    with contextlib.suppress(RuntimeError):  # not on asyncio: nothing to quieten
+        _ignore_cancelled_wakeups(asyncio.get_running_loop())
     notifier = Notifier()
     store = Store(
         cfg.state_dir,
