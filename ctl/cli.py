@@ -38,6 +38,13 @@ def _workstream_option(sp: argparse.ArgumentParser) -> None:
     )
 
 
+# The global on/off options: (flag, help).
+_GLOBAL_FLAGS = (
+    ("--json", "machine-readable output on stdout"),
+    ("--yes", "do not ask for confirmation"),
+)
+
+
 def _global_options(parser: argparse.ArgumentParser, *, below: bool) -> None:
     """The options every command takes, before or after its name. Below the top level
     their default is SUPPRESS: one not given there leaves the top level's value alone."""
@@ -49,20 +56,11 @@ def _global_options(parser: argparse.ArgumentParser, *, below: bool) -> None:
             help=f"control socket (default $ORCHD_SOCKET, else {SERVICE_SOCKET} if it exists, "
             "else .state/orchd.sock)",
         )
-    if "--json" not in have:
-        parser.add_argument(
-            "--json",
-            action="store_true",
-            default=argparse.SUPPRESS if below else False,
-            help="machine-readable output on stdout",
-        )
-    if "--yes" not in have:
-        parser.add_argument(
-            "--yes",
-            action="store_true",
-            default=argparse.SUPPRESS if below else False,
-            help="do not ask for confirmation",
-        )
+    for flag, text in _GLOBAL_FLAGS:
+        if flag not in have:
+            parser.add_argument(
+                flag, action="store_true", default=argparse.SUPPRESS if below else False, help=text
+            )
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
