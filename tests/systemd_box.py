@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -159,3 +160,22 @@ class SystemdBox:
                     d.rmdir()
             self.cgroup.rmdir()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# What a copy of the checkout into a box leaves out.
+LEAVE_OUT = shutil.ignore_patterns(
+    ".git", ".venv", ".state", "*.egg-info", "build", "dist", "__pycache__", ".*_cache"
+)
+
+
+@contextlib.contextmanager
+def booted(checkout: Path, root: Path) -> Iterator[SystemdBox]:
+    """A booted throwaway systemd under `root` with a copy of `checkout` at /mnt/src,
+    stopped on the way out."""
+    shutil.copytree(checkout, root / "src", ignore=LEAVE_OUT)
+    b = SystemdBox(root)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()

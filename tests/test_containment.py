@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import time
 import uuid
@@ -26,7 +25,7 @@ import pytest
 
 from supervisor.workers import cgroup
 from tests.harness import FAST, ROOT, Daemon, assert_no_leftovers, orchd_processes
-from tests.systemd_box import SystemdBox, missing
+from tests.systemd_box import SystemdBox, booted, missing
 
 GRACE_S = FAST["tasks"]["kill_grace_s"]
 SHUTDOWN_S = FAST["health"]["shutdown_after_s"]
@@ -387,24 +386,14 @@ def test_status_and_show_tell_the_cgroup_containment_and_accounting(
 
 # --- under a real systemd ----------------------------------------------------------------
 
-LEAVE_OUT = shutil.ignore_patterns(
-    ".git", ".venv", ".state", "*.egg-info", "build", "dist", "__pycache__", ".*_cache"
-)
-
 
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator[SystemdBox]:
     """A booted throwaway systemd with a copy of this checkout at /mnt/src."""
     if (why := missing()) is not None:
         pytest.skip(why)
-    root = tmp_path / "box"
-    shutil.copytree(ROOT, root / "src", ignore=LEAVE_OUT)
-    b = SystemdBox(root)
-    b.start()
-    try:
+    with booted(ROOT, tmp_path / "box") as b:
         yield b
-    finally:
-        b.stop()
 
 
 def _v2_line(text: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,13 +15,10 @@ import pytest
 
 from ctl.cli import SERVICE_SOCKET, default_socket
 from tests.harness import ROOT
-from tests.systemd_box import SystemdBox, missing
+from tests.systemd_box import SystemdBox, booted, missing
 
 WORKSTREAM = 'id = "hello"\n[[tasks]]\nid = "greet"\ncommand = "echo hello from $(id -un)"\n'
 # What a checkout or an unpacked release holds; caches and local state stay behind.
-LEAVE_OUT = shutil.ignore_patterns(
-    ".git", ".venv", ".state", "*.egg-info", "build", "dist", "__pycache__", ".*_cache"
-)
 
 
 def test_default_socket_prefers_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,14 +35,8 @@ def box(tmp_path: Path) -> Iterator[SystemdBox]:
     """A booted throwaway systemd with a copy of this checkout at /mnt/src."""
     if (why := missing()) is not None:
         pytest.skip(why)
-    root = tmp_path / "box"
-    shutil.copytree(ROOT, root / "src", ignore=LEAVE_OUT)
-    b = SystemdBox(root)
-    b.start()
-    try:
+    with booted(ROOT, tmp_path / "box") as b:
         yield b
-    finally:
-        b.stop()
 
 
 def _as_alice(box: SystemdBox, *args: str) -> object:
