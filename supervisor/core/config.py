@@ -19,12 +19,44 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
+# How a remote agent is reached: any argv that gives a byte stream to the agent's stdin
+# and stdout. `{host}` is the host's name; the agent's own argv follows the template.
+DEFAULT_TRANSPORT = [
+    "ssh",
+    "-T",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ServerAliveInterval=5",
+    "-o",
+    "ServerAliveCountMax=3",
+    "-o",
+    "ConnectTimeout=10",
+    "{host}",
+    "--",
+]
+
+
+class HostConfig(_Section):
+    """Workers on another host, reached through `transport` (ssh by default)."""
+
+    host: str
+    count: int = 1
+    # Names a task's `runs_on` may use for this host besides its own name (e.g. "gpu").
+    labels: list[str] = []
+    transport: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_TRANSPORT))
+    # The interpreter on that host that has orchd installed.
+    python: str = "python3"
+
+
 class WorkersConfig(_Section):
     count: int = 0  # 0 = one per CPU
     python: str = ""  # interpreter that runs the agents; "" = the daemon's own
     # How an attempt's processes are held together: "cgroup" (one cgroup v2 per attempt),
     # "process" (session + subreaper + marker sweep), "auto" (cgroup where one can be made).
     containment: Literal["auto", "cgroup", "process"] = "auto"
+    # Workers on other hosts, besides the `count` local ones.
+    hosts: list[HostConfig] = []
 
 
 class HealthConfig(_Section):
@@ -34,6 +66,9 @@ class HealthConfig(_Section):
     shutdown_after_s: float = 180.0
     restart_backoff_base_s: float = 1.0
     restart_backoff_max_s: float = 60.0
+    # A remote attempt's shim kills its tree after this long without a frame from the
+    # daemon. agent_lease_s + tasks.kill_grace_s must stay below shutdown_after_s.
+    agent_lease_s: float = 60.0
 
 
 class TasksConfig(_Section):
@@ -132,6 +167,14 @@ def _check_ranges(cfg: Config, where: str) -> None:
     if cfg.health.shutdown_after_s < cfg.health.unresponsive_after_s:
         problems.append(
             f"{where}: `health.shutdown_after_s` must be >= `health.unresponsive_after_s`"
+        )
+    h = cfg.health
+    if cfg.workers.hosts and h.agent_lease_s + cfg.tasks.kill_grace_s >= h.shutdown_after_s:
+        problems.append(
+            f"{where}: `health.agent_lease_s` + `tasks.kill_grace_s` "
+            f"({h.agent_lease_s} + {cfg.tasks.kill_grace_s}) must be below "
+            f"`health.shutdown_after_s` ({h.shutdown_after_s}): a remote attempt must be "
+            "fenced before its task is reassigned"
         )
     for rid, res in cfg.resources.items():
         if res.max_holders < 1:

@@ -218,6 +218,8 @@ class Workstream(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 class Worker(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     id: str
     state: WorkerState = WorkerState.STARTING
+    # The host its agent runs on, as named in [[workers.hosts]]; "" = the daemon's own.
+    host: str = ""
     pid: int | None = None
     # The agent's identity: start ticks since boot (older records: `pid_create_time`).
     pid_start_ticks: int | None = None

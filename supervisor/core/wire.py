@@ -53,6 +53,22 @@ class Stop(msgspec.Struct, tag=True, kw_only=True):
     grace_s: float
 
 
+class Lease(msgspec.Struct, tag=True, kw_only=True):
+    """The daemon is still there. Sent to an agent at least every heartbeat interval;
+    every frame from the daemon renews the leases of the agent's attempts, and an
+    attempt's shim that hears nothing for `agent_lease_s` kills the attempt's tree
+    (fencing: a partitioned or stopped agent never runs an attempt the daemon has
+    given up)."""
+
+
+class Sweep(msgspec.Struct, tag=True, kw_only=True):
+    """The first frame to a newly started agent: the attempts the daemon lists as live
+    on the agent's host. The agent kills every process marked with any other attempt id
+    before it runs anything, and answers with Swept."""
+
+    live: list[str] = []
+
+
 # --- agent -> daemon -------------------------------------------------------------------
 
 
@@ -66,7 +82,31 @@ class Hello(msgspec.Struct, tag=True, kw_only=True):
 
 
 class Heartbeat(msgspec.Struct, tag=True, kw_only=True):
+    """The agent is alive, with its own figures (the daemon cannot probe a process on
+    another host): pid, identity, CPU percent since the last beat, resident memory."""
+
     attempt_id: str | None = None
+    pid: int | None = None
+    start_ticks: int | None = None
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+
+
+class Swept(msgspec.Struct, tag=True, kw_only=True):
+    """The answer to Sweep: attempts found alive that the daemon did not list (and were
+    killed), with the pids killed and those that outlived the kill."""
+
+    killed: list[str] = []
+    pids: list[int] = []
+    survivors: tuple[tuple[int, int], ...] = ()
+
+
+class Output(msgspec.Struct, tag=True, kw_only=True):
+    """A piece of an attempt's output, from an agent whose task logs live with the
+    daemon (a worker on another host): appended to the attempt's log_path there."""
+
+    attempt_id: str
+    data: bytes
 
 
 class Started(msgspec.Struct, tag=True, kw_only=True):
@@ -102,10 +142,13 @@ class Finished(msgspec.Struct, tag=True, kw_only=True):
     # controller, peak memory.
     cpu_s: float | None = None
     memory_peak_bytes: int | None = None
+    # The attempt's shim killed its tree on its own: its lease ran out or its agent went
+    # away. Such a Finished is only ever late (the daemon gave the attempt up first).
+    fenced: bool = False
 
 
-ToAgent = Run | Kill | Stop
-FromAgent = Hello | Heartbeat | Started | Finished
+ToAgent = Run | Kill | Stop | Lease | Sweep
+FromAgent = Hello | Heartbeat | Started | Finished | Swept | Output
 
 _encoder = msgspec.msgpack.Encoder()
 to_agent_decoder: Final = msgspec.msgpack.Decoder(ToAgent)
