@@ -44,6 +44,22 @@ from supervisor.store.snapshot import checkpoint_doc, encode_snapshot, gc_paused
 
 log = structlog.get_logger("orchd.store")
 
+
+class SnapshotBlob(msgspec.Struct, frozen=True):
+    """A snapshot encoded on the loop, to be written in a thread."""
+
+    seq: int
+    data: bytes
+
+
+class CheckpointBlob(msgspec.Struct, frozen=True):
+    """A workstream checkpoint encoded on the loop, to be written in a thread."""
+
+    ws_id: str
+    seq: int
+    data: bytes
+
+
 _DIRS: Final = ("backups", "checkpoints", "archive", "logs", "logs/workers")
 _event_decoder = msgspec.json.Decoder(Event)
 _json_encoder = msgspec.json.Encoder()
@@ -151,19 +167,28 @@ class Store:
 
     def write_snapshot(self, state: State) -> Path:
         """Replace current.json by `state`, keeping the old one in backups/."""
+        return self.install_snapshot(self.snapshot_blob(state))
+
+    def snapshot_blob(self, state: State) -> SnapshotBlob:
+        """`state` encoded as a snapshot, now (the caller owns `state`: the loop, between
+        its steps); `install_snapshot` writes it, in any thread."""
         w = self._writer
         if state.last_seq > w.written_seq:
             raise ValueError(f"state at seq {state.last_seq} is ahead of the log ({w.written_seq})")
-        # Never let a snapshot cover records that are not durable yet.
-        w.sync()
         at_end = state.last_seq == w.written_seq
         data = encode_snapshot(
             state, log_offset=w.end if at_end else None, log_crc=w.crc if at_end else None
         )
+        return SnapshotBlob(seq=state.last_seq, data=data)
+
+    def install_snapshot(self, blob: SnapshotBlob) -> Path:
+        """Make `blob` current.json, keeping the old one in backups/ (after a sync: a
+        snapshot never covers records that are not durable yet)."""
+        self._writer.sync()
         path = self._dir / SNAPSHOT_NAME
         backups = self._dir / "backups"
         keep = next_backup_path(backups, self._last_backup) if path.exists() else None
-        write_atomic(path, data, fsync=self._fsync, keep_as=keep)
+        write_atomic(path, blob.data, fsync=self._fsync, keep_as=keep)
         if keep is not None:
             self._last_backup = keep
             prune_oldest(list_backup_files(backups), self.backups_keep)
@@ -171,11 +196,20 @@ class Store:
 
     def write_checkpoint(self, ws_id: str, state: State) -> Path:
         """Write checkpoints/<ws>_<seq>.json and <ws>_latest.json; keep the newest N."""
+        return self.install_checkpoint(self.checkpoint_blob(ws_id, state))
+
+    def checkpoint_blob(self, ws_id: str, state: State) -> CheckpointBlob:
+        """A workstream's checkpoint encoded now (see `snapshot_blob`)."""
         _check_name(ws_id)
         doc = checkpoint_doc(ws_id, state)
+        return CheckpointBlob(ws_id=ws_id, seq=state.last_seq, data=seal(_json_encoder.encode(doc)))
+
+    def install_checkpoint(self, blob: CheckpointBlob) -> Path:
+        """Write an encoded checkpoint and point <ws>_latest.json at it, in any thread."""
+        ws_id = blob.ws_id
         cdir = self._dir / "checkpoints"
-        path = cdir / f"{ws_id}_{state.last_seq}.json"
-        write_atomic(path, seal(_json_encoder.encode(doc)), fsync=self._fsync)
+        path = cdir / f"{ws_id}_{blob.seq}.json"
+        write_atomic(path, blob.data, fsync=self._fsync)
         # `latest` is a second name for the same file, switched atomically.
         tmp = cdir / f"{ws_id}_latest.json.{os.getpid()}{TMP_SUFFIX}"
         tmp.unlink(missing_ok=True)
