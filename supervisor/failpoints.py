@@ -8,6 +8,10 @@ environment variable ORCHD_FAILPOINT at start-up. Never set in production.
 - `append_fail[:COUNT]`: the next COUNT (default 1) appends to the log fail with ENOSPC,
   cut back as a real failure is.
 - `spawn_fail[:COUNT]`: the next COUNT (default 1) worker agent spawns fail with OSError.
+- `crash_at:NAME[@COUNT]`: the daemon SIGKILLs itself the COUNT-th time (default 1) it
+  reaches the crash point NAME (`failpoints.crash_point("NAME")` in the code), so a test
+  can prove that a crash between any two steps of a multi-file operation loses nothing.
+  Alternatives are separated by `|`: `crash_at:compact_unlink|retire_files@2`.
 - `wall_offset_file:PATH`: the daemon's wall clock is `time.time()` plus the number in
   PATH (read at most every 50 ms; a missing or empty file is 0), so a test steps the
   clock the daemon sees without touching the host's.
@@ -19,6 +23,7 @@ current size (`prlimit --pid PID --fsize=N`) and the next append fails with EFBI
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Final
 
@@ -59,6 +64,22 @@ def delay(name: str) -> float:
     """The seconds of delay failpoint `name` asks for (0.0 when it is not set)."""
     value = _points.get(name)
     return float(value) if value else 0.0
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here when `crash_at` names `name` (and its count is reached)."""
+    spec = _points.get("crash_at")
+    if not spec:
+        return
+    for item in spec.split("|"):
+        point, _, count = item.partition("@")
+        if point.strip() != name:
+            continue
+        key = "crash_at:" + name
+        left = _counts.setdefault(key, int(count or "1"))
+        _counts[key] = left - 1
+        if left == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 _offset = (0.0, -1.0)  # (value, when read)
