@@ -37,6 +37,10 @@ class Run(msgspec.Struct, tag=True, kw_only=True):
     # The attempt's own cgroup (containment "cgroup"): the agent makes it, starts every
     # step inside it, kills it whole and removes it at the attempt's end.
     cgroup: str | None = None
+    # The task logs live with the daemon, not on the agent's host (a worker on another
+    # host): the agent sends the attempt's output (headers included) in Output frames
+    # instead of writing log_path.
+    stream_output: bool = False
 
 
 class Kill(msgspec.Struct, tag=True, kw_only=True):
