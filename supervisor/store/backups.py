@@ -113,7 +113,10 @@ def to_prune(backups: list[Backup], keep: int) -> list[Backup]:
 
 def needed_from(backups: list[Backup], current_seq: int) -> int:
     """Records up to this one are needed by no kept backup nor by current.json (at
-    `current_seq`): the log may be compacted up to it. A full copy whose head cannot be
-    read is not counted (it cannot be restored anyway; validate reports it)."""
+    `current_seq`): the log may be compacted up to it. That is the oldest full copy's
+    record, so that the whole kept log can always be replayed onto one (`orchctl state
+    restore --from-transitions`); with no full copy yet, 0 (nothing is compacted). A full
+    copy whose head cannot be read is not counted (it cannot be restored anyway;
+    validate reports it)."""
     fulls = [b.seq for b in backups if b.full and b.seq is not None]
-    return min([current_seq, *fulls])
+    return min([current_seq, *fulls]) if fulls else 0
