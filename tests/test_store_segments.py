@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import queue
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from supervisor.store.backups import is_point, list_kinds
 from supervisor.store.directory import Store, list_backups, read_state
 from supervisor.store.logfile import seal
 from supervisor.store.maintenance import (
+    repair_state,
     restore_from_backup,
     restore_from_transitions,
     validate_state,
@@ -246,3 +249,48 @@ def test_appends_syncs_and_installs_in_three_threads_lose_nothing(tmp_path: Path
     assert equal_states(reopened.open().data, model.data) and reopened.repairs == []
     reopened.close()
     assert validate_state(tmp_path) == []
+
+
+def test_repair_mends_a_torn_active_file_and_a_bad_snapshot_over_segments(
+    tmp_path: Path,
+) -> None:
+    """repair cuts a torn tail off the active file and rebuilds a damaged current.json
+    from the segments kept; validate is clean afterwards."""
+    drv, _ = _history(tmp_path, 6)
+    drv.store.close()
+    with open(tmp_path / "transitions.jsonl", "ab") as f:
+        f.write(b'{"seq":99999,"ts":1.0,"entity":"ta')
+    cur = tmp_path / "current.json"
+    cur.write_bytes(cur.read_bytes()[:20])
+    assert validate_state(tmp_path) != []
+    done = repair_state(tmp_path)
+    assert any("cut the torn tail of transitions.jsonl" in x for x in done), done
+    assert any("rebuilt current.json" in x for x in done), done
+    assert validate_state(tmp_path) == []
+    assert equal_states(read_state(tmp_path).data, drv.model.data)
+
+
+def test_orchctl_lists_and_restores_a_restore_point(tmp_path: Path) -> None:
+    """The real orchctl lists restore points with the full copies and restores one."""
+    drv, at = _history(tmp_path, 8, backups_keep=4, backups_full=2)
+    drv.store.close()
+    listed = _orchctl("state", "backups", "--state-dir", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    points = [line for line in listed.stdout.splitlines() if line.endswith(".point.json")]
+    assert points and len(listed.stdout.splitlines()) >= 4
+    name = Path(points[0]).name
+    r = _orchctl("state", "restore", "--from-backup", name, "--state-dir", str(tmp_path), "--yes")
+    assert r.returncode == 0, r.stderr
+    snap = read_snapshot(tmp_path / "current.json")
+    assert not isinstance(snap, str) and f"{name} (record {snap.last_seq})" in r.stdout
+    assert equal_states(snapshot_state(snap), at[snap.last_seq])
+
+
+def _orchctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
