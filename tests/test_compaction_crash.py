@@ -113,3 +113,24 @@ def test_a_crash_at_each_step_loses_nothing(tmp_path: Path, point: str) -> None:
     )
     assert r.returncode == 0 and "state is consistent" in r.stdout, r.stdout + r.stderr
     assert sealed_segments(d2.state_dir), "the log was sealed into segments"
+
+
+def test_online_validate_stays_clean_while_segments_are_sealed_and_deleted(
+    tmp_path: Path,
+) -> None:
+    """`orchctl state validate` asked of a daemon that seals and compacts its log as it
+    works finds nothing wrong, every time."""
+    d = Daemon(tmp_path, STORE).start()
+    try:
+        for n in range(8):
+            d.call("submit", text=_ws(n))
+            out = d.call("state_validate")
+            assert out["ok"], out["problems"]
+            _until_done(d, f"ws-{n}")
+        assert len(sealed_segments(d.state_dir)) >= 2
+        assert sealed_segments(d.state_dir)[0].first > 1, "old segments were deleted"
+        r = d.ctl("state", "validate")
+        assert r.returncode == 0 and "state is consistent" in r.stdout, r.stdout + r.stderr
+    finally:
+        d.stop()
+    assert_no_leftovers()
