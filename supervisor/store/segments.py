@@ -134,8 +134,10 @@ def scan_chain(
     checked from its start, records up to `seq` only checked. `covered`, when given, is
     that CRC check already started (see `start_of`). Raises StoreCorrupt."""
     if not chain:
-        empty = ScanResult(end=0, crc=0, last_seq=seq, line=0, size=0)
-        return LogScan(scan=empty, tail=None, orphans=[], oldest=seq + 1)
+        # No log at all: it ends at record 0, whatever a snapshot says (the caller refuses
+        # a snapshot beyond the log).
+        empty = ScanResult(end=0, crc=0, last_seq=0, line=0, size=0)
+        return LogScan(scan=empty, tail=None, orphans=[], oldest=1)
     oldest = chain[0].first
     if seq + 1 < oldest:
         raise StoreCorrupt(
