@@ -117,8 +117,8 @@ def main() -> None:
         for name, d, kw in (("before (one log)", before, old), ("after (segments)", after, new)):
             chain = log_chain(d)
             log_bytes = sum(s.path.stat().st_size for s in chain)
-            backups = list((d / "backups").iterdir())
-            rows.append((name, du(d), len(chain), log_bytes, len(backups), open_time(d, n, **kw)))
+            n_backups = len(list((d / "backups").iterdir()))
+            rows.append((name, du(d), len(chain), log_bytes, n_backups, open_time(d, n, **kw)))
         print(f"{n:,} records, {n_tasks:,} tasks, a snapshot every {SNAPSHOT_EVERY:,} records")
         for name, size, files, log_bytes, backups, t in rows:
             print(
