@@ -122,6 +122,9 @@ def test_online_validate_stays_clean_while_segments_are_sealed_and_deleted(
     works finds nothing wrong, every time."""
     d = Daemon(tmp_path, STORE).start()
     try:
+        # Before its first snapshot a daemon's directory has records and no current.json,
+        # which validate reports: start from the first one.
+        d.wait_for((d.state_dir / "current.json").exists, 10, "the first snapshot")
         for n in range(8):
             d.call("submit", text=_ws(n))
             out = d.call("state_validate")
