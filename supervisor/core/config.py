@@ -85,6 +85,10 @@ class TasksConfig(_Section):
 class StoreConfig(_Section):
     snapshot_interval_s: float = 60.0
     backups_keep: int = 100
+    # Of the kept backups, about this many are full copies; the rest are restore points.
+    backups_full: int = 4
+    # The active log file is sealed as a segment once it reaches this size.
+    segment_bytes: int = 16 * 1024 * 1024
     checkpoint_interval_s: float = 1.0
     checkpoints_keep: int = 20
     metrics_interval_s: float = 10.0
