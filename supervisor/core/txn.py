@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor.core.model import State, Task, Transition
+from supervisor.core.model import RETIRED, State, Task, Transition
 
 _replace = msgspec.structs.replace
 _ATTR = {
@@ -59,6 +59,15 @@ class Txn:
         if key not in self._touched:
             self._touched.add(key)
             self._pre.append((rec.entity, rec.id, None if obj is None else _copy(obj)))
+        if rec.to == RETIRED and rec.entity == "workstream":
+            # Its tasks leave the state with it: a rollback puts them back as they are
+            # (nothing changes them once they are out).
+            self._touched.add(key)
+            self._pre.append(("workstream", rec.id, _copy(obj)))
+            data = state.data
+            for tid in obj.task_ids:
+                if (t := data.tasks.get(tid)) is not None:
+                    self._pre.append(("task", tid, t))
         state.apply_checked(rec, obj)
         self.records.append(rec)
 
@@ -82,8 +91,9 @@ class Txn:
                 if entity == "workstream" and gone is not None:
                     for tid in gone.task_ids:
                         data.tasks.pop(tid, None)
+            elif (live := table.get(id_)) is None:
+                table[id_] = pre  # it had left the state (a retirement)
             else:
-                live = table[id_]
                 for field in pre.__struct_fields__:
                     setattr(live, field, getattr(pre, field))
         del self._pre[n_pre:]
