@@ -112,17 +112,19 @@ def write_archive(state_dir: Path, ws_id: str, document: bytes, *, fsync: bool =
 
 def _carry_over(old: Path, tar: tarfile.TarFile, have: set[str]) -> None:
     """What an earlier archive of the workstream holds that the new one would not."""
-    try:
-        src = tarfile.open(old, "r:gz")
-    except (FileNotFoundError, tarfile.TarError, OSError):
+    if not old.exists():
         return
-    with src:
-        for member in src.getmembers():
-            if member.name in have or not member.isfile():
-                continue
-            f = src.extractfile(member)
-            if f is not None:
-                tar.addfile(member, f)
+    try:
+        with tarfile.open(old, "r:gz") as src:
+            for member in src.getmembers():
+                if member.name in have or not member.isfile():
+                    continue
+                f = src.extractfile(member)
+                if f is not None:
+                    tar.addfile(member, f)
+    except (tarfile.TarError, OSError) as exc:
+        # A damaged older archive: the new one holds what the disk still has.
+        log.warning("archive_not_carried_over", path=str(old), error=str(exc))
 
 
 def drop_files(state_dir: Path, ws_id: str) -> int:
