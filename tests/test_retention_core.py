@@ -10,9 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from supervisor.control import actions
+from supervisor.control import actions, ws_actions
 from supervisor.control import protocol as p
-from supervisor.control import ws_actions
 from supervisor.core.config import RetentionConfig
 from supervisor.core.effects import DropFiles, WriteArchive
 from supervisor.core.errors import OperatorError
