@@ -546,6 +546,32 @@ def _logs(client: Client, params: dict[str, Any]) -> Any:
     return result
 
 
+def _show(client: Client, params: dict[str, Any]) -> Any:
+    """A task; one of a retired workstream (named WS/TASK) from its archive."""
+    try:
+        return client.call("show", **params)
+    except RemoteError as exc:
+        ws_id, slash, bare = params["task_id"].partition("/")
+        if exc.code != "not_found" or not slash:
+            raise
+        try:
+            ws = client.call("ws_show_archived", workstream=ws_id)
+        except RemoteError:
+            raise exc from None
+    found = [t for t in ws["tasks"] if t.get("name") == bare or t.get("id") == params["task_id"]]
+    if not found:
+        raise RemoteError("not_found", f"no task {bare!r} in retired workstream {ws_id}")
+    task: dict[str, Any] = found[0]
+    task["log_path"] = f"{ws['archive']}:logs/{bare}.log"
+    if params.get("logs"):
+        try:
+            logs = client.call("logs_archived", task_id=params["task_id"], lines=params["lines"])
+            task["log_tail"] = logs["lines"]
+        except RemoteError:
+            task["log_tail"] = []
+    return task
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -575,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = client.submit(**params)
             elif method == "logs":
                 result = _logs(client, params)
+            elif method == "show":
+                result = _show(client, params)
             else:
                 result = client.call(method, **params)
             if method == "drain" and args.wait:

@@ -96,7 +96,15 @@ def test_runs_beyond_the_count_are_archived_shown_and_their_logs_read_after_a_re
             d.start()
             assert live_ids(d) == [second]
         r = d.ctl("ws", "show", first)
-        assert r.returncode == 3 and "no workstream" in r.stderr
+        assert r.returncode == 3 and "ws show --archived" in r.stderr
+        shown_task = ok(d, "show", f"{first}/build", "--logs")
+        assert "built-" in shown_task and "attempt" in shown_task
+        # The next snapshot no longer holds it.
+        d.wait_for(
+            lambda: f'"{first}/build"' not in (d.state_dir / "current.json").read_text(),
+            10,
+            "a snapshot without the retired run",
+        )
         third = d.submit(PIPELINE, "c.toml")["workstream_id"]
         assert third == "nightly-3"
         d.wait_event("workstream_retired", workstream_id=second)
@@ -226,6 +234,47 @@ def test_a_sigkill_at_each_step_of_a_retirement_loses_nothing(tmp_path: Path, po
         assert "hello-from-a" in ok(d, "logs", "ws-k/a")
         assert "hello-from-b" in ok(d, "logs", "ws-k/b")
         assert not list((d.state_dir / "archive").glob("*.tmp"))
+        assert json.loads(ok(d, "--json", "state", "validate"))["ok"] is True
+    finally:
+        d.stop()
+    assert_no_leftovers()
+
+
+def test_runs_retire_by_age_after_a_clock_step_and_the_counts_return_to_baseline(
+    tmp_path: Path,
+) -> None:
+    """keep_finished_s=1h: after a 2 h clock step every finished run is retired and
+    `orchctl status` counts no workstream and no task again; a failed run stays until
+    its own longer limit (keep_failed_s=1 day) has passed too."""
+    offset = tmp_path / "wall-offset"
+    d = Daemon(
+        tmp_path,
+        {"retention": {"keep_finished_s": 3600.0, "keep_failed_s": 86400.0}},
+        failpoint=f"wall_offset_file:{offset}",
+    ).start()
+    try:
+        base = d.call("status")
+        assert sum(base["tasks"].values()) == 0
+        for n in range(8):
+            tasks = "".join(f'[[tasks]]\nid = "t{i}"\ncommand = ["true"]\n' for i in range(5))
+            d.submit(f'id = "run-{n}"\n{tasks}', f"r{n}.toml")
+        d.submit('id = "broken"\n[[tasks]]\nid = "x"\ncommand = "exit 1"\nmax_retries = 0\n')
+        for n in range(8):
+            d.wait_ws(f"run-{n}", "completed")
+        d.wait_ws("broken", "failed")
+        assert sum(d.call("status")["tasks"].values()) == 41
+        offset.write_text("7200")
+
+        def counts() -> tuple[int, int]:
+            st = d.call("status")
+            return sum(st["workstreams"].values()), sum(st["tasks"].values())
+
+        d.wait_for(lambda: counts() == (1, 1), 15, "the finished runs to be retired")
+        assert live_ids(d) == ["broken"]
+        assert len(d.events("workstream_retired")) == 8
+        offset.write_text(str(2 * 86400))
+        d.wait_for(lambda: counts() == (0, 0), 15, "the failed run to be retired")
+        assert len(list((d.state_dir / "archive").glob("*.tar.gz"))) == 9
         assert json.loads(ok(d, "--json", "state", "validate"))["ok"] is True
     finally:
         d.stop()
