@@ -389,9 +389,20 @@ def _human(method: str, result: Any, colour: bool) -> str:
             )
         case "ws_list_archived":
             return render.table(
-                ["workstream", "bytes", "archived"],
-                [(a["id"], a["bytes"], render.local_time(a["archived_at"])) for a in result],
+                ["workstream", "name", "state", "tasks", "bytes", "archived"],
+                [
+                    (
+                        a["id"],
+                        a.get("name") or "-",
+                        a.get("state") or "?",
+                        a.get("tasks", "?"),
+                        a["bytes"],
+                        render.local_time(a["archived_at"]),
+                    )
+                    for a in result
+                ],
                 colour=colour,
+                state_col=2,
             )
         case "ws_show_archived":
             return (

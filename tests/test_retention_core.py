@@ -16,6 +16,7 @@ from supervisor.core.config import RetentionConfig
 from supervisor.core.effects import DropFiles, WriteArchive
 from supervisor.core.errors import OperatorError
 from supervisor.core.model import State, Workstream, WorkstreamState, equal_states
+from supervisor.core.queue import Timers
 from supervisor.core.retention import due, next_due
 from tests.rig import Rig, config
 
@@ -195,3 +196,16 @@ def test_a_retirement_the_log_refuses_is_taken_back_whole() -> None:
     assert msgspec.json.encode(rig.state.data) == before
     rig.deliver()  # the refused step's input is handled again
     assert first not in rig.state.data.workstreams
+
+
+def test_disarmed_timers_leave_the_heap_long_before_they_would_fire() -> None:
+    """A timeout disarmed when its attempt ends (10,000 of them, each 600 s away) does not
+    stay in the timers' heap until its deadline; armed ones still fire."""
+    timers = Timers()
+    for i in range(10_000):
+        timers.arm("timeout", f"t{i}", 600.0 + i)
+        if i % 100:
+            timers.disarm("timeout", f"t{i}")
+    assert len(timers._heap) < 2 * 100 + 1024 + 1
+    assert timers.next_due() == 600.0
+    assert len(timers.pop_due(1e9)) == 100

@@ -9,8 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from supervisor.control import protocol as p
 from supervisor.core.errors import OperatorError
+from supervisor.core.model import Task, Workstream
+from supervisor.core.views import task_view
 from supervisor.store import archive
 
 
@@ -25,9 +29,11 @@ def _doc(state_dir: Path, ws_id: str) -> dict[str, Any]:
 
 def ws_show_archived(state_dir: Path, params: p.WsShowArchivedParams) -> dict[str, Any]:
     doc = _doc(state_dir, params.workstream)
-    out: dict[str, Any] = dict(doc["workstream"])
-    out.setdefault("state", "pending")
-    out["tasks"] = doc.get("tasks", [])
+    ws = msgspec.convert(doc["workstream"], Workstream)
+    out: dict[str, Any] = msgspec.to_builtins(ws)
+    out["state"] = str(ws.state)
+    out["paused"] = ws.paused
+    out["tasks"] = [task_view(t) for t in msgspec.convert(doc.get("tasks", []), list[Task])]
     out["archived"] = True
     out["archived_at"] = doc.get("archived_at")
     out["archive"] = str(archive.archive_path(state_dir, params.workstream))

@@ -127,7 +127,17 @@ class Timers:
         heapq.heappush(self._heap, (when, kind, key))
 
     def disarm(self, kind: str, key: str) -> None:
-        self._armed.pop((kind, key), None)
+        if self._armed.pop((kind, key), None) is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the heap's stale entries once they outnumber the armed ones: a timeout
+        disarmed when its attempt ends long before it would fire (most of them) must not
+        stay in memory for the whole timeout."""
+        heap, armed = self._heap, self._armed
+        if len(heap) > 2 * len(armed) + 1024:
+            heap[:] = [e for e in heap if armed.get((e[1], e[2])) == e[0]]
+            heapq.heapify(heap)
 
     def armed(self, kind: str, key: str) -> float | None:
         return self._armed.get((kind, key))

@@ -28,8 +28,7 @@ from supervisor.core.config import RetentionConfig
 from supervisor.core.context import Core
 from supervisor.core.effects import DropFiles, WriteArchive
 from supervisor.core.errors import OperatorError
-from supervisor.core.model import RETIRED, State, Transition, Workstream
-from supervisor.core.views import task_view
+from supervisor.core.model import RETIRED, State, Task, Transition, Workstream
 
 # The states of a finished workstream; only these may be retired.
 FINISHED: Final = frozenset({"completed", "failed", "cancelled", "merged"})
@@ -46,7 +45,8 @@ class ArchiveDocument(msgspec.Struct, kw_only=True):
     archived_at: float
     last_seq: int
     workstream: Workstream
-    tasks: list[dict[str, object]]
+    # As the state holds them (defaults omitted): `task_view` shows each whole.
+    tasks: list[Task]
 
 
 def _ended(ws: Workstream) -> float:
@@ -83,14 +83,15 @@ def next_due(workstreams: Iterable[Workstream], cfg: RetentionConfig) -> float |
 
 
 def document(state: State, ws_id: str, wall: float) -> bytes:
-    """The archive's document: the workstream, its tasks and their attempts, as JSON."""
+    """The archive's document: the workstream, its tasks and their attempts, as JSON
+    (the structs encoded as they are: a few ms for 2,000 tasks, in the step)."""
     ws = state.data.workstreams[ws_id]
     tasks = state.data.tasks
     doc = ArchiveDocument(
         archived_at=wall,
         last_seq=state.last_seq,
         workstream=ws,
-        tasks=[task_view(tasks[t]) for t in ws.task_ids if t in tasks],
+        tasks=[tasks[t] for t in ws.task_ids if t in tasks],
     )
     return msgspec.json.encode(doc)
 

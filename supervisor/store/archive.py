@@ -1,6 +1,7 @@
 """The archive of retired workstreams: archive/<ws>.tar.gz (stdlib tarfile, gzip), each
-holding `workstream.json` (the workstream, its tasks and attempts, as its retirement step
-encoded them), `checkpoints/…` and `logs/<task>.log`. Written to a temp name, fsynced,
+holding `summary.json` first (what `ws list --archived` shows), `workstream.json` (the
+workstream, its tasks and attempts, as its retirement step encoded them), `checkpoints/…`
+and `logs/<task>.log`. Written to a temp name, fsynced,
 renamed and the directory fsynced before the retirement is recorded; the workstream's
 own files are deleted only after that record is durable (core/retention.py has the
 order). Reading it (`ws show --archived`, `logs`) runs in a worker thread, never in a
@@ -8,7 +9,9 @@ step of the engine.
 
 Writing it again is harmless: what an older archive of the same workstream holds and
 the disk no longer does (its logs, after a restore from a backup from before its
-retirement) is carried over into the new one.
+retirement) is carried over into the new one. The archive of another run under the same
+id (an explicit id submitted again after its retirement) is kept as
+archive/<ws>.<its submission time>.tar.gz.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import msgspec
 import structlog
 
 from supervisor import failpoints
-from supervisor.store.files import TMP_SUFFIX, fsync_dir
+from supervisor.store.files import TMP_SUFFIX, fsync_dir, utc_stamp
 
 log = structlog.get_logger("orchd.store")
 
 SUFFIX: Final = ".tar.gz"
+SUMMARY: Final = "summary.json"
 DOCUMENT: Final = "workstream.json"
 
 
@@ -83,10 +87,14 @@ def write_archive(state_dir: Path, ws_id: str, document: bytes, *, fsync: bool =
     final = archive_path(state_dir, ws_id)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
-    names: set[str] = {DOCUMENT}
+    names: set[str] = {SUMMARY, DOCUMENT}
+    summary = _summary(document)
+    older = _older_run(final, summary)
     try:
         with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
-            _add_bytes(tar, DOCUMENT, document, time.time())
+            now = time.time()
+            _add_bytes(tar, SUMMARY, msgspec.json.encode(summary), now)
+            _add_bytes(tar, DOCUMENT, document, now)
             for path in _checkpoint_files(state_dir, ws_id):
                 arc = f"checkpoints/{path.name}"
                 tar.add(path, arcname=arc, recursive=False)
@@ -95,11 +103,17 @@ def write_archive(state_dir: Path, ws_id: str, document: bytes, *, fsync: bool =
                 arc = f"logs/{path.name}"
                 tar.add(path, arcname=arc, recursive=False)
                 names.add(arc)
-            _carry_over(final, tar, names)
+            if older is None:
+                _carry_over(final, tar, names)
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         failpoints.crash_point("retire_archive_tmp")
+        if older is not None:
+            # The archive of an earlier run under the same id (an explicit id submitted
+            # again) keeps a name of its own.
+            older.unlink(missing_ok=True)
+            os.link(final, older)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -108,6 +122,49 @@ def write_archive(state_dir: Path, ws_id: str, document: bytes, *, fsync: bool =
         fsync_dir(final.parent)
     failpoints.crash_point("retire_archived")
     return final
+
+
+def _summary(document: bytes) -> dict[str, Any]:
+    """What `ws list --archived` shows of an archive, its first member."""
+    doc = msgspec.json.decode(document)
+    ws = doc.get("workstream", {})
+    return {
+        "id": ws.get("id"),
+        "name": ws.get("name"),
+        "number": ws.get("number"),
+        "state": ws.get("state", "pending"),
+        "submitted_at": ws.get("submitted_at", 0.0),
+        "ended_at": ws.get("ended_at"),
+        "tasks": len(doc.get("tasks", [])),
+        "archived_at": doc.get("archived_at"),
+    }
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """An archive's summary (its first member), None when it has none or is damaged."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = tar.next()
+            if first is None or first.name != SUMMARY:
+                return None
+            f = tar.extractfile(first)
+            if f is None:
+                return None
+            out: dict[str, Any] = msgspec.json.decode(f.read())
+            return out
+    except (tarfile.TarError, OSError, msgspec.DecodeError):
+        return None
+
+
+def _older_run(final: Path, summary: dict[str, Any]) -> Path | None:
+    """Where the existing archive goes when it is of another run under the same id."""
+    if not final.exists():
+        return None
+    old = read_summary(final)
+    if old is None or old.get("submitted_at") == summary.get("submitted_at"):
+        return None
+    stamp = utc_stamp(float(old.get("submitted_at") or 0.0))
+    return final.with_name(f"{final.name[: -len(SUFFIX)]}.{stamp}{SUFFIX}")
 
 
 def _carry_over(old: Path, tar: tarfile.TarFile, have: set[str]) -> None:
@@ -229,12 +286,14 @@ def list_archived(state_dir: Path) -> list[dict[str, Any]]:
     for e in entries:
         if e.name.endswith(SUFFIX) and e.is_file():
             st = e.stat()
+            summary = read_summary(Path(e.path)) or {}
             out.append(
-                {
+                summary
+                | {
                     "id": e.name[: -len(SUFFIX)],
                     "path": e.path,
                     "bytes": st.st_size,
-                    "archived_at": st.st_mtime,
+                    "archived_at": summary.get("archived_at") or st.st_mtime,
                 }
             )
     out.sort(key=lambda d: (d["archived_at"], d["id"]))
