@@ -110,6 +110,8 @@ class Rig:
         self.dropped: list[str] = []
         # With `hold_archived`, an archive's Archived waits in `held` (still being written).
         self.hold_archived = False
+        # When set, every archive "fails" with this error.
+        self.archive_error: str | None = None
         self.held: list[Input] = []
         # Send(Run) effects whose attempt was not the task's running attempt when sent.
         self.bad_runs: list[str] = []
@@ -263,7 +265,11 @@ class Rig:
             case WriteArchive(workstream_id=ws_id, document=doc):
                 # The archive is "written" at once: the machine hears so in the next step.
                 self.archives[ws_id] = doc
-                done = Archived(ws_id, path=f"archive/{ws_id}.tar.gz")
+                done = (
+                    Archived(ws_id, error=self.archive_error)
+                    if self.archive_error
+                    else Archived(ws_id, path=f"archive/{ws_id}.tar.gz")
+                )
                 if self.hold_archived:
                     self.held.append(done)
                 else:

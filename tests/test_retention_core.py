@@ -17,7 +17,7 @@ from supervisor.core.effects import DropFiles, WriteArchive
 from supervisor.core.errors import OperatorError
 from supervisor.core.model import State, Workstream, WorkstreamState, equal_states
 from supervisor.core.queue import Timers
-from supervisor.core.retention import due, next_due
+from supervisor.core.retention import RETRY_AFTER_S, due, next_due
 from tests.rig import Rig, config
 
 PIPELINE = """name = "nightly"
@@ -209,3 +209,29 @@ def test_disarmed_timers_leave_the_heap_long_before_they_would_fire() -> None:
     assert len(timers._heap) < 2 * 100 + 1024 + 1
     assert timers.next_due() == 600.0
     assert len(timers.pop_due(1e9)) == 100
+
+
+def test_an_archive_that_cannot_be_written_leaves_the_run_live_and_is_tried_again_later() -> None:
+    """A failed archive (a full disk) is an `archive_failed` event; the run stays live and
+    its archive is not asked for again, whatever else happens, until RETRY_AFTER_S of
+    wall time have passed; then it is retired."""
+    rig = rig_with(keep_finished=1)
+    rig.archive_error = "No space left on device"
+    first = submit(rig)
+    finish_all(rig)
+    submit(rig)
+    finish_all(rig)
+    rig.deliver()
+    assert first in rig.state.data.workstreams
+    (ev,) = rig.events("archive_failed")
+    assert ev.workstream_id == first and "No space left" in (ev.message or "")
+    asked = sum(isinstance(e, WriteArchive) and e.workstream_id == first for e in rig.effects)
+    submit(rig)  # more work, more steps: no new attempt at the archive yet
+    finish_all(rig)
+    rig.archive_error = None
+    rig.advance(RETRY_AFTER_S / 2)
+    again = sum(isinstance(e, WriteArchive) and e.workstream_id == first for e in rig.effects)
+    assert again == asked
+    rig.advance(RETRY_AFTER_S)
+    rig.deliver()
+    assert first not in rig.state.data.workstreams

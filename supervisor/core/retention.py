@@ -104,14 +104,20 @@ def sweep(m: Core) -> None:
     data = m.state.data
     cfg = m.cfg.retention
     wss = data.workstreams.values()
+    retry: list[float] = []
     for ws_id in due(wss, cfg, m.wall):
-        if rt.archiving(ws_id) is None and m.state.retire_problem(ws_id) is None:
-            _archive(m, ws_id, "auto")
+        if rt.archiving(ws_id) is not None or m.state.retire_problem(ws_id) is not None:
+            continue
+        at = rt.archive_retry_at(ws_id)
+        if at is not None and at > m.wall:
+            retry.append(at)  # its last archive failed: not again before then
+            continue
+        _archive(m, ws_id, "auto")
     # Looked at again at the next change, or when the next one comes of age (those just
     # found due but not retirable yet are looked at again when their tasks move).
     waiting = [ws for ws in wss if ws.state in FINISHED and rt.archiving(ws.id) is None]
     later = next_due((ws for ws in waiting if _deadline(ws, cfg) > m.wall), cfg)
-    rt.set_retention_at(later)
+    rt.set_retention_at(min([*retry, later] if later is not None else retry, default=None))
 
 
 def _archive(m: Core, ws_id: str, cause: str) -> None:
@@ -159,7 +165,8 @@ def on_archived(m: Core, ws_id: str, path: str, error: str | None) -> Transition
             workstream_id=ws_id,
             message=f"{error}; the workstream stays live, tried again in {RETRY_AFTER_S:g}s",
         )
-        rt.set_retention_at(m.wall + RETRY_AFTER_S)
+        rt.set_archive_retry_at(ws_id, m.wall + RETRY_AFTER_S)
+        rt.retention_changed()
         return None
     task_ids = list(ws.task_ids)
     rec = m.commit(

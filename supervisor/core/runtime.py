@@ -42,6 +42,7 @@ class Runtime:
         # Retention: workstreams whose archive is being written (and by whose cause), the
         # wall time the next one falls due, and whether that must be worked out again.
         self._archiving: dict[str, str] = {}
+        self._archive_retry: dict[str, float] = {}  # ws -> wall time of the next try
         self._retention_at: float | None = None
         self._retention_stale = True
         self.counters: dict[str, int] = {}
@@ -322,6 +323,16 @@ class Runtime:
         else:
             self._set(self._archiving, ws_id, cause)
 
+    def archive_retry_at(self, ws_id: str) -> float | None:
+        """After a failed archive: the wall time before which it is not tried again."""
+        return self._archive_retry.get(ws_id)
+
+    def set_archive_retry_at(self, ws_id: str, wall: float | None) -> None:
+        if wall is None:
+            self._del(self._archive_retry, ws_id)
+        else:
+            self._set(self._archive_retry, ws_id, wall)
+
     def retention_due(self, wall: float) -> bool:
         """Retention has something to look at: the workstreams changed, or the wall time
         of the next one due has come."""
@@ -341,6 +352,7 @@ class Runtime:
         """Workstream `ws_id` and its tasks left the state: nothing of them stays here
         (taken back whole with the step)."""
         ids = set(task_ids)
+        self.set_archive_retry_at(ws_id, None)
         for tid in ids & self._parked_on.keys():
             self._del(self._parked_on, tid)
         for times in (self._queued_at, self._backoff_until):
