@@ -91,7 +91,10 @@ def test_runs_beyond_the_count_are_archived_shown_and_their_logs_read_after_a_re
             assert "(retired; archive" in ok(d, "ws", "show", "--archived", first)
             assert ok(d, "logs", f"{first}/build") == built
             assert "checked" in ok(d, "logs", f"{first}/check")
-            assert first in [a["id"] for a in d.ctl_json("ws", "list", "--archived")]
+            listed = {a["id"]: a for a in d.ctl_json("ws", "list", "--archived")}
+            assert (listed[first]["name"], listed[first]["state"]) == ("nightly", "completed")
+            assert listed[first]["tasks"] == 2
+            assert first in ok(d, "ws", "list", "--archived")
             assert d.stop() == 0
             d.start()
             assert live_ids(d) == [second]
