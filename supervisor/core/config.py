@@ -94,6 +94,17 @@ class StoreConfig(_Section):
     metrics_interval_s: float = 10.0
 
 
+class RetentionConfig(_Section):
+    """How long finished workstreams stay live before they are archived and retired."""
+
+    # A completed, cancelled or merged run leaves after this long ...
+    keep_finished_s: float = 7 * 24 * 3600.0
+    # ... or once this many newer finished runs of its pipeline (`name`) exist.
+    keep_finished: int = 50
+    # A failed run waits for an operator: it leaves only after this long.
+    keep_failed_s: float = 30 * 24 * 3600.0
+
+
 class ControlConfig(_Section):
     # Who may use the socket, by user name/uid and group name/gid. root and the daemon's
     # own user may always do everything.
@@ -134,6 +145,7 @@ class Config(_Section):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     resources: dict[str, ResourceConfig] = {}
 
     @property
@@ -155,7 +167,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
             )
 
     positive("workers.count", cfg.workers.count, zero_ok=True)
-    for section in ("health", "tasks", "store"):
+    for section in ("health", "tasks", "store", "retention"):
         sub = getattr(cfg, section)
         for name in sub.__struct_fields__:
             value = getattr(sub, name)
