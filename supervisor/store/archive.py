@@ -28,7 +28,8 @@ import msgspec
 import structlog
 
 from supervisor import failpoints
-from supervisor.store.files import TMP_SUFFIX, fsync_dir, utc_stamp
+from supervisor.store.files import TMP_SUFFIX, utc_stamp
+from supervisor.store.logfile import fsync_dir
 
 log = structlog.get_logger("orchd.store")
 
