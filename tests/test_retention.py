@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.store.backups import list_kinds
 from tests.harness import ROOT, Daemon, assert_no_leftovers
 
 PIPELINE = """name = "nightly"
@@ -162,11 +163,14 @@ def test_a_backup_from_before_a_retirement_restores(tmp_path: Path) -> None:
         d.wait_ws("ws-r", "completed")
         assert d.stop() == 0  # a clean stop writes a snapshot with ws-r live
         d.start()
-        ok(d, "ws", "retire", "ws-r")
+        retired = ok(d, "ws", "retire", "ws-r")
         assert "ws-r" not in live_ids(d)
         assert d.stop() == 0
-        backups = sorted((d.state_dir / "backups").iterdir())
-        live_in = [b for b in backups if '"ws-r"' in b.read_text()]
+        # A backup is a full copy or a restore point (a few bytes naming its record):
+        # one from before the retirement is one whose record comes before it.
+        at = int(retired.split("(seq ", 1)[1].split(")", 1)[0])
+        kinds = list_kinds(d.state_dir / "backups")
+        live_in = [b.path for b in kinds if b.seq is not None and b.seq < at]
         assert live_in, "no backup from before the retirement"
         r = offline(d.state_dir, "restore", "--from-backup", live_in[-1].name, "--yes")
         assert r.returncode == 0, r.stderr
