@@ -61,20 +61,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_toml(cfg: dict[str, Any]) -> str:
-    """A small TOML writer for test configs (scalars and nested tables)."""
+    """A small TOML writer for test configs (scalars, nested tables, arrays of tables)."""
     lines: list[str] = []
 
     def scalar(v: Any) -> str:
         return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
 
-    def section(prefix: str, d: dict[str, Any]) -> None:
-        simple = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    def tables(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def section(prefix: str, d: dict[str, Any], array: bool = False) -> None:
+        simple = {k: v for k, v in d.items() if not isinstance(v, dict) and not tables(v)}
         if prefix:
-            lines.append(f"[{prefix}]")
+            lines.append(f"[[{prefix}]]" if array else f"[{prefix}]")
         lines.extend(f"{k} = {scalar(v)}" for k, v in simple.items())
         for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else k
             if isinstance(v, dict):
-                section(f"{prefix}.{k}" if prefix else k, v)
+                section(name, v)
+            elif tables(v):  # a list of tables: [[workers.hosts]]
+                for item in v:
+                    section(name, item, array=True)
 
     section("", cfg)
     return "\n".join(lines) + "\n"
