@@ -87,8 +87,12 @@ def _keygen(path: Path, comment: str) -> str:
 class RemoteHost:
     """sshd in a network namespace on a veth pair; see the module docstring."""
 
-    def __init__(self, name: str = "build-2") -> None:
+    def __init__(self, name: str = "build-2", python: str = sys.executable) -> None:
         self.name = name
+        # The interpreter the host's agent runs with (the `python` of its [[workers.hosts]]);
+        # the restricted key runs `<python> -m supervisor.workers.agent …` and nothing else.
+        self.python = python
+        self.agent = f"{python} -m supervisor.workers.agent"
         token = secrets.token_hex(3)
         self.ns = f"orchd-{token}"
         # Interface names are limited to 15 bytes.
@@ -175,7 +179,7 @@ class RemoteHost:
         self.client_public = _keygen(self.client_key, "orchd-test-client")
         self.host_public = host_public
         self.known_hosts.write_text(f"{self.address} {host_public}\n")
-        self.authorized_keys.write_text(restricted_key_line(self.client_public))
+        self.authorized_keys.write_text(restricted_key_line(self.client_public, self.agent))
 
     def _write_configs(self) -> None:
         self.sshd_config.write_text(
@@ -275,12 +279,12 @@ class RemoteHost:
     def refuse_client_key(self) -> None:
         """Authorize another key only: the client's key is refused."""
         other = _keygen(self.dir / "other_client_key", "orchd-test-other")
-        self.authorized_keys.write_text(restricted_key_line(other))
+        self.authorized_keys.write_text(restricted_key_line(other, self.agent))
 
     def restore_keys(self) -> None:
         """The right host key pinned and the client's key authorized again."""
         self.known_hosts.write_text(f"{self.address} {self.host_public}\n")
-        self.authorized_keys.write_text(restricted_key_line(self.client_public))
+        self.authorized_keys.write_text(restricted_key_line(self.client_public, self.agent))
 
     # --- looking at it ------------------------------------------------------------------------
 
@@ -324,12 +328,12 @@ class RemoteHost:
             "host": self.name,
             "count": count,
             "transport": self.transport,
-            "python": sys.executable,
+            "python": self.python,
         } | more
 
 
 @contextlib.contextmanager
-def remote_host(name: str = "build-2") -> Iterator[RemoteHost]:
+def remote_host(name: str = "build-2", python: str = sys.executable) -> Iterator[RemoteHost]:
     """A started RemoteHost, closed afterwards."""
-    with RemoteHost(name) as host:
+    with RemoteHost(name, python) as host:
         yield host
