@@ -99,6 +99,47 @@ def event_matches(event: dict[str, Any], match: dict[str, Any]) -> bool:
     return True
 
 
+# ORCHD_TEST_REMOTE=env|ssh: every daemon whose config names no [[workers.hosts]] runs half
+# its workers (when it has two or more) as remote workers, so that tests written for local
+# workers run again, unchanged, against remote ones: "env" through the local transport
+# (no sshd needed), "ssh" on the second host of tests/remote_host.py (root, sshd).
+REMOTE_MODE = os.environ.get("ORCHD_TEST_REMOTE", "")
+FAKE_HOST_TRANSPORT = ["env", "ORCHD_FAKE_HOST={host}", "--"]
+
+
+def remote_half(cfg: dict[str, Any], mode: str = REMOTE_MODE) -> dict[str, Any]:
+    """`cfg` with half its workers on one remote host under ORCHD_TEST_REMOTE (see above),
+    and an agent lease that fits its shutdown_after_s; `cfg` itself when unset."""
+    workers = cfg.get("workers", {})
+    count = int(workers.get("count", 0))
+    if not mode or workers.get("hosts") or count < 2:
+        return cfg
+    if mode == "env":
+        host: dict[str, Any] = {
+            "host": "fake-2",
+            "transport": FAKE_HOST_TRANSPORT,
+            "python": sys.executable,
+        }
+    elif mode == "ssh":
+        from tests import remote_host
+
+        host = remote_host.shared().host_config()
+    else:
+        raise ValueError(f"ORCHD_TEST_REMOTE={mode!r}: use env or ssh")
+    host["count"] = count // 2
+    health = cfg["health"]
+    lease = health.get("agent_lease_s") or min(
+        2.0, 0.6 * (health["shutdown_after_s"] - cfg["tasks"]["kill_grace_s"])
+    )
+    return _merge(
+        cfg,
+        {
+            "workers": {"count": count - count // 2, "hosts": [host]},
+            "health": {"agent_lease_s": lease},
+        },
+    )
+
+
 class DaemonExited(AssertionError):
     """Raised while waiting for a daemon that has already exited."""
 
@@ -117,8 +158,11 @@ class Daemon:
         self.state_dir = tmp / "state"
         STATE_DIRS.add(self.state_dir)
         self.socket = str(tmp / "orchd.sock")
-        self.cfg = _merge(
-            FAST, {"state_dir": str(self.state_dir), "socket_path": self.socket} | (overrides or {})
+        self.cfg = remote_half(
+            _merge(
+                FAST,
+                {"state_dir": str(self.state_dir), "socket_path": self.socket} | (overrides or {}),
+            )
         )
         self.config_path = tmp / "orchd.toml"
         self.config_path.write_text(to_toml(self.cfg))

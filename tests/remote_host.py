@@ -18,6 +18,7 @@ and the temporary directory, whatever state the test left them in.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import ipaddress
@@ -337,3 +338,19 @@ def remote_host(name: str = "build-2", python: str = sys.executable) -> Iterator
     """A started RemoteHost, closed afterwards."""
     with RemoteHost(name, python) as host:
         yield host
+
+
+_SHARED: list[RemoteHost] = []
+
+
+def shared() -> RemoteHost:
+    """The one second host of this test run (ORCHD_TEST_REMOTE=ssh), made on first use and
+    removed when the run ends; the test is skipped where no RemoteHost can be made."""
+    if not _SHARED:
+        why = missing()
+        if why is not None:
+            pytest.skip(f"ORCHD_TEST_REMOTE=ssh {why}")
+        host = RemoteHost("build-2").start()
+        atexit.register(host.close)
+        _SHARED.append(host)
+    return _SHARED[0]
