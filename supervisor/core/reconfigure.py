@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgspec
 
 from supervisor.core.config import Config, diff
+from supervisor.core.dispatch import hosts_reloaded
 from supervisor.core.lifecycle import new_worker_id, retire_worker, spawn_worker
 from supervisor.core.machine import Machine
 from supervisor.core.policy import StopReason
@@ -48,6 +49,10 @@ def apply(s: Machine, new: Config, why: str) -> None:
             cause="config",
             replace=False,
         )
+    # Hosts may have come or gone: tasks that wait for one come back to the queue, those
+    # whose host is gone are reported.
+    s.rt.unpark_all_placement()
+    hosts_reloaded(s)
     needs_restart = [c for c in changed if c.startswith(RESTART_ONLY)]
     s.emit(
         "config_reloaded",
