@@ -388,3 +388,22 @@ def test_snapshot_rebuilds_per_host_holders() -> None:
     live = {k: sorted(v) for k, v in rig.state.graph.holders.items() if v}
     assert {k: sorted(v) for k, v in loaded.graph.holders.items() if v} == live
     assert len(live) == 3
+
+
+def test_tasks_for_a_busy_host_are_not_touched_while_others_run() -> None:
+    """Hundreds of tasks queued for a busy host stay in their lane, unlooked-at, while
+    tasks that may run anywhere go through the other workers (no scan per idle worker)."""
+    rig = farm()
+    rig.submit("busy", [cmd("hold", runs_on="build-2")])
+    rig.submit("many", [cmd(f"m{i}", runs_on="build-2") for i in range(300)])
+    rt = rig.m.rt
+    assert len(rt.lane_tasks("build-2")) == 300
+    rig.submit("free", [cmd(f"f{i}") for i in range(20)])
+    for i in range(20):
+        finish(rig, f"f{i}")
+    assert all(rig.task(f"f{i}").state == TaskState.COMPLETED for i in range(20))
+    assert len(rt.lane_tasks("build-2")) == 300  # never popped, never parked
+    assert not list(rt.parked_resources())
+    finish(rig, "hold")
+    assert rig.task("m0").state == TaskState.RUNNING
+    assert len(rt.lane_tasks("build-2")) == 299
