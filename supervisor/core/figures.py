@@ -46,7 +46,16 @@ def remote_report(m: Core, wid: str) -> dict[str, Any]:
 
 def resource_figures(m: Core) -> list[dict[str, Any]]:
     rt = m.rt
-    return resource_views(m.state, {r: rt.waiting_on(r) for r in rt.parked_resources()})
+    waiting = {r: rt.waiting_on(r) for r in rt.parked_resources()}
+    per_host = m.hosts.per_host
+    tasks = m.state.data.tasks
+    for key in [k for k in waiting if k.startswith("@")]:
+        # Parked on their placement: they wait for their per-host resources.
+        for tid in waiting.pop(key):
+            for r in tasks[tid].resources if tid in tasks else ():
+                if r in per_host:
+                    waiting.setdefault(r, []).append(tid)
+    return resource_views(m.state, waiting, per_host)
 
 
 def metrics(m: Core, transitions_per_s: float) -> dict[str, Any]:

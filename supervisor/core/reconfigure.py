@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from supervisor.core.config import Config, diff
+from supervisor.core.dispatch import hosts_reloaded
 from supervisor.core.lifecycle import new_worker_id, retire_worker, spawn_worker
 from supervisor.core.machine import Machine
 from supervisor.core.policy import StopReason
@@ -40,10 +41,14 @@ def apply(s: Machine, new: Config, why: str) -> None:
     for host, count in wanted.items():
         _resize(s, host, count)
     for w in list(s.state.data.workers.values()):
-        if w.host and w.host not in wanted and w.state != "shutdown":
-            # Its host left the config: every worker there goes (a running task is
-            # reassigned; its attempt there is settled by the lease rule).
+        if w.host and w.host not in wanted and s.rt.is_idle(w.id):
+            # Its host left the config: its idle workers go now, the busy ones once their
+            # task is over (lifecycle.release_worker).
             _retire(s, w.id)
+    # Hosts may have come or gone: tasks that wait for one come back to the queue, those
+    # whose host is gone are reported.
+    s.rt.unpark_all_placement()
+    hosts_reloaded(s)
     needs_restart = [c for c in changed if c.startswith(RESTART_ONLY)]
     s.emit(
         "config_reloaded",
