@@ -12,7 +12,7 @@ from supervisor.control import protocol as p
 from supervisor.core import wire
 from supervisor.core.config import Config, HealthConfig, HostConfig, ResourceConfig, TasksConfig
 from supervisor.core.config import WorkersConfig as WorkersCfg
-from supervisor.core.effects import KillTree, Renew, Retire, Spawn
+from supervisor.core.effects import CheckSurvivors, KillTree, Renew, Retire, Spawn
 from supervisor.core.inputs import AgentExited, AgentMessage, HealthReport
 from supervisor.core.model import TaskState, WorkerState
 from tests.rig import Rig
@@ -230,3 +230,20 @@ def test_new_agent_sweep_confirms_a_given_up_attempt_dead() -> None:
     rig.box.send_nowait(AgentMessage(new, rig.pool.alive[new], wire.Swept()))
     rig.deliver()
     assert rig.task("t").state == TaskState.CANCELLED
+
+
+def test_survivors_reported_by_a_remote_agent_are_never_signalled_from_here() -> None:
+    """A remote agent's Finished naming survivors (pids of its host) is an event: the
+    daemon never checks or SIGKILLs those pids on its own host."""
+    rig = Rig(remote_config())
+    wid = start_one(rig)
+    run = rig.pool.current.pop(wid)
+    msg = wire.Finished(
+        attempt_id=run.attempt_id, phase="command", exit_code=1, survivors=((1, 12345),)
+    )
+    rig.box.send_nowait(AgentMessage(wid, rig.pool.alive[wid], msg))
+    rig.deliver()
+    assert not [e for e in rig.effects if isinstance(e, CheckSurvivors)]
+    (ev,) = rig.events("remote_survivors")
+    assert ev.data["pids"] == [1]
+    assert not rig.task("t").survivors

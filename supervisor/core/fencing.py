@@ -24,7 +24,6 @@ from supervisor.core.effects import Send
 from supervisor.core.lifecycle import FENCE, attempt_task, end_sweep
 from supervisor.core.model import FailureKind, Task, TaskState, WorkerState
 from supervisor.core.outcome import on_finished
-from supervisor.core.survivors import hold
 
 
 def live_on(m: Core, host: str) -> tuple[str, ...]:
@@ -156,8 +155,6 @@ def on_finished_remote(m: Core, wid: str, msg: wire.Finished) -> bool:
     task = _running_with(m, msg.attempt_id)
     if task is not None and m.rt.armed(FENCE, task.id) is not None:
         settle_lost(m, task, "its end was reported" + (" (fenced)" if msg.fenced else ""))
-        if msg.survivors:
-            hold(m, task, msg.attempt_id, msg.survivors)
         return True
     late(m, wid, msg)
     return True
