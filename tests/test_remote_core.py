@@ -247,3 +247,26 @@ def test_survivors_reported_by_a_remote_agent_are_never_signalled_from_here() ->
     (ev,) = rig.events("remote_survivors")
     assert ev.data["pids"] == [1]
     assert not rig.task("t").survivors
+
+
+def test_sweep_lists_every_live_attempt_and_holds_all_dispatch_until_answered() -> None:
+    """A new remote agent's Sweep lists the daemon's live attempts on any host (its host
+    may be this very machine), and no task starts anywhere until it is answered."""
+    rig = Rig(remote_config(local=2, remote=1))
+    rig.submit("ws", [{"id": "a", "command": "true", "runs_on": "local"}])
+    rig.deliver()
+    (local,) = [w for w, _ in rig.sent_runs()]
+    live_attempt = rig.pool.current[local].attempt_id
+    rig.pool.answer_sweep = False
+    (remote,) = remote_ids(rig)
+    rig.pool.die(remote, 0)  # idle when it exits: replaced at once, the new agent sweeps
+    rig.deliver()
+    (new,) = remote_ids(rig)
+    sweep = [m for w, m in rig.pool.sent if w == new][-1]
+    assert isinstance(sweep, wire.Sweep) and sweep.live == [live_attempt]
+    rig.submit("ws2", [{"id": "b", "command": "true", "runs_on": "local"}])
+    rig.deliver()
+    assert rig.task("b").state == TaskState.QUEUED  # a local worker is idle, yet it waits
+    rig.box.send_nowait(AgentMessage(new, rig.pool.alive[new], wire.Swept()))
+    rig.deliver()
+    assert rig.task("b").state == TaskState.RUNNING
