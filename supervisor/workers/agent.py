@@ -27,6 +27,7 @@ attempt's tree before it exits: no task outlives its supervisor unseen.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -150,7 +151,7 @@ class Agent:
                     self._on_kill(msg)
                 case wire.Stop():
                     log.info("stop_requested", grace_s=msg.grace_s)
-                    self._shutdown(0, msg.grace_s)
+                    self._shutdown(0, self._grace(msg.grace_s))
                     return
                 case wire.Sweep():
                     self._start_sweep(msg)
@@ -185,7 +186,11 @@ class Agent:
             log.warning("kill_for_unknown_attempt", attempt_id=kill.attempt_id)
             return
         log.info("kill_requested", attempt_id=kill.attempt_id, reason=kill.reason)
-        self._request_kill(attempt, kill.grace_s, kill.reason)
+        self._request_kill(attempt, self._grace(kill.grace_s), kill.reason)
+
+    def _grace(self, grace_s: float) -> float:
+        """A kill's grace as asked, or ours when what was asked is no duration at all."""
+        return grace_s if math.isfinite(grace_s) and grace_s >= 0 else self._kill_grace_s
 
     def _request_kill(self, attempt: RunningAttempt, grace_s: float, reason: str) -> None:
         assert self._tg is not None
@@ -332,7 +337,8 @@ class Agent:
                     result.killed = True
                 await self._runner.close_cgroup(attempt, result)
                 launch.write_line(out, launch.footer(run, result))
-        except (OSError, spool.SpoolError) as exc:
+        except (OSError, ValueError, spool.SpoolError) as exc:
+            # ValueError: a path with a NUL byte in it.
             result = wire.Finished(attempt_id=run.attempt_id, phase="spawn", message=str(exc))
         finally:
             if attempt.kill_requested:
