@@ -210,7 +210,9 @@ def test_odd_but_valid_frames_never_crash_the_agent(
     """A real agent fed odd frames (empty commands, NUL bytes, bad attempt ids, NaN graces,
     unknown kills, sweeps) answers each Run and still runs a task after."""
     where = Path(tempfile.mkdtemp(dir=tmp_path))
-    args = ("--lease-s", "2", "--spool", str(where / "spool")) if lease else ()
+    # Always a spool of the test's own: a sweep is scoped to it, and must never reach the
+    # processes of anyone else on the host.
+    args = ("--spool", str(where / "spool"), *(("--lease-s", "2") if lease else ()))
 
     async def feed() -> None:
         async with agent(where, args=args) as a:

@@ -186,24 +186,30 @@ async def test_a_stopped_agents_shim_fences(tmp_path: Path) -> None:
 
 
 async def test_sweep_kills_stale_markers_and_leaves_live_ones(tmp_path: Path) -> None:
-    """Sweep(live) kills every process marked with an attempt id not listed (its whole
-    group, even one ignoring SIGTERM) and leaves the listed ones alone; Swept says so."""
+    """Sweep(live) kills every process an agent of the same spool started that is marked
+    with an attempt id not listed (its whole group, even one ignoring SIGTERM) and leaves
+    the listed ones alone, and those of another spool or of none (a local worker's);
+    Swept says so."""
+    ours = str(tmp_path / "spool")
     procs = {
         name: subprocess.Popen(
             ["sh", "-c", command],
-            env={**os.environ, proctree.MARKER_ENV: MARK + name},
+            env={**os.environ, proctree.MARKER_ENV: MARK + name, **scope},
             start_new_session=True,
         )
-        for name, command in (
-            ("stale", "sleep 300 & sleep 300"),
-            ("stubborn", "trap '' TERM; sleep 300"),
-            ("live", "sleep 300"),
+        for name, command, scope in (
+            ("stale", "sleep 300 & sleep 300", {proctree.SPOOL_ENV: ours}),
+            ("stubborn", "trap '' TERM; sleep 300", {proctree.SPOOL_ENV: ours}),
+            ("live", "sleep 300", {proctree.SPOOL_ENV: ours}),
+            ("other", "sleep 300", {proctree.SPOOL_ENV: str(tmp_path / "other")}),
+            ("local", "sleep 300", {}),
         )
     }
     try:
         await _until_marked("stale", 2)
         await _until_marked("stubborn", 2)
-        await _until_marked("live", 1)
+        for name in ("live", "other", "local"):
+            await _until_marked(name, 1)
         stale = {p.pid for n in ("stale", "stubborn") for p in _alive_marked(n)}
         async with leased(tmp_path) as a:
             await a.send(wire.Sweep(live=[MARK + "live"]))
@@ -213,7 +219,8 @@ async def test_sweep_kills_stale_markers_and_leaves_live_ones(tmp_path: Path) ->
             for name in ("stale", "stubborn"):
                 assert procs[name].wait(timeout=2) is not None
                 assert _alive_marked(name) == []
-            assert procs["live"].poll() is None and _alive_marked("live") != []
+            for name in ("live", "other", "local"):
+                assert procs[name].poll() is None and _alive_marked(name) != [], name
             # The sweep is over before a Run starts: the agent works on.
             done = await a.outcome(a.run("next", ["true"]))
             assert done.phase == "done"

@@ -255,6 +255,14 @@ class Agent:
         if self._sweeping is not None and not self._sweeping.is_set():
             log.warning("sweep_while_sweeping")
             return
+        if self._spool is None:
+            # A sweep is scoped to the spool; an agent started without one uses the default.
+            try:
+                self._spool = spool.prepare(spool.default_dir(os.environ))
+            except spool.SpoolError as exc:
+                log.error("bad_spool", error=str(exc))
+                self._tg.start_soon(self._channel.send, wire.Swept())
+                return
         self._sweeping = anyio.Event()
         self._tg.start_soon(self._sweep, sweep, self._sweeping)
 
@@ -268,8 +276,10 @@ class Agent:
             own = os.environ.get(proctree.MARKER_ENV)
             if own:
                 live.add(own)  # this agent runs inside an attempt itself: not ours to kill
-            grace_s = self._kill_grace_s
-            report = await anyio.to_thread.run_sync(lambda: proctree.sweep_foreign(live, grace_s))
+            grace_s, scope = self._kill_grace_s, str(self._spool)
+            report = await anyio.to_thread.run_sync(
+                lambda: proctree.sweep_foreign(live, scope, grace_s)
+            )
             self._runner.reap()
             (log.warning if report.killed else log.info)(
                 "swept",
@@ -283,8 +293,7 @@ class Agent:
                     killed=list(report.killed), pids=list(report.pids), survivors=report.survivors
                 )
             )
-            if self._spool is not None:
-                await self._report_spooled(live)
+            await self._report_spooled(live)
         finally:
             done.set()
 

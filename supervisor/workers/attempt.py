@@ -364,6 +364,7 @@ class AttemptRunner:
         env.update(run.env)
         env[launch.TASK_ID_ENV] = run.task_id
         env[proctree.MARKER_ENV] = run.attempt_id
+        env[proctree.SPOOL_ENV] = str(self._spool)
         lease_r, lease_w = os.pipe()
         status_r, status_w = os.pipe()
         try:
