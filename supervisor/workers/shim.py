@@ -317,6 +317,8 @@ def serve(opts: Options, pid: int, wake_fd: int) -> Outcome:
                     grace_s = float(word)
                 except ValueError:
                     grace_s = opts.kill_grace_s
+                if not 0 <= grace_s < float("inf"):  # also NaN
+                    grace_s = opts.kill_grace_s
                 return Outcome("kill", grace_s=grace_s, why="agent")
 
 
