@@ -296,8 +296,8 @@ def test_daemon_sigkill_leaves_no_remote_tree_and_a_restart_runs_each_task_once(
 
 
 def agent_pid(host: RemoteHost, worker_id: str) -> int:
-    """The pid of the agent of `worker_id` on the host."""
-    for pid in host.pids():
+    """The pid (here) of the agent of `worker_id` on the host."""
+    for pid in host.host_pids().values():
         with contextlib.suppress(psutil.NoSuchProcess):
             argv = psutil.Process(pid).cmdline()
             if "supervisor.workers.agent" in argv and worker_id in argv:
