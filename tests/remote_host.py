@@ -303,12 +303,15 @@ class RemoteHost:
     def _start_init(self) -> None:
         """The host's pid namespace, held by a small init (pid 1 there) that reaps orphans."""
         self.runtime_dir.mkdir(mode=0o700)
-        self._init = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "unshare", "--pid", "--fork", "--mount-proc",
-             "--kill-child", sys.executable, "-c", _INIT],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+        with self.sshd_log.open("ab") as out:
+            self._init = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, "unshare", "--pid", "--fork", "--mount-proc",
+                 "--kill-child", sys.executable, "-c", _INIT],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + 10
         while not (kids := _children(self._init.pid)):
             if self._init.poll() is not None or time.monotonic() > deadline:
