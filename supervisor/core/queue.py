@@ -1,7 +1,10 @@
 """The dispatch queue and the timers of the engine. Pure: no I/O, no clock reads.
 
-Queued tasks wait in a heap ordered by priority (higher first) then submission order
-(FIFO). A task whose resource is full is parked on that resource and put back when the
+Queued tasks wait in heaps ordered by priority (higher first) then submission order
+(FIFO), one heap per *lane*: the selector of where they may run (core/placement.py; ""
+for any host). Dispatch looks only at the lanes that a worker free now can serve, so
+tasks bound for a busy host are not touched while other hosts take work. A task whose
+resource is full is parked on that resource and put back (into its lane) when the
 resource frees up, so a scheduling step only touches what changed.
 """
 
@@ -10,27 +13,57 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-Entry = tuple[int, int, str]  # (-priority, order, task_id)
+Entry = tuple[int, int, str, str]  # (-priority, order, task_id, lane)
 
 
 class DispatchQueue:
-    """Queued task ids in dispatch order, with per-resource and per-workstream parking."""
+    """Queued task ids in dispatch order by lane, with per-resource and per-workstream
+    parking."""
 
-    __slots__ = ("_heap", "_parked", "_parked_ws")
+    __slots__ = ("_lanes", "_parked", "_parked_ws")
 
     def __init__(self) -> None:
-        self._heap: list[Entry] = []
+        self._lanes: dict[str, list[Entry]] = {}
         self._parked: dict[str, list[Entry]] = {}
         self._parked_ws: dict[str, list[Entry]] = {}
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return sum(len(h) for h in self._lanes.values())
 
-    def push(self, priority: int, order: int, task_id: str) -> None:
-        heapq.heappush(self._heap, (-priority, order, task_id))
+    def push(self, priority: int, order: int, task_id: str, lane: str = "") -> None:
+        self._push((-priority, order, task_id, lane))
 
-    def pop(self) -> Entry | None:
-        return heapq.heappop(self._heap) if self._heap else None
+    def _push(self, entry: Entry) -> None:
+        heap = self._lanes.get(entry[3])
+        if heap is None:
+            heap = self._lanes[entry[3]] = []
+        heapq.heappush(heap, entry)
+
+    def pop(self, lane: str = "") -> Entry | None:
+        heap = self._lanes.get(lane)
+        if not heap:
+            return None
+        entry = heapq.heappop(heap)
+        if not heap:
+            del self._lanes[lane]
+        return entry
+
+    def lanes(self) -> list[str]:
+        """The lanes that hold entries (stale ones included)."""
+        return list(self._lanes)
+
+    def only_any(self) -> bool:
+        """Every entry is in the lane of tasks that may run anywhere (the common case)."""
+        lanes = self._lanes
+        return not lanes or (len(lanes) == 1 and "" in lanes)
+
+    def peek(self, lane: str) -> Entry | None:
+        heap = self._lanes.get(lane)
+        return heap[0] if heap else None
+
+    def entries(self, lane: str) -> list[Entry]:
+        """The entries of `lane`, in no particular order (for reports, not dispatch)."""
+        return list(self._lanes.get(lane, ()))
 
     def park(self, resource_id: str, entry: Entry) -> None:
         """Hold `entry` until `resource_id` frees a slot."""
@@ -44,13 +77,13 @@ class DispatchQueue:
         """Put the entries parked on `resource_id` back in the queue; returns them."""
         moved = self._parked.pop(resource_id, [])
         for entry in moved:
-            heapq.heappush(self._heap, entry)
+            self._push(entry)
         return moved
 
     def unpark_ws(self, ws_id: str) -> list[Entry]:
         moved = self._parked_ws.pop(ws_id, [])
         for entry in moved:
-            heapq.heappush(self._heap, entry)
+            self._push(entry)
         return moved
 
     def unpark_entry(self, resource_id: str, entry: Entry) -> None:

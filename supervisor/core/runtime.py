@@ -39,6 +39,7 @@ class Runtime:
         self._dirty_ws: set[str] = set()
         self._queued_at: dict[str, float] = {}
         self._backoff_until: dict[str, float] = {}
+        self._idle_hosts_seen: frozenset[str] = frozenset()
         self.counters: dict[str, int] = {}
         self.queue_waits: list[float] = []
         self.draining = False
@@ -204,15 +205,38 @@ class Runtime:
 
     # -- the dispatch queue ------------------------------------------------------------
 
-    def push(self, priority: int, order: int, task_id: str) -> None:
+    def push(self, priority: int, order: int, task_id: str, lane: str = "") -> None:
         # No undo: an entry whose task is no longer queued is skipped when popped.
-        self._queue.push(priority, order, task_id)
+        self._queue.push(priority, order, task_id, lane)
 
-    def pop(self) -> Entry | None:
-        entry = self._queue.pop()
+    def pop(self, lane: str = "") -> Entry | None:
+        entry = self._queue.pop(lane)
         if entry is not None:
-            self._undo(lambda: self._queue.push(-entry[0], entry[1], entry[2]))
+            self._undo(lambda: self._queue.push(-entry[0], entry[1], entry[2], entry[3]))
         return entry
+
+    def lanes(self) -> list[str]:
+        return self._queue.lanes()
+
+    def only_any_lane(self) -> bool:
+        return self._queue.only_any()
+
+    def peek(self, lane: str) -> Entry | None:
+        return self._queue.peek(lane)
+
+    def lane_tasks(self, lane: str) -> list[str]:
+        return [e[2] for e in self._queue.entries(lane)]
+
+    def idle_hosts_seen(self) -> frozenset[str]:
+        """The hosts that had an idle worker when dispatch last parked a task on its
+        placement (core/dispatch.py): a host not among them that has one now is news."""
+        return self._idle_hosts_seen
+
+    def set_idle_hosts_seen(self, hosts: frozenset[str]) -> None:
+        old = self._idle_hosts_seen
+        if old != hosts:
+            self._idle_hosts_seen = hosts
+            self._undo(lambda: setattr(self, "_idle_hosts_seen", old))
 
     def park(self, resource_id: str, entry: Entry) -> None:
         self._queue.park(resource_id, entry)
@@ -232,6 +256,23 @@ class Runtime:
         moved = self._queue.unpark_ws(ws_id)
         if moved:
             self._undo(lambda: self._queue.repark_ws(ws_id, moved))
+
+    def unpark_placement(self, selectors: Iterable[str]) -> None:
+        """Tasks parked on their placement in these lanes go back to the queue (a host
+        they may run on has room again). Their key is `@` + the lane."""
+        parked = self._queue.parked_resources()
+        for s in selectors:
+            if "@" + s in parked:
+                self.unpark("@" + s)
+
+    def unpark_all_placement(self) -> None:
+        """Every task parked on its placement goes back to the queue (the hosts or the
+        limits of per-host resources changed)."""
+        for key in [k for k in self._queue.parked_resources() if k.startswith("@")]:
+            self.unpark(key)
+
+    def has_placement_parks(self) -> bool:
+        return any(k.startswith("@") for k in self._queue.parked_resources())
 
     def waiting_on(self, resource_id: str) -> list[str]:
         return self._queue.waiting_on(resource_id)

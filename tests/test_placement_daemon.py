@@ -1,0 +1,181 @@
+"""Placement with the real daemon: workers on other hosts through the local `env`
+transport (the agent runs on this machine exactly as a remote one, with ORCHD_FAKE_HOST
+naming its host), real tasks that write down where they ran, real orchctl."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Daemon, assert_no_leftovers, to_toml
+
+# A task's command: where it ran (the agent's fake host; unset on the daemon's own).
+WHERE = 'echo "${ORCHD_FAKE_HOST:-local}" > %s'
+
+
+def hosts_toml(hosts: list[dict[str, Any]]) -> str:
+    """[[workers.hosts]] tables on the local `env` transport."""
+    out = []
+    for h in hosts:
+        out.append("[[workers.hosts]]")
+        out.append(f'host = "{h["host"]}"')
+        out.append(f"count = {h.get('count', 1)}")
+        out.append(f"labels = {json.dumps(h.get('labels', []))}")
+        out.append('transport = ["env", "ORCHD_FAKE_HOST={host}", "--"]')
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture
+def farm(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon with one local worker, build-2 (label gpu) and build-3 (labels gpu, big),
+    one worker each, and git_repo_write per host."""
+    yield from _farm(tmp_path, local=1, per_host=1, counts=(1, 1))
+
+
+def _farm(
+    tmp_path: Path, *, local: int, per_host: int, counts: tuple[int, int]
+) -> Iterator[Daemon]:
+    d = Daemon(
+        tmp_path,
+        {
+            "workers": {"count": local},
+            "health": {"agent_lease_s": 1.0},
+            "resources": {"git_repo_write": {"max_holders": per_host, "per_host": True}},
+        },
+    )
+    d.config_path.write_text(
+        to_toml(d.cfg)
+        + hosts_toml(
+            [
+                {"host": "build-2", "count": counts[0], "labels": ["gpu"]},
+                {"host": "build-3", "count": counts[1], "labels": ["gpu", "big"]},
+            ]
+        )
+    )
+    d.start()
+    try:
+        Daemon.wait_for(
+            lambda: sum(w["state"] == "idle" for w in d.workers()) == local + sum(counts),
+            20.0,
+            "every worker idle",
+        )
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        assert_no_leftovers()
+
+
+def ws_file(tasks: list[dict[str, Any]], head: str = "") -> str:
+    out = [head]
+    for t in tasks:
+        out.append("[[tasks]]")
+        out.extend(f"{k} = {json.dumps(v)}" for k, v in t.items())
+    return "\n".join(out) + "\n"
+
+
+def test_runs_on_lands_on_the_named_host(farm: Daemon, tmp_path: Path) -> None:
+    """Tasks naming a host, a label and `local` run on a worker of that host; orchctl
+    shows each worker's host and where each attempt ran."""
+    out = tmp_path / "where"
+    out.mkdir()
+    want = {"b2": "build-2", "big": "build-3", "here": "local"}
+    runs_on = {"b2": "build-2", "big": "big", "here": "local"}
+    farm.submit(
+        ws_file(
+            [{"id": t, "command": WHERE % (out / t), "runs_on": runs_on[t]} for t in want],
+            'id = "ws-place"',
+        )
+    )
+    farm.wait_ws("ws-place", "completed")
+    assert {t: (out / t).read_text().strip() for t in want} == want
+    for t, host in want.items():
+        shown = farm.ctl_json("show", f"ws-place/{t}")
+        assert shown["runs_on"] == runs_on[t]
+        assert shown["attempts"][-1]["host"] == host
+    workers = farm.ctl_json("workers")
+    assert sorted(w["host"] for w in workers) == ["build-2", "build-3", "local"]
+    table = farm.ctl("workers").stdout
+    assert table.splitlines()[0].split()[2] == "HOST"
+    assert "build-2" in table and "build-3" in table
+    detail = farm.ctl("show", "ws-place/b2").stdout
+    assert "runs on:    build-2" in detail and "@build-2" in detail
+
+
+def test_pinned_workstream_runs_every_task_on_its_host(farm: Daemon, tmp_path: Path) -> None:
+    """A workstream with `host = "build-3"` runs all its tasks there (a chain and a fan);
+    a contradicting runs_on is refused with the file, naming the hosts."""
+    out = tmp_path / "where"
+    out.mkdir()
+    names = ["a", "b", "c", "d"]
+    tasks = [{"id": t, "command": WHERE % (out / t)} for t in names]
+    tasks[1]["depends_on"] = ["a"]
+    tasks[2]["depends_on"] = ["a"]
+    tasks[3]["depends_on"] = ["b", "c"]
+    tasks[3]["runs_on"] = "big"  # agrees: build-3 carries it
+    farm.submit(ws_file(tasks, 'id = "ws-pin"\nhost = "build-3"'))
+    farm.wait_ws("ws-pin", "completed")
+    assert {(out / t).read_text().strip() for t in names} == {"build-3"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        ws_file([{"id": "x", "command": "true", "runs_on": "build-2"}], 'host = "build-3"')
+    )
+    r = farm.ctl("submit", str(bad))
+    assert r.returncode != 0
+    assert "contradicts the workstream's `host` 'build-3'" in r.stderr
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text(ws_file([{"id": "x", "command": "true", "runs_on": "build-9"}]))
+    r = farm.ctl("submit", str(unknown))
+    assert r.returncode != 0
+    assert "known: local, build-2, build-3, gpu, big" in r.stderr
+
+
+@pytest.fixture
+def wide_farm(tmp_path: Path) -> Iterator[Daemon]:
+    """Two local workers and two on build-2; git_repo_write one holder per host."""
+    yield from _farm(tmp_path, local=2, per_host=1, counts=(2, 0))
+
+
+def test_per_host_resource_has_one_holder_per_host(wide_farm: Daemon, tmp_path: Path) -> None:
+    """git_repo_write per host: a flock probe per host is never found held by another
+    task on the same host, while holders on the two hosts run at the same time."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    log = probe / "intervals"
+    # Each task takes its host's lock without waiting; finding it taken is a clash.
+    cmd = (
+        'h="${ORCHD_FAKE_HOST:-local}"; '
+        f'flock -n "{probe}/lock-$h" sh -c \'s=$(date +%s.%N); sleep 0.3; '
+        f'echo "$0 $s $(date +%s.%N)" >> "{log}"\' "$h" || echo "CLASH $h" >> "{log}"'
+    )
+    n = 8
+    wide_farm.submit(
+        ws_file(
+            [{"id": f"w{i}", "command": cmd, "resources": ["git_repo_write"]} for i in range(n)],
+            'id = "ws-res"',
+        )
+    )
+    wide_farm.wait_ws("ws-res", "completed", timeout=60)
+    lines = log.read_text().splitlines()
+    assert not [x for x in lines if x.startswith("CLASH")], lines
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for line in lines:
+        host, start, end = line.split()
+        spans.setdefault(host, []).append((float(start), float(end)))
+    assert sorted(spans) == ["build-2", "local"]
+    assert sum(len(v) for v in spans.values()) == n
+    for host, held in spans.items():
+        held.sort()
+        for (_, end), (start, _) in itertools.pairwise(held):
+            assert start >= end, f"two holders on {host} at once: {held}"
+    overlap = any(a0 < b1 and b0 < a1 for a0, a1 in spans["local"] for b0, b1 in spans["build-2"])
+    assert overlap, f"the two hosts never held their instance at the same time: {spans}"
+    shown = wide_farm.ctl_json("show", "ws-res/w0")
+    assert shown["attempts"][-1]["host"] in ("build-2", "local")
+    res = {r["id"]: r for r in wide_farm.ctl_json("resources")}
+    assert res["git_repo_write"]["per_host"] is True
