@@ -4,9 +4,9 @@ heartbeat, and a frame's round trip, measured in the same command.
 Runs as root with sshd, ip and ssh installed (tests/remote_host.py: Debian's sshd in a
 network namespace on a veth pair, the restricted agent-only key). Each round starts the
 agent over a local pipe and over ssh and times its Hello and its first Heartbeat, then
-sends N frames one after the other, each as soon as the previous answer came: `Sweep`
-answered by `Swept` when the agent knows it, else `Run(true)` answered by `Finished`
-(which includes the command's spawn; the output says which).
+sends N frames one after the other, each as soon as the previous answer came: with the
+agent busy on a long attempt, a `Run` of another attempt, which it refuses at once with a
+`Finished` (the frame's way through the transport and the agent's loop and back).
 
     python bench/ssh_agent.py          # 5 rounds, 200 round trips each
     python bench/ssh_agent.py 10 500
@@ -101,29 +101,34 @@ def start_times(argv: list[str]) -> tuple[Stream, float, float]:
     return s, hello, beat
 
 
-def round_trips(s: Stream, n: int, tmp: Path) -> tuple[str, float]:
-    """The exchange used and the median round trip in ms over n exchanges."""
-    s.send(wire.Sweep(live=[]))
-    kind, answer = "Sweep/Swept", wire.Swept
-    if s.expect(wire.Swept, 2.0) is None:
-        kind, answer = "Run(true)/Finished", wire.Finished
+def round_trips(s: Stream, n: int, tmp: Path) -> float:
+    """The median round trip in ms over n exchanges: with the agent busy on a long attempt,
+    each Run of another attempt is answered at once by a Finished that refuses it (no
+    spawn, no sweep: the frame through the transport and the agent's loop, both ways)."""
+    s.send(
+        wire.Run(
+            attempt_id="bench:busy.1.x",
+            task_id="bench/busy",
+            number=1,
+            command=["sleep", "300"],
+            log_path=str(tmp / "busy.log"),
+        )
+    )
+    assert s.expect(wire.Started) is not None
     times = []
     for i in range(n):
-        if answer is wire.Swept:
-            msg: wire.ToAgent = wire.Sweep(live=[])
-        else:
-            msg = wire.Run(
-                attempt_id=f"bench:t.{i}.x",
-                task_id="bench/t",
-                number=1,
-                command=["true"],
-                log_path=str(tmp / f"t{i}.log"),
-            )
+        msg = wire.Run(
+            attempt_id=f"bench:t.{i}.x",
+            task_id="bench/t",
+            number=1,
+            command=["true"],
+            log_path=str(tmp / "t.log"),
+        )
         t0 = time.perf_counter()
         s.send(msg)
-        assert s.expect(answer) is not None
+        assert s.expect(wire.Finished) is not None
         times.append((time.perf_counter() - t0) * 1000)
-    return kind, statistics.median(times)
+    return statistics.median(times)
 
 
 def main() -> int:
@@ -134,22 +139,20 @@ def main() -> int:
         print(f"ssh_agent: {why}", file=sys.stderr)
         return 2
     rows: dict[str, list[tuple[float, float, float]]] = {"pipe": [], "ssh": []}
-    kinds = set()
     with RemoteHost() as host, tempfile.TemporaryDirectory(prefix="orchd-bench-") as tmp:
         for r in range(rounds):
             for name in ("pipe", "ssh"):
                 args = [sys.executable, *AGENT_ARGS, "--worker-id", f"bench-{name}-{r}"]
                 argv = args if name == "pipe" else host.ssh(*args)
                 s, hello, beat = start_times(argv)
-                kind, rtt = round_trips(s, n, Path(tmp))
-                kinds.add(kind)
+                rtt = round_trips(s, n, Path(tmp))
                 s.close()
                 rows[name].append((hello, beat, rtt))
                 print(
                     f"round {r + 1} {name:4}: hello {hello:7.1f} ms, first heartbeat "
                     f"{beat:7.1f} ms, round trip {rtt:7.3f} ms"
                 )
-    print(f"round trip measured with {', '.join(sorted(kinds))}, median of {n}")
+    print(f"round trip: a Run refused by a busy agent, median of {n}")
     med = {k: [statistics.median(col) for col in zip(*v, strict=True)] for k, v in rows.items()}
     for name in ("pipe", "ssh"):
         hello, beat, rtt = med[name]

@@ -8,9 +8,13 @@ to the agent (`restrict,command="…"`, the line the README shows). The client s
 ssh_config file with a pinned known_hosts, `BatchMode`, `StrictHostKeyChecking=yes` and
 `ServerAliveInterval=1`, `ServerAliveCountMax=3`, which the daemon's transport uses with `ssh -F`.
 
-The namespace shares the file system and the process ids with the test, so the agent runs
-the checkout's own interpreter over ssh, and its processes are found with psutil as the
-harness finds local ones. `partition()` / `heal()` take the link down and up;
+The host has a pid namespace of its own too (with a small init that reaps orphans), as
+another host would: an agent's sweep of "every marked process of this user" sees the
+host's processes only, never the test's local workers or other test runs on the machine.
+It shares the file system with the test, so the agent runs the checkout's own interpreter
+over ssh, and the test sees its processes with psutil (by their host pids; `pids()` maps
+them to the ids the agent reports). Its spool (XDG_RUNTIME_DIR) is its own.
+`partition()` / `heal()` take the link down and up;
 `stop_sshd()` / `start_sshd()` stop and start the listener (sessions that exist live on);
 `close()` kills every process in the namespace and removes the namespace, the veth pair
 and the temporary directory, whatever state the test left them in.
@@ -64,6 +68,26 @@ def missing() -> str | None:
 needs_remote_host = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
 
+# pid 1 of the host's pid namespace: reaps every orphan, exits on SIGTERM.
+_INIT = """
+import os, signal, time
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.1)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def restricted_key_line(public_key: str, agent: str = AGENT) -> str:
     """The authorized_keys line that lets the key run the agent and nothing else: no pty,
     no forwarding, no rc; the command the client asked for runs only when it is the agent
@@ -107,7 +131,10 @@ class RemoteHost:
         self.host_key = self.dir / "ssh_host_ed25519_key"
         self.sshd_log = self.dir / "sshd.log"
         self.address_here = self.address = ""
+        self.runtime_dir = self.dir / "run"
         self._sshd: subprocess.Popen[bytes] | None = None
+        self._init: subprocess.Popen[bytes] | None = None
+        self.init_pid = 0
         self._made_ns = False
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -121,6 +148,7 @@ class RemoteHost:
             self._make_link()
             self._make_keys()
             self._write_configs()
+            self._start_init()
             self.start_sshd()
         except BaseException:
             self.close()
@@ -131,6 +159,7 @@ class RemoteHost:
         """Remove everything, whatever state it is in: processes, sshd, link, namespace."""
         self.kill_processes()
         self.stop_sshd()
+        self._stop_init()
         if self._made_ns:
             _run("ip", "link", "del", self.veth_here, check=False)
             _run("ip", "netns", "del", self.ns, check=False)
@@ -196,9 +225,10 @@ class RemoteHost:
             # The key file is in a directory under the world-writable /tmp, which the
             # ownership checks of StrictModes refuse; a real host keeps ~/.ssh and leaves it on.
             "StrictModes no\n"
-            # The harness's run tag (how it finds this run's processes) and the checkout's
-            # import path reach the agent; nothing else of the client's environment does.
-            "AcceptEnv ORCHD_TEST_RUN PYTHONPATH\n"
+            # The harness's run tag (how it finds this run's processes), the checkout's
+            # import path and the host's own spool place reach the agent; nothing else of
+            # the client's environment does.
+            "AcceptEnv ORCHD_TEST_RUN PYTHONPATH XDG_RUNTIME_DIR\n"
             "LogLevel VERBOSE\n"
         )
         python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -216,7 +246,8 @@ class RemoteHost:
             "    ServerAliveInterval 1\n"
             "    ServerAliveCountMax 3\n"
             "    ConnectTimeout 3\n"
-            f"    SetEnv ORCHD_TEST_RUN={RUN_TAG} PYTHONPATH={python_path}\n"
+            f"    SetEnv ORCHD_TEST_RUN={RUN_TAG} PYTHONPATH={python_path}"
+            f" XDG_RUNTIME_DIR={self.runtime_dir}\n"
             "    LogLevel ERROR\n"
         )
 
@@ -230,7 +261,7 @@ class RemoteHost:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         with self.sshd_log.open("ab") as out:
             self._sshd = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, SSHD, "-D", "-e", "-f", str(self.sshd_config)],
+                [*self.enter(), SSHD, "-D", "-e", "-f", str(self.sshd_config)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -256,12 +287,52 @@ class RemoteHost:
         proc, self._sshd = self._sshd, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
+        # nsenter waits for sshd, its child in the host's pid namespace: signal sshd.
+        for child in _children(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
+            for child in _children(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
             proc.kill()
             proc.wait()
+
+    def _start_init(self) -> None:
+        """The host's pid namespace, held by a small init (pid 1 there) that reaps orphans."""
+        self.runtime_dir.mkdir(mode=0o700)
+        with self.sshd_log.open("ab") as out:
+            self._init = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, "unshare", "--pid", "--fork", "--mount-proc",
+                 "--kill-child", sys.executable, "-c", _INIT],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not (kids := _children(self._init.pid)):
+            if self._init.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the host's init did not start ({self._init.returncode})")
+            time.sleep(0.01)
+        self.init_pid = kids[0]
+
+    def _stop_init(self) -> None:
+        proc, self._init = self._init, None
+        if proc is None:
+            return
+        # Killing pid 1 of a pid namespace kills every process in it.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.init_pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(10)
+
+    def enter(self) -> list[str]:
+        """The argv prefix that runs a command on the host (its net, mount, pid namespaces)."""
+        return ["nsenter", "-t", str(self.init_pid), "-n", "-m", "-p", "--"]
 
     def partition(self) -> None:
         """Take the link down: nothing passes either way until heal()."""
@@ -289,30 +360,51 @@ class RemoteHost:
 
     # --- looking at it ------------------------------------------------------------------------
 
-    def pids(self) -> list[int]:
-        """Every process living in the namespace (sshd, its sessions, agents, tasks)."""
-        out = _run("ip", "netns", "pids", self.ns, check=False).stdout
-        return [int(p) for p in out.split()]
+    def host_pids(self) -> dict[int, int]:
+        """Every process living on the host (sshd, its sessions, agents, tasks; not its
+        init): its pid as the host sees it (what agents report) -> its pid here."""
+        if not self.init_pid:
+            return {}
+        try:
+            ns = os.readlink(f"/proc/{self.init_pid}/ns/pid")
+        except OSError:
+            return {}
+        out: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.init_pid:
+                continue
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") != ns:
+                    continue
+                with open(f"/proc/{entry}/status") as f:
+                    nspid = next(line for line in f if line.startswith("NSpid:"))
+            except (OSError, StopIteration):
+                continue
+            out[int(nspid.split()[-1])] = int(entry)
+        return out
+
+    def pids(self) -> set[int]:
+        """The pids of the host's processes as the host sees them (as its agents report)."""
+        return set(self.host_pids())
+
+    def here(self, pid: int) -> int:
+        """The pid here of the host's process `pid` (for os.kill and psutil)."""
+        found = self.host_pids().get(pid)
+        if found is None:
+            raise ProcessLookupError(f"no process {pid} on {self.name}")
+        return found
 
     def kill_processes(self) -> None:
-        """SIGKILL everything in the namespace but the listener."""
-        if not self._made_ns:
-            return
+        """SIGKILL everything on the host but its init and the listener."""
+        listener = set(_children(self._sshd.pid)) if self._sshd is not None else set()
         for _ in range(20):
-            listener = self._listener_pid()
-            left = [p for p in self.pids() if p != listener]
+            left = [p for p in self.host_pids().values() if p not in listener]
             if not left:
                 return
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
-
-    def _listener_pid(self) -> int | None:
-        try:
-            return int((self.dir / "sshd.pid").read_text())
-        except (OSError, ValueError):
-            return None
 
     @property
     def transport(self) -> list[str]:

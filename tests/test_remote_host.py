@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
 
+import psutil
 import pytest
 
 from supervisor.core import wire
+from supervisor.workers import proctree
 from tests.remote_host import RemoteHost, needs_remote_host
 
 pytestmark = needs_remote_host
+M = TypeVar("M", bound=wire.FromAgent)
 
 
 @pytest.fixture
@@ -63,6 +70,15 @@ class RawAgent:
         n = wire.frame_length(self._read(4, deadline))
         msg: wire.FromAgent = wire.from_agent_decoder.decode(self._read(n, deadline))
         return msg
+
+    def expect(self, kind: type[M], timeout: float = 10.0) -> M:
+        """The next message of `kind`, skipping heartbeats and output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.recv(max(0.0, deadline - time.monotonic()))
+            if isinstance(msg, kind):
+                return msg
+            assert isinstance(msg, wire.Heartbeat | wire.Output), f"expected {kind}, got {msg}"
 
     def stderr(self) -> str:
         """The transport's stderr, once it has exited."""
@@ -146,3 +162,67 @@ def test_a_partition_ends_the_client_within_the_server_alive_window(host: Remote
     finally:
         agent.close()
         host.heal()
+
+
+def _marked(attempt_id: str) -> list[psutil.Process]:
+    """Live processes (anywhere on this machine) carrying the attempt's marker."""
+    return [p for p in proctree.find_marked(attempt_id) if proctree.alive(p)]
+
+
+def test_a_partitioned_attempt_is_fenced_and_the_next_agent_reports_it(
+    host: RemoteHost, tmp_path: Path
+) -> None:
+    """Over real ssh, with a lease: a partition leaves the attempt's shim without lease
+    bytes, and it kills the tree within lease + grace; after the heal a new agent's sweep
+    kills nothing (and not the marked process of this machine outside the host), then
+    reports the fenced attempt as a late Finished(fenced=True)."""
+    attempt = f"ci:fence.1.{uuid.uuid4().hex[:6]}"
+    bystander = subprocess.Popen(
+        ["sleep", "60"], env=os.environ | {proctree.MARKER_ENV: "ci:bystander.1.x"}
+    )
+    agent = RawAgent(host, "w-fence", "--lease-s", "2")
+    try:
+        assert isinstance(agent.recv(), wire.Hello)
+        agent.send(wire.Sweep(live=[]))
+        agent.expect(wire.Swept)
+        agent.send(
+            wire.Run(
+                attempt_id=attempt,
+                task_id="ci/fence",
+                number=1,
+                command="sleep 300 & sleep 300",
+                log_path=str(tmp_path / "fence.log"),
+                stream_output=True,
+            )
+        )
+        agent.expect(wire.Started)
+        deadline = time.monotonic() + 5
+        while len(_marked(attempt)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(_marked(attempt)) >= 2
+        cut = time.monotonic()
+        host.partition()
+        while _marked(attempt) and time.monotonic() - cut < 10:
+            time.sleep(0.02)
+        fenced_after = time.monotonic() - cut
+        assert not _marked(attempt)
+        assert fenced_after <= 2.0 + 0.3 + 1.5, fenced_after
+        # The client gives up (ServerAlive 1 s x 3): nothing the old agent sends now arrives.
+        assert agent.proc.wait(10) == 255
+        host.heal()
+        again = RawAgent(host, "w-fence-2", "--lease-s", "2")
+        try:
+            assert isinstance(again.recv(), wire.Hello)
+            again.send(wire.Sweep(live=[]))
+            swept = again.expect(wire.Swept)
+            assert swept.killed == [] and swept.pids == []
+            late = again.expect(wire.Finished)
+            assert late.attempt_id == attempt and late.fenced
+        finally:
+            assert again.close() == 0
+        assert bystander.poll() is None
+    finally:
+        agent.close()
+        host.heal()
+        bystander.kill()
+        bystander.wait()

@@ -283,7 +283,9 @@ def start_attempt(m: Core, task: Task, wid: str) -> None:
         if holds != task.resources or task.holds:
             placed["holds"] = holds
     # Containment "cgroup": the attempt's cgroup is in its record before the process starts.
-    cgroup = None if m.containment.attempts is None else f"{m.containment.attempts}/{attempt_id}"
+    # The daemon's cgroups are on its own host: a remote attempt is held by its shim.
+    local = m.containment.attempts is not None and not host
+    cgroup = f"{m.containment.attempts}/{attempt_id}" if local else None
     if cgroup is not None:
         attempt["cgroup"] = cgroup
     m.commit(
