@@ -23,9 +23,10 @@ from supervisor.core.submission import parse_workstream
 from supervisor.core.views import task_view, worker_view
 from tests.rig import Rig, config, workstream_toml
 
+# No workers of their own (count 0): the tests give local workers a host instead.
 HOSTS = [
-    HostConfig(host="build-2", count=1, labels=["gpu"]),
-    HostConfig(host="build-3", count=1, labels=["gpu", "big"]),
+    HostConfig(host="build-2", count=0, labels=["gpu"]),
+    HostConfig(host="build-3", count=0, labels=["gpu", "big"]),
 ]
 
 
@@ -251,15 +252,19 @@ def test_reload_without_the_host_makes_its_tasks_wait_with_an_event() -> None:
     (ev,) = rig.events("task_host_missing")
     assert ev.tasks == [rig.full("next")]
     assert "build-3" in ev.message and "build-2" in ev.message
-    finish(rig, "hold")  # its worker goes idle, still on build-3, but the host is gone
+    finish(rig, "hold")  # its worker is retired: its host is gone
     assert rig.task("next").state == TaskState.QUEUED
+    assert rig.state.data.workers["worker-003"].state == "shutdown"
     # Submitting for a host that is gone is refused outright.
     refused = rig.submit("ws2", [cmd("late", runs_on="build-3")])
     assert isinstance(refused, OperatorError) and "known: local, build-2, gpu" in str(refused)
+    # The host comes back with a worker of its own (started through its transport).
+    hosts = [HOSTS[0], msgspec.structs.replace(HOSTS[1], count=1)]
     back = msgspec.structs.replace(
-        rig.m.cfg, workers=msgspec.structs.replace(rig.m.cfg.workers, hosts=list(HOSTS))
+        rig.m.cfg, workers=msgspec.structs.replace(rig.m.cfg.workers, hosts=hosts)
     )
     rig.run(reconfigure.apply, back, "test")
+    rig.deliver()
     assert rig.task("next").state == TaskState.RUNNING
 
 

@@ -50,7 +50,7 @@ class HostConfig(_Section):
 
 
 class WorkersConfig(_Section):
-    count: int = 0  # 0 = one per CPU
+    count: int = 0  # 0 = one per CPU (none when `hosts` are configured)
     python: str = ""  # interpreter that runs the agents; "" = the daemon's own
     # How an attempt's processes are held together: "cgroup" (one cgroup v2 per attempt),
     # "process" (session + subreaper + marker sweep), "auto" (cgroup where one can be made).
@@ -141,6 +141,10 @@ class Config(_Section):
 
     @property
     def worker_count(self) -> int:
+        """Local workers: `workers.count`, 0 = one per CPU (none when remote hosts are
+        configured: a farm of remote workers only)."""
+        if self.workers.hosts:
+            return self.workers.count
         return self.workers.count or (os.cpu_count() or 1)
 
 

@@ -32,6 +32,7 @@ from supervisor.core.model import (
     Transition,
 )
 from supervisor.core.policy import workstream_verdict
+from supervisor.core.remote import RemoteBook
 from supervisor.core.runtime import Runtime
 from supervisor.core.txn import Txn
 from supervisor.core.views import task_view
@@ -103,6 +104,8 @@ class Core:
         self.transitions_per_s = 0.0
         self.read_only: str | None = None
         self.containment = Containment()
+        # Remote agents: their own figures, transports gone, sweeps unanswered.
+        self.remote = RemoteBook()
         self._hosts: dict[int, tuple[Config, placement.Hosts]] = {}
 
     @property

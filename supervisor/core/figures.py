@@ -18,13 +18,29 @@ def probe_report(m: Core, wid: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     worker = m.state.data.workers.get(wid)
     pr = m.probes.get(wid)
-    if pr is not None and worker is not None and pr.pid == worker.pid:
+    if worker is not None and worker.host:
+        out = remote_report(m, wid)
+    elif pr is not None and worker is not None and pr.pid == worker.pid:
         out = msgspec.to_builtins(pr)
         out["checked_age_s"] = round(max(0.0, m.now - pr.checked_at), 3)
         del out["checked_at"]
     since = m.rt.unresponsive_since(wid)
     if worker is not None and worker.state == WorkerState.UNRESPONSIVE and since is not None:
         out["unresponsive_for_s"] = round(m.now - since, 3)
+    return out
+
+
+def remote_report(m: Core, wid: str) -> dict[str, Any]:
+    """A remote agent's own figures from its last heartbeat (pid and start ticks on its
+    host, CPU percent, resident memory), how old they are, and its transport's state."""
+    worker = m.state.data.workers[wid]
+    seen = m.remote.figures.get(wid, {})
+    out: dict[str, Any] = {"host": worker.host, "source": "heartbeat"}
+    out.update({k: v for k, v in seen.items() if k != "reported_at"})
+    if "reported_at" in seen:
+        out["reported_age_s"] = round(max(0.0, m.now - seen["reported_at"]), 3)
+    out["transport"] = "exited" if m.remote.is_gone(wid) else "connected"
+    out["transport_pid"] = worker.pid
     return out
 
 

@@ -6,10 +6,10 @@ be written is armed again by the step's rollback, so it fires again once they ca
 
 from __future__ import annotations
 
-from supervisor.core import survivors
+from supervisor.core import fencing, survivors
 from supervisor.core.context import Core
 from supervisor.core.dispatch import held
-from supervisor.core.lifecycle import stop_task
+from supervisor.core.lifecycle import FENCE, stop_task
 from supervisor.core.model import TaskState
 from supervisor.core.policy import StopReason
 
@@ -38,6 +38,8 @@ def on_timers(m: Core) -> None:
                 m.state.graph.mark_ready(key)
         elif kind == "survivors":
             survivors.on_due(m, task)
+        elif kind == FENCE:
+            fencing.on_due(m, task)
         elif kind == "queue_alert":
             # Held by an operator (paused, drained): not a wait to report; armed again
             # when the hold is lifted.

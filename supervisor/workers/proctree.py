@@ -367,3 +367,65 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
         interval = min(interval * 2, 0.05)
         left = [p for p in left if alive(p)]
     return left
+
+
+class SweepReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What `sweep_foreign` did: the attempt ids it found alive and killed, the pids it
+    signalled, and the processes that outlived it as (pid, start ticks)."""
+
+    killed: tuple[str, ...]
+    pids: tuple[int, ...]
+    survivors: tuple[tuple[int, int], ...]
+
+
+def find_foreign(live: set[str]) -> dict[int, tuple[psutil.Process, str]]:
+    """Every process of this user (but this one) marked with an attempt id not in `live`."""
+    me, uid = os.getpid(), os.getuid()
+    found: dict[int, tuple[psutil.Process, str]] = {}
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.uids().real != uid:
+                continue
+            value = proc.environ().get(MARKER_ENV)
+        except psutil.Error:
+            continue
+        if value and value not in live:
+            found[proc.pid] = (proc, value)
+    return found
+
+
+def sweep_foreign(live: Iterable[str], grace_s: float) -> SweepReport:
+    """Kill every process of this user marked with an attempt id not in `live`: SIGTERM
+    (and SIGCONT), SIGKILL after `grace_s`, then sweep again until none is left. For a
+    newly started agent on a host where an earlier one may have left attempts behind."""
+    keep = set(live)
+    signalled: set[int] = set()
+    killed: set[str] = set()
+    procs = find_foreign(keep)
+    for proc, marker in procs.values():
+        killed.add(marker)
+        if _signal(proc, signal.SIGTERM):
+            signalled.add(proc.pid)
+            _signal(proc, signal.SIGCONT)
+    survivors = _wait_gone([p for p, _ in procs.values()], grace_s)
+    for proc in survivors:
+        _signal(proc, signal.SIGKILL)
+    _wait_gone(survivors, _SWEEP_WAIT_S)
+    left: list[psutil.Process] = []
+    for _ in range(_SWEEP_ROUNDS):
+        again = find_foreign(keep)
+        left = [p for p, _ in again.values() if alive(p)]
+        if not left:
+            break
+        for proc, marker in again.values():
+            killed.add(marker)
+            if _signal(proc, signal.SIGKILL):
+                signalled.add(proc.pid)
+        left = _wait_gone(left, _SWEEP_WAIT_S)
+    return SweepReport(
+        killed=tuple(sorted(killed)),
+        pids=tuple(sorted(signalled)),
+        survivors=_identities(left),
+    )
