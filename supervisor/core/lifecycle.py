@@ -85,6 +85,7 @@ def spawn_worker(
         host=host,
     )
     m.remote.set_gone(m.rt, wid, False)
+    m.remote.forget(wid)  # the figures of its previous agent
     m.rt.expect_beat(wid, m.now + delay)
     m.effect(Spawn(wid, restarts, delay, host=host))
 
