@@ -249,24 +249,42 @@ def test_survivors_reported_by_a_remote_agent_are_never_signalled_from_here() ->
     assert not rig.task("t").survivors
 
 
-def test_sweep_lists_every_live_attempt_and_holds_all_dispatch_until_answered() -> None:
-    """A new remote agent's Sweep lists the daemon's live attempts on any host (its host
-    may be this very machine), and no task starts anywhere until it is answered."""
-    rig = Rig(remote_config(local=2, remote=1))
+def test_sweep_lists_every_live_attempt_and_holds_remote_dispatch_until_answered() -> None:
+    """A new remote agent's Sweep lists the daemon's live attempts on any host (two host
+    names may be one machine); until it is answered no task starts on a remote worker,
+    while local workers go on (their attempts hold no lease, no sweep touches them)."""
+    rig = Rig(remote_config(local=2, remote=2))
     rig.submit("ws", [{"id": "a", "command": "true", "runs_on": "local"}])
     rig.deliver()
     (local,) = [w for w, _ in rig.sent_runs()]
     live_attempt = rig.pool.current[local].attempt_id
     rig.pool.answer_sweep = False
-    (remote,) = remote_ids(rig)
-    rig.pool.die(remote, 0)  # idle when it exits: replaced at once, the new agent sweeps
+    restarted, _other = remote_ids(rig)
+    rig.pool.die(restarted, 0)  # idle when it exits: restarted, and the new agent sweeps
     rig.deliver()
-    (new,) = remote_ids(rig)
-    sweep = [m for w, m in rig.pool.sent if w == new][-1]
+    sweep = [m for w, m in rig.pool.sent if w == restarted][-1]
     assert isinstance(sweep, wire.Sweep) and sweep.live == [live_attempt]
-    rig.submit("ws2", [{"id": "b", "command": "true", "runs_on": "local"}])
-    rig.deliver()
-    assert rig.task("b").state == TaskState.QUEUED  # a local worker is idle, yet it waits
-    rig.box.send_nowait(AgentMessage(new, rig.pool.alive[new], wire.Swept()))
+    rig.submit("ws2", [{"id": "c", "command": "true", "runs_on": "b2"}])
+    rig.submit("ws3", [{"id": "b", "command": "true", "runs_on": "local"}])
     rig.deliver()
     assert rig.task("b").state == TaskState.RUNNING
+    assert rig.task("c").state == TaskState.QUEUED  # b2's other worker is idle, yet it waits
+    rig.box.send_nowait(AgentMessage(restarted, rig.pool.alive[restarted], wire.Swept()))
+    rig.deliver()
+    assert rig.task("c").state == TaskState.RUNNING
+
+
+def test_an_agent_that_never_answers_its_sweep_is_retired() -> None:
+    """A Sweep unanswered for unresponsive_after_s: a sweep_timeout event, the agent
+    retired and replaced by one that is swept in turn."""
+    rig = Rig(remote_config(remote=1), boot=False)
+    rig.pool.answer_sweep = False
+    rig.boot()
+    (wid,) = remote_ids(rig)
+    rig.advance(3.5)
+    health_round(rig)
+    (ev,) = rig.events("sweep_timeout")
+    assert ev.worker_id == wid
+    assert rig.state.data.workers[wid].state == WorkerState.SHUTDOWN
+    (new,) = remote_ids(rig)  # its replacement, swept in turn
+    assert new != wid and isinstance([m for w, m in rig.pool.sent if w == new][-1], wire.Sweep)

@@ -11,9 +11,11 @@ keeps its resources; then it goes on as a killed attempt would (reassigned, retr
 cancelled: by why it was stopped).
 
 A newly started agent is first told which attempts are live (Sweep) and kills every other
-one it finds on its host. Until it answers, nothing starts anywhere: an attempt started
-meanwhile would not be on the list it was given (and a "remote" host may be this very
-machine). Agents start rarely, and a Sweep is answered within a round trip.
+leased attempt it finds on its host. Until it answers, nothing starts on any remote worker:
+an attempt started meanwhile would not be on the list it was given (and two host names
+may be one machine). Local workers go on: their attempts hold no lease, so no sweep
+touches them. Agents start rarely, and a Sweep is answered within a round trip; one
+that is not within unresponsive_after_s is retired (core/health.py).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def send_sweeps(m: Core) -> None:
         live = live_on(m, w.host)
         m.remote.sweep_sent(m.rt, w.host, wid, live, m.now)
         for other in m.state.data.workers.values():
-            m.rt.take_idle(other.id)
+            if other.host:
+                m.rt.take_idle(other.id)
         m.effects.insert(at, Send(wid, wire.Sweep(live=list(live))))
 
 

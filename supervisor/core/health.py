@@ -7,7 +7,7 @@ A worker on another host is not probed (its agent is not a process here): its he
 its heartbeat's age, and its transport's exit (core/lifecycle.py). While it is
 unresponsive the daemon holds back its leases (Renew), so its attempts' shims fence
 them before shutdown_after_s runs out; a new agent that does not answer its Sweep within
-shutdown_after_s is retired like one that never said hello.
+unresponsive_after_s is retired like one that never said hello.
 """
 
 from __future__ import annotations
@@ -145,19 +145,20 @@ def check_starting(m: Core) -> None:
 
 
 def check_sweeps(m: Core) -> None:
-    """A new remote agent that has not answered its Sweep within shutdown_after_s holds
-    its host's dispatch for nothing: it is retired (and replaced), with an event."""
+    """A new remote agent that has not answered its Sweep within unresponsive_after_s
+    holds the remote workers' dispatch for nothing: it is retired (and replaced), with an
+    event."""
     h = m.cfg.health
     for wid, sent in m.remote.unanswered():
         w = m.state.data.workers.get(wid)
-        if w is None or m.now - sent < h.shutdown_after_s:
+        if w is None or m.now - sent < h.unresponsive_after_s:
             continue
         m.emit(
             "sweep_timeout",
             "error",
             worker_id=wid,
             message=f"the agent on {w.host} did not answer its Sweep within "
-            f"{h.shutdown_after_s}s; retired and replaced",
+            f"{h.unresponsive_after_s}s; retired and replaced",
             data={"host": w.host},
         )
         retire_worker(

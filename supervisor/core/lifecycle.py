@@ -154,7 +154,7 @@ def on_hello(m: Core, wid: str, msg: wire.Hello) -> None:
 
 def end_sweep(m: Core, wid: str) -> tuple[str, ...] | None:
     """The worker's Sweep is answered (or never will be: its agent is gone); once no
-    Sweep is unanswered, the idle workers take tasks again. The live list that
+    Sweep is unanswered, the idle remote workers take tasks again. The live list that
     Sweep carried, None if none was pending."""
     w = m.state.data.workers.get(wid)
     if w is None or not w.host:
@@ -168,9 +168,11 @@ def end_sweep(m: Core, wid: str) -> tuple[str, ...] | None:
 
 
 def make_idle(m: Core, wid: str) -> None:
-    """The worker may take a task, unless a new remote agent has not answered its Sweep
-    yet (it is made idle then, core/fencing.py)."""
-    if m.remote.sweeping():
+    """The worker may take a task, unless it is remote and a new remote agent has not
+    answered its Sweep yet (it is made idle then, core/fencing.py). A local worker's
+    attempts are never a sweep's (they hold no lease)."""
+    w = m.state.data.workers.get(wid)
+    if w is not None and w.host and m.remote.sweeping():
         return
     m.rt.set_idle(wid)
 
