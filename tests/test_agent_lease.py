@@ -375,7 +375,7 @@ async def test_a_leased_step_runs_inside_the_attempts_cgroup(tmp_path: Path) -> 
             lines = a.log_text("cg").splitlines()
             assert (done.memory_peak_bytes is not None) == memory
         rel = "0::/" + str(path.relative_to(cgroup.mount_point() or "/sys/fs/cgroup"))
-        assert lines[1:3] == [rel, rel] and "workers/shim.py" in lines[3]
+        assert lines[1:3] == [rel, rel] and "supervisor.workers.shim" in lines[3]
         assert not path.exists()
     finally:
         if path.exists():
