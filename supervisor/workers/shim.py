@@ -413,15 +413,18 @@ def main(args: list[str] | None = None) -> None:
     try:
         pid = start(opts)
     except OSError as exc:
-        if opts.status_fd >= 0:
-            os.write(opts.status_fd, f"error {exc}\n".encode(errors="replace"))
+        _tell(opts.status_fd, f"error {exc}\n")
         os._exit(EXEC_FAILED)
     tree = Tree(opts.attempt_id)
     st = _stat(pid)
-    if opts.status_fd >= 0:
-        os.write(opts.status_fd, f"started {pid} {st[4] if st else 0}\n".encode())
-        os.close(opts.status_fd)
-    outcome = serve(opts, pid, wake_r)
+    # The agent may be gone already: then the lease pipe's end fences the step below.
+    _tell(opts.status_fd, f"started {pid} {st[4] if st else 0}\n")
+    try:
+        outcome = serve(opts, pid, wake_r)
+    except Exception as exc:
+        # Whatever went wrong, the shim never leaves its step running unsupervised.
+        _complain(f"fencing after an error of the shim's own: {exc!r}")
+        outcome = Outcome("fence", why=f"shim_error: {exc}")
     if outcome.kind == "exited":
         # A subreaper with no child left has no descendant left: the usual end costs no scan.
         if tree.reap() and tree.members():
@@ -431,8 +434,31 @@ def main(args: list[str] | None = None) -> None:
         tree.kill(outcome.grace_s)
     else:
         _, survivors = tree.kill(opts.kill_grace_s)
-        write_spool(opts, outcome.why, tree.wait_for(pid), survivors)
+        try:
+            write_spool(opts, outcome.why, tree.wait_for(pid), survivors)
+        except OSError as exc:
+            _complain(f"the fence of {opts.attempt_id} could not be recorded: {exc}")
     exit_as(tree.wait_for(pid))
+
+
+def _tell(fd: int, line: str) -> None:
+    """One line to the agent on the status pipe, which is closed after."""
+    if fd < 0:
+        return
+    try:
+        os.write(fd, line.encode(errors="replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _complain(text: str) -> None:
+    """A line of the shim's own in the step's log (its stderr)."""
+    try:  # noqa: SIM105 - contextlib's import would cost the shim's start
+        os.write(2, f"supervisor.workers.shim: {text}\n".encode(errors="replace"))
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
