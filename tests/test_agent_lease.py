@@ -20,7 +20,7 @@ import pytest
 
 from supervisor.core import wire
 from supervisor.core.model import Rlimits
-from supervisor.workers import cgroup, outstream, proctree, spool
+from supervisor.workers import attempt, cgroup, outstream, proctree, spool
 from supervisor.workers.pool import agent_env
 from tests.test_agent import MARK, Driver, _alive_marked, _until_marked, agent
 
@@ -115,6 +115,38 @@ async def test_kill_and_stop_go_through_the_shim(tmp_path: Path) -> None:
             assert await a.process.wait() == 0
         assert _alive_marked("stop") == []
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+async def test_eof_from_the_daemon_kills_through_the_shim(tmp_path: Path) -> None:
+    """A healthy agent whose daemon goes away (EOF) kills its attempt's tree through the
+    shim and exits 0; that is no fence (nothing spooled)."""
+    async with leased(tmp_path, lease_s=30) as a:
+        await a.send(a.run("eof", "sleep 300 & (setsid sleep 300 &); sleep 300"))
+        await a.expect(wire.Started)
+        await _until_marked("eof", 4)
+        assert a.process.stdin is not None
+        await a.process.stdin.aclose()
+        done = await a.expect(wire.Finished, timeout_s=GRACE_S + SLACK_S)
+        assert done.killed and not done.fenced
+        with anyio.fail_after(3):
+            assert await a.process.wait() == 0
+        assert _alive_marked("eof") == []
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+async def test_a_kill_still_works_when_the_shim_does_not_answer(tmp_path: Path) -> None:
+    """A stopped shim cannot carry out the agent's kill: after the grace and a little more
+    the agent kills the step's tree itself, shim included."""
+    async with leased(tmp_path, lease_s=30) as a:
+        await a.send(a.run("deaf", "sleep 300 & sleep 300"))
+        started = await a.expect(wire.Started)
+        await _until_marked("deaf", 3)
+        shim = psutil.Process(started.pid).parent()
+        shim.suspend()
+        await a.send(wire.Kill(attempt_id=MARK + "deaf", grace_s=0.3, reason="timeout"))
+        done = await a.expect(wire.Finished, timeout_s=0.3 + attempt.SHIM_KILL_SLACK_S + SLACK_S)
+        assert done.killed
+        assert _alive_marked("deaf") == []
 
 
 async def test_lease_renewed_by_frames_then_expiry_fences(tmp_path: Path) -> None:
@@ -275,6 +307,27 @@ async def test_stream_output_delivers_every_byte_in_order(tmp_path: Path) -> Non
         assert [p for p in (tmp_path / "spool").glob("*.out")] == []
 
 
+async def test_a_daemon_that_does_not_read_never_blocks_a_streamed_command(
+    tmp_path: Path,
+) -> None:
+    """With stream_output, a command writing far more than a pipe holds runs to its end
+    while nobody reads the agent; then every byte arrives, in order."""
+    flag = tmp_path / "wrote-it-all"
+    script = f"head -c 3000000 /dev/zero | tr '\\0' x; echo; touch {flag}"
+    async with leased(tmp_path, lease_s=30) as a:
+        await a.send(a.run("slow", script, stream_output=True))
+        with anyio.fail_after(20):
+            while not flag.exists():
+                await anyio.sleep(0.02)
+        data = bytearray()
+        while not isinstance(msg := await a.recv(), wire.Finished):
+            if isinstance(msg, wire.Output):
+                data += msg.data
+        assert msg.phase == "done"
+        lines = bytes(data).split(b"\n")
+        assert lines[1] == b"x" * 3_000_000 and b"result: done" in lines[2]
+
+
 async def test_heartbeat_carries_the_agents_own_figures(tmp_path: Path) -> None:
     """Each heartbeat names the agent's pid and start ticks, its CPU percent since the
     last beat and its resident memory."""
@@ -375,7 +428,7 @@ async def test_a_leased_step_runs_inside_the_attempts_cgroup(tmp_path: Path) -> 
             lines = a.log_text("cg").splitlines()
             assert (done.memory_peak_bytes is not None) == memory
         rel = "0::/" + str(path.relative_to(cgroup.mount_point() or "/sys/fs/cgroup"))
-        assert lines[1:3] == [rel, rel] and "workers/shim.py" in lines[3]
+        assert lines[1:3] == [rel, rel] and "supervisor.workers.shim" in lines[3]
         assert not path.exists()
     finally:
         if path.exists():

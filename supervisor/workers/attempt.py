@@ -12,6 +12,11 @@ The runner does all the reaping of the agent's children itself (no asyncio child
 is involved), watching its direct child through a pidfd, which keeps a spawn
 down to one fork+exec and no helper thread. What a finished step leaves behind is killed.
 
+With a lease (an agent on another host) each step runs under its own shim instead
+(supervisor.workers.shim), which leads the step's session, reports the command's pid, and
+fences the step on its own when the lease runs out; the runner renews the lease through a
+pipe, asks the shim for its kills, and takes a fence it recorded from the spool.
+
 The agent (supervisor.workers.agent) decides when an attempt starts and when it is killed;
 the runner only carries that out and says how each step ended.
 """

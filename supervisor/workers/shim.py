@@ -3,8 +3,9 @@
     python -I -S .../supervisor/workers/shim.py --attempt-id A --lease-fd 3 --status-fd 4 \
         --lease-s S --kill-grace-s G --spool DIR [--cwd DIR] [--exec-status-fd 3] -- argv...
 
-(`python -m supervisor.workers.shim` works too; the agent runs it by path with -I -S so
-that it starts fast from any working directory and whatever the task's PYTHONPATH.)
+(`python -m supervisor.workers.shim` works too; the agent runs it in isolated mode, -I
+-S, with its package's directory put on sys.path, so that it starts fast, compiled once,
+from any working directory and whatever the task's PYTHONPATH.)
 
 An agent with a lease (a worker on another host) starts each step of an attempt under a
 shim rather than directly. The shim leads the step's session and is a child subreaper, so
@@ -31,13 +32,21 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import sys
 import time
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING (type checkers know it), without typing
+if TYPE_CHECKING:
+    import signal
+else:
+    # The C module itself: `signal` wraps it in enums, whose import alone costs more than
+    # the rest of the shim's start.
+    import _signal as signal
 
 MARKER_ENV = "ORCHD_ATTEMPT_ID"  # as supervisor.workers.proctree.MARKER_ENV
 EXEC_FAILED = 127
 KILL = b"K"
+_PR_SET_CHILD_SUBREAPER = 36
 _SWEEP_ROUNDS = 5
 _SWEEP_WAIT_S = 1.0
 # Signals Python ignores itself and a command must start with at their default.
@@ -369,6 +378,23 @@ def exit_as(status: int | None) -> None:
     os._exit(128 + sig)  # a signal that does not end a process: say which by the code
 
 
+def _become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: orphans of the step re-parent to the shim, not to init.
+
+    Through _ctypes, the C module alone: importing ctypes (and struct, types, warnings
+    with it) would cost about as much as the rest of the shim's start."""
+    import _ctypes
+
+    native = getattr(_ctypes, "dlopen", None)
+    if native is not None:
+        prctl = _ctypes.dlsym(native(None, 0), "prctl")
+        _ctypes.call_function(prctl, (_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         opts = parse(sys.argv[1:] if args is None else args)
@@ -378,10 +404,7 @@ def main(args: list[str] | None = None) -> None:
     for fd in (opts.lease_fd, opts.status_fd):
         if fd >= 0:
             os.set_inheritable(fd, False)
-    # PR_SET_CHILD_SUBREAPER: orphans of the step re-parent to the shim, not to init.
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+    _become_subreaper()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -390,26 +413,52 @@ def main(args: list[str] | None = None) -> None:
     try:
         pid = start(opts)
     except OSError as exc:
-        if opts.status_fd >= 0:
-            os.write(opts.status_fd, f"error {exc}\n".encode(errors="replace"))
+        _tell(opts.status_fd, f"error {exc}\n")
         os._exit(EXEC_FAILED)
     tree = Tree(opts.attempt_id)
     st = _stat(pid)
-    if opts.status_fd >= 0:
-        os.write(opts.status_fd, f"started {pid} {st[4] if st else 0}\n".encode())
-        os.close(opts.status_fd)
-    outcome = serve(opts, pid, wake_r)
+    # The agent may be gone already: then the lease pipe's end fences the step below.
+    _tell(opts.status_fd, f"started {pid} {st[4] if st else 0}\n")
+    try:
+        outcome = serve(opts, pid, wake_r)
+    except Exception as exc:
+        # Whatever went wrong, the shim never leaves its step running unsupervised.
+        _complain(f"fencing after an error of the shim's own: {exc!r}")
+        outcome = Outcome("fence", why=f"shim_error: {exc}")
     if outcome.kind == "exited":
-        tree.reap()
-        if tree.members():
+        # A subreaper with no child left has no descendant left: the usual end costs no scan.
+        if tree.reap() and tree.members():
             # What the finished command left behind goes too (as the agent does itself).
             tree.kill(opts.kill_grace_s)
     elif outcome.kind == "kill":
         tree.kill(outcome.grace_s)
     else:
         _, survivors = tree.kill(opts.kill_grace_s)
-        write_spool(opts, outcome.why, tree.wait_for(pid), survivors)
+        try:
+            write_spool(opts, outcome.why, tree.wait_for(pid), survivors)
+        except OSError as exc:
+            _complain(f"the fence of {opts.attempt_id} could not be recorded: {exc}")
     exit_as(tree.wait_for(pid))
+
+
+def _tell(fd: int, line: str) -> None:
+    """One line to the agent on the status pipe, which is closed after."""
+    if fd < 0:
+        return
+    try:
+        os.write(fd, line.encode(errors="replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _complain(text: str) -> None:
+    """A line of the shim's own in the step's log (its stderr)."""
+    try:  # noqa: SIM105 - contextlib's import would cost the shim's start
+        os.write(2, f"supervisor.workers.shim: {text}\n".encode(errors="replace"))
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
