@@ -4,6 +4,7 @@ and the heartbeat's own figures."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from supervisor.core import wire
 from supervisor.core.model import Rlimits
-from supervisor.workers import outstream, proctree, spool
+from supervisor.workers import attempt, cgroup, outstream, proctree, spool
 from supervisor.workers.pool import agent_env
 from tests.test_agent import MARK, Driver, _alive_marked, _until_marked, agent
 
@@ -116,6 +117,38 @@ async def test_kill_and_stop_go_through_the_shim(tmp_path: Path) -> None:
     assert list((tmp_path / "spool").iterdir()) == []
 
 
+async def test_eof_from_the_daemon_kills_through_the_shim(tmp_path: Path) -> None:
+    """A healthy agent whose daemon goes away (EOF) kills its attempt's tree through the
+    shim and exits 0; that is no fence (nothing spooled)."""
+    async with leased(tmp_path, lease_s=30) as a:
+        await a.send(a.run("eof", "sleep 300 & (setsid sleep 300 &); sleep 300"))
+        await a.expect(wire.Started)
+        await _until_marked("eof", 4)
+        assert a.process.stdin is not None
+        await a.process.stdin.aclose()
+        done = await a.expect(wire.Finished, timeout_s=GRACE_S + SLACK_S)
+        assert done.killed and not done.fenced
+        with anyio.fail_after(3):
+            assert await a.process.wait() == 0
+        assert _alive_marked("eof") == []
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+async def test_a_kill_still_works_when_the_shim_does_not_answer(tmp_path: Path) -> None:
+    """A stopped shim cannot carry out the agent's kill: after the grace and a little more
+    the agent kills the step's tree itself, shim included."""
+    async with leased(tmp_path, lease_s=30) as a:
+        await a.send(a.run("deaf", "sleep 300 & sleep 300"))
+        started = await a.expect(wire.Started)
+        await _until_marked("deaf", 3)
+        shim = psutil.Process(started.pid).parent()
+        shim.suspend()
+        await a.send(wire.Kill(attempt_id=MARK + "deaf", grace_s=0.3, reason="timeout"))
+        done = await a.expect(wire.Finished, timeout_s=0.3 + attempt.SHIM_KILL_SLACK_S + SLACK_S)
+        assert done.killed
+        assert _alive_marked("deaf") == []
+
+
 async def test_lease_renewed_by_frames_then_expiry_fences(tmp_path: Path) -> None:
     """While frames come the attempt runs on past its lease; once they stop, its shim kills
     the whole tree (found by marker) within lease + grace and the agent reports a fence."""
@@ -185,24 +218,30 @@ async def test_a_stopped_agents_shim_fences(tmp_path: Path) -> None:
 
 
 async def test_sweep_kills_stale_markers_and_leaves_live_ones(tmp_path: Path) -> None:
-    """Sweep(live) kills every process marked with an attempt id not listed (its whole
-    group, even one ignoring SIGTERM) and leaves the listed ones alone; Swept says so."""
+    """Sweep(live) kills every process an agent of the same spool started that is marked
+    with an attempt id not listed (its whole group, even one ignoring SIGTERM) and leaves
+    the listed ones alone, and those of another spool or of none (a local worker's);
+    Swept says so."""
+    ours = str(tmp_path / "spool")
     procs = {
         name: subprocess.Popen(
             ["sh", "-c", command],
-            env={**os.environ, proctree.MARKER_ENV: MARK + name},
+            env={**os.environ, proctree.MARKER_ENV: MARK + name, **scope},
             start_new_session=True,
         )
-        for name, command in (
-            ("stale", "sleep 300 & sleep 300"),
-            ("stubborn", "trap '' TERM; sleep 300"),
-            ("live", "sleep 300"),
+        for name, command, scope in (
+            ("stale", "sleep 300 & sleep 300", {proctree.SPOOL_ENV: ours}),
+            ("stubborn", "trap '' TERM; sleep 300", {proctree.SPOOL_ENV: ours}),
+            ("live", "sleep 300", {proctree.SPOOL_ENV: ours}),
+            ("other", "sleep 300", {proctree.SPOOL_ENV: str(tmp_path / "other")}),
+            ("local", "sleep 300", {}),
         )
     }
     try:
         await _until_marked("stale", 2)
         await _until_marked("stubborn", 2)
-        await _until_marked("live", 1)
+        for name in ("live", "other", "local"):
+            await _until_marked(name, 1)
         stale = {p.pid for n in ("stale", "stubborn") for p in _alive_marked(n)}
         async with leased(tmp_path) as a:
             await a.send(wire.Sweep(live=[MARK + "live"]))
@@ -212,7 +251,8 @@ async def test_sweep_kills_stale_markers_and_leaves_live_ones(tmp_path: Path) ->
             for name in ("stale", "stubborn"):
                 assert procs[name].wait(timeout=2) is not None
                 assert _alive_marked(name) == []
-            assert procs["live"].poll() is None and _alive_marked("live") != []
+            for name in ("live", "other", "local"):
+                assert procs[name].poll() is None and _alive_marked(name) != [], name
             # The sweep is over before a Run starts: the agent works on.
             done = await a.outcome(a.run("next", ["true"]))
             assert done.phase == "done"
@@ -265,6 +305,27 @@ async def test_stream_output_delivers_every_byte_in_order(tmp_path: Path) -> Non
             assert len(lines) == 40003
             assert not (tmp_path / "logs" / f"task-{name}.log").exists()
         assert [p for p in (tmp_path / "spool").glob("*.out")] == []
+
+
+async def test_a_daemon_that_does_not_read_never_blocks_a_streamed_command(
+    tmp_path: Path,
+) -> None:
+    """With stream_output, a command writing far more than a pipe holds runs to its end
+    while nobody reads the agent; then every byte arrives, in order."""
+    flag = tmp_path / "wrote-it-all"
+    script = f"head -c 3000000 /dev/zero | tr '\\0' x; echo; touch {flag}"
+    async with leased(tmp_path, lease_s=30) as a:
+        await a.send(a.run("slow", script, stream_output=True))
+        with anyio.fail_after(20):
+            while not flag.exists():
+                await anyio.sleep(0.02)
+        data = bytearray()
+        while not isinstance(msg := await a.recv(), wire.Finished):
+            if isinstance(msg, wire.Output):
+                data += msg.data
+        assert msg.phase == "done"
+        lines = bytes(data).split(b"\n")
+        assert lines[1] == b"x" * 3_000_000 and b"result: done" in lines[2]
 
 
 async def test_heartbeat_carries_the_agents_own_figures(tmp_path: Path) -> None:
@@ -329,3 +390,47 @@ def test_the_default_spool_is_under_xdg_runtime_dir(tmp_path: Path) -> None:
     uid = os.getuid()
     assert spool.default_dir({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / f"orchd-agent-{uid}"
     assert spool.default_dir({}) == Path(f"/tmp/orchd-agent-{uid}")
+
+
+def _cgroup_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make cgroups"
+    home = cgroup.own_cgroup()
+    if home is None or not os.access(home, os.W_OK):
+        return "no writable cgroup v2 hierarchy"
+    return None
+
+
+@pytest.mark.skipif(_cgroup_missing() is not None, reason=str(_cgroup_missing()))
+async def test_a_leased_step_runs_inside_the_attempts_cgroup(tmp_path: Path) -> None:
+    """With containment "cgroup", the shim and its command are born in the attempt's
+    cgroup (a memory limit becomes its memory.max where the memory controller is there),
+    and the cgroup is accounted and removed."""
+    home = cgroup.own_cgroup()
+    assert home is not None
+    base = Path(home, f"orchd-test-{MARK}cg")
+    path = base / "attempt"
+    base.mkdir()
+    with contextlib.suppress(OSError):  # where the memory controller can be had
+        (base / "cgroup.subtree_control").write_text("+memory")
+    memory = "memory" in (base / "cgroup.subtree_control").read_text().split()
+    try:
+        async with leased(tmp_path) as a:
+            run = a.run(
+                "cg",
+                "grep ^0:: /proc/self/cgroup; grep ^0:: /proc/$PPID/cgroup; "
+                "tr '\\0' ' ' < /proc/$PPID/cmdline; echo",
+                cgroup=str(path),
+            )
+            run.rlimits = Rlimits(memory_mb=512)
+            done = await a.outcome(run)
+            assert done.phase == "done" and done.cpu_s is not None
+            lines = a.log_text("cg").splitlines()
+            assert (done.memory_peak_bytes is not None) == memory
+        rel = "0::/" + str(path.relative_to(cgroup.mount_point() or "/sys/fs/cgroup"))
+        assert lines[1:3] == [rel, rel] and "supervisor.workers.shim" in lines[3]
+        assert not path.exists()
+    finally:
+        if path.exists():
+            (path / "cgroup.kill").write_text("1")
+        cgroup.remove_tree(str(base))

@@ -27,6 +27,7 @@ attempt's tree before it exits: no task outlives its supervisor unseen.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -150,7 +151,7 @@ class Agent:
                     self._on_kill(msg)
                 case wire.Stop():
                     log.info("stop_requested", grace_s=msg.grace_s)
-                    self._shutdown(0, msg.grace_s)
+                    self._shutdown(0, self._grace(msg.grace_s))
                     return
                 case wire.Sweep():
                     self._start_sweep(msg)
@@ -185,7 +186,11 @@ class Agent:
             log.warning("kill_for_unknown_attempt", attempt_id=kill.attempt_id)
             return
         log.info("kill_requested", attempt_id=kill.attempt_id, reason=kill.reason)
-        self._request_kill(attempt, kill.grace_s, kill.reason)
+        self._request_kill(attempt, self._grace(kill.grace_s), kill.reason)
+
+    def _grace(self, grace_s: float) -> float:
+        """A kill's grace as asked, or ours when what was asked is no duration at all."""
+        return grace_s if math.isfinite(grace_s) and grace_s >= 0 else self._kill_grace_s
 
     def _request_kill(self, attempt: RunningAttempt, grace_s: float, reason: str) -> None:
         assert self._tg is not None
@@ -250,6 +255,14 @@ class Agent:
         if self._sweeping is not None and not self._sweeping.is_set():
             log.warning("sweep_while_sweeping")
             return
+        if self._spool is None:
+            # A sweep is scoped to the spool; an agent started without one uses the default.
+            try:
+                self._spool = spool.prepare(spool.default_dir(os.environ))
+            except spool.SpoolError as exc:
+                log.error("bad_spool", error=str(exc))
+                self._tg.start_soon(self._channel.send, wire.Swept())
+                return
         self._sweeping = anyio.Event()
         self._tg.start_soon(self._sweep, sweep, self._sweeping)
 
@@ -263,8 +276,10 @@ class Agent:
             own = os.environ.get(proctree.MARKER_ENV)
             if own:
                 live.add(own)  # this agent runs inside an attempt itself: not ours to kill
-            grace_s = self._kill_grace_s
-            report = await anyio.to_thread.run_sync(lambda: proctree.sweep_foreign(live, grace_s))
+            grace_s, scope = self._kill_grace_s, str(self._spool)
+            report = await anyio.to_thread.run_sync(
+                lambda: proctree.sweep_foreign(live, scope, grace_s)
+            )
             self._runner.reap()
             (log.warning if report.killed else log.info)(
                 "swept",
@@ -278,8 +293,7 @@ class Agent:
                     killed=list(report.killed), pids=list(report.pids), survivors=report.survivors
                 )
             )
-            if self._spool is not None:
-                await self._report_spooled(live)
+            await self._report_spooled(live)
         finally:
             done.set()
 
@@ -332,7 +346,8 @@ class Agent:
                     result.killed = True
                 await self._runner.close_cgroup(attempt, result)
                 launch.write_line(out, launch.footer(run, result))
-        except (OSError, spool.SpoolError) as exc:
+        except (OSError, ValueError, spool.SpoolError) as exc:
+            # ValueError: a path with a NUL byte in it.
             result = wire.Finished(attempt_id=run.attempt_id, phase="spawn", message=str(exc))
         finally:
             if attempt.kill_requested:

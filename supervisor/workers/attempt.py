@@ -12,6 +12,11 @@ The runner does all the reaping of the agent's children itself (no asyncio child
 is involved), watching its direct child through a pidfd, which keeps a spawn
 down to one fork+exec and no helper thread. What a finished step leaves behind is killed.
 
+With a lease (an agent on another host) each step runs under its own shim instead
+(supervisor.workers.shim), which leads the step's session, reports the command's pid, and
+fences the step on its own when the lease runs out; the runner renews the lease through a
+pipe, asks the shim for its kills, and takes a fence it recorded from the spool.
+
 The agent (supervisor.workers.agent) decides when an attempt starts and when it is killed;
 the runner only carries that out and says how each step ended.
 """
@@ -262,18 +267,7 @@ class AttemptRunner:
             return await self._shim_step(attempt, step, argv, out)
         status_r: int | None = None
         pass_fds: tuple[int, ...] = ()
-        rlimits = run.rlimits
-        memory_mb = rlimits.memory_mb if rlimits is not None else None
-        if memory_mb is not None and attempt.cgroup is not None:
-            if cgroup.has_controller(attempt.cgroup, "memory"):
-                # The cgroup's memory.max replaces RLIMIT_AS where the memory controller is
-                # there: it limits what the whole tree uses, not each process's address space.
-                assert rlimits is not None
-                rlimits = msgspec.structs.replace(rlimits, memory_mb=None)
-            else:
-                memory_mb = None
-        else:
-            memory_mb = None
+        rlimits, memory_mb = _memory_plan(attempt)
         if rlimits is not None and rlimits != Rlimits():
             status_r, status_w = os.pipe()
             pass_fds = (status_w,)
@@ -355,7 +349,7 @@ class AttemptRunner:
         the command's."""
         run = attempt.run
         assert self._spool is not None
-        rlimits = run.rlimits
+        rlimits, memory_mb = _memory_plan(attempt)
         wrapped = rlimits is not None and rlimits != Rlimits()
         if wrapped:
             assert rlimits is not None
@@ -375,10 +369,11 @@ class AttemptRunner:
         env.update(run.env)
         env[launch.TASK_ID_ENV] = run.task_id
         env[proctree.MARKER_ENV] = run.attempt_id
+        env[proctree.SPOOL_ENV] = str(self._spool)
         lease_r, lease_w = os.pipe()
         status_r, status_w = os.pipe()
         try:
-            with self._inside(attempt, lift_memory_max=False):
+            with self._inside(attempt, lift_memory_max=memory_mb is not None):
                 pid = launch.spawn_shim(
                     argv,
                     env,
@@ -387,7 +382,7 @@ class AttemptRunner:
                     lease_fd=lease_r,
                     status_fd=status_w,
                 )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             for fd in (lease_w, status_r):
                 os.close(fd)
             launch.write_line(out, f"=== attempt {run.number} {step} could not start: {exc} ===")
@@ -395,6 +390,9 @@ class AttemptRunner:
         finally:
             os.close(lease_r)
             os.close(status_w)
+        if memory_mb is not None and attempt.cgroup is not None:
+            # Only now that the agent is out of the cgroup again (see cgroup.py).
+            cgroup.set_memory_max(attempt.cgroup, memory_mb)
         os.set_blocking(lease_w, False)
         self._direct.add(pid)
         attempt.step, attempt.pid = step, pid
@@ -515,6 +513,21 @@ class AttemptRunner:
                 step=attempt.step,
                 pids=list(report.signalled),
             )
+
+
+def _memory_plan(attempt: RunningAttempt) -> tuple[Rlimits | None, int | None]:
+    """The rlimits to apply to a step, and the memory.max (MB) to give its cgroup instead
+    of RLIMIT_AS, if any."""
+    rlimits = attempt.run.rlimits
+    memory_mb = rlimits.memory_mb if rlimits is not None else None
+    if memory_mb is None or attempt.cgroup is None:
+        return rlimits, None
+    if not cgroup.has_controller(attempt.cgroup, "memory"):
+        return rlimits, None
+    # The cgroup's memory.max replaces RLIMIT_AS where the memory controller is there: it
+    # limits what the whole tree uses, not each process's address space.
+    assert rlimits is not None
+    return msgspec.structs.replace(rlimits, memory_mb=None), memory_mb
 
 
 def _identities(pids: tuple[int, ...]) -> set[tuple[int, int]]:

@@ -124,6 +124,14 @@ SHIM_STATUS_FD = 4
 SHIM_EXEC_STATUS_FD = 3
 
 
+# The shim's own module from this checkout, through the import system, so that its
+# compiled form is cached (a script run by path is compiled at every start).
+_SHIM_MAIN = (
+    f"import sys; sys.path.insert(0, {str(Path(shim.__file__).resolve().parents[2])!r}); "
+    "from supervisor.workers.shim import main; main()"
+)
+
+
 def shim_argv(
     attempt_id: str,
     *,
@@ -133,13 +141,15 @@ def shim_argv(
     cwd: str | None,
     exec_wrapper: bool,
 ) -> list[str]:
-    """The shim prefix for one step of a leased attempt; run by path, like the limits
-    wrapper, so that neither the task's working directory nor its PYTHONPATH matter."""
+    """The shim prefix for one step of a leased attempt; in isolated mode (-I -S, its
+    package found by its path), so that neither the task's working directory nor its
+    PYTHONPATH matter."""
     argv = [
         sys.executable,
         "-I",
         "-S",
-        shim.__file__,
+        "-c",
+        _SHIM_MAIN,
         "--attempt-id",
         attempt_id,
         "--lease-fd",

@@ -3,8 +3,9 @@
     python -I -S .../supervisor/workers/shim.py --attempt-id A --lease-fd 3 --status-fd 4 \
         --lease-s S --kill-grace-s G --spool DIR [--cwd DIR] [--exec-status-fd 3] -- argv...
 
-(`python -m supervisor.workers.shim` works too; the agent runs it by path with -I -S so
-that it starts fast from any working directory and whatever the task's PYTHONPATH.)
+(`python -m supervisor.workers.shim` works too; the agent runs it in isolated mode, -I
+-S, with its package's directory put on sys.path, so that it starts fast, compiled once,
+from any working directory and whatever the task's PYTHONPATH.)
 
 An agent with a lease (a worker on another host) starts each step of an attempt under a
 shim rather than directly. The shim leads the step's session and is a child subreaper, so
@@ -31,13 +32,21 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import sys
 import time
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING (type checkers know it), without typing
+if TYPE_CHECKING:
+    import signal
+else:
+    # The C module itself: `signal` wraps it in enums, whose import alone costs more than
+    # the rest of the shim's start.
+    import _signal as signal
 
 MARKER_ENV = "ORCHD_ATTEMPT_ID"  # as supervisor.workers.proctree.MARKER_ENV
 EXEC_FAILED = 127
 KILL = b"K"
+_PR_SET_CHILD_SUBREAPER = 36
 _SWEEP_ROUNDS = 5
 _SWEEP_WAIT_S = 1.0
 # Signals Python ignores itself and a command must start with at their default.
@@ -317,6 +326,8 @@ def serve(opts: Options, pid: int, wake_fd: int) -> Outcome:
                     grace_s = float(word)
                 except ValueError:
                     grace_s = opts.kill_grace_s
+                if not 0 <= grace_s < float("inf"):  # also NaN
+                    grace_s = opts.kill_grace_s
                 return Outcome("kill", grace_s=grace_s, why="agent")
 
 
@@ -367,6 +378,23 @@ def exit_as(status: int | None) -> None:
     os._exit(128 + sig)  # a signal that does not end a process: say which by the code
 
 
+def _become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: orphans of the step re-parent to the shim, not to init.
+
+    Through _ctypes, the C module alone: importing ctypes (and struct, types, warnings
+    with it) would cost about as much as the rest of the shim's start."""
+    import _ctypes
+
+    native = getattr(_ctypes, "dlopen", None)
+    if native is not None:
+        prctl = _ctypes.dlsym(native(None, 0), "prctl")
+        _ctypes.call_function(prctl, (_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         opts = parse(sys.argv[1:] if args is None else args)
@@ -376,10 +404,7 @@ def main(args: list[str] | None = None) -> None:
     for fd in (opts.lease_fd, opts.status_fd):
         if fd >= 0:
             os.set_inheritable(fd, False)
-    # PR_SET_CHILD_SUBREAPER: orphans of the step re-parent to the shim, not to init.
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+    _become_subreaper()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -398,8 +423,8 @@ def main(args: list[str] | None = None) -> None:
         os.close(opts.status_fd)
     outcome = serve(opts, pid, wake_r)
     if outcome.kind == "exited":
-        tree.reap()
-        if tree.members():
+        # A subreaper with no child left has no descendant left: the usual end costs no scan.
+        if tree.reap() and tree.members():
             # What the finished command left behind goes too (as the agent does itself).
             tree.kill(opts.kill_grace_s)
     elif outcome.kind == "kill":
