@@ -215,8 +215,15 @@ def worker_detail(w: dict[str, Any]) -> str:
         + (f", rss {rss / 1048576:.1f} MiB" if rss is not None else "")
         + (f", {h['open_fds']} fds" if h.get("open_fds") is not None else "")
         + (f", {h['threads']} threads" if h.get("threads") is not None else "")
-        + (f" (checked {h['checked_age_s']:.1f}s ago)" if "checked_age_s" in h else ""),
+        + (f" (checked {h['checked_age_s']:.1f}s ago)" if "checked_age_s" in h else "")
+        + (f" (its heartbeat {h['reported_age_s']:.1f}s ago)" if "reported_age_s" in h else ""),
     ]
+    if h.get("source") == "heartbeat":  # a remote agent's own figures
+        lines.append(
+            f"  agent:      pid {h.get('pid', '-')} on {h.get('host')}, start ticks "
+            f"{h.get('start_ticks', '-')}; transport {h.get('transport')} "
+            f"(pid {h.get('transport_pid') or '-'} here)"
+        )
     if w.get("log_tail"):
         lines.append("  log:")
         lines.extend("    " + line for line in w["log_tail"])

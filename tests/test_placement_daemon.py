@@ -6,28 +6,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, assert_no_leftovers, to_toml
+from tests.harness import FAKE_HOST_TRANSPORT, Daemon, assert_no_leftovers
 
 # A task's command: where it ran (the agent's fake host; unset on the daemon's own).
 WHERE = 'echo "${ORCHD_FAKE_HOST:-local}" > %s'
-
-
-def hosts_toml(hosts: list[dict[str, Any]]) -> str:
-    """[[workers.hosts]] tables on the local `env` transport."""
-    out = []
-    for h in hosts:
-        out.append("[[workers.hosts]]")
-        out.append(f'host = "{h["host"]}"')
-        out.append(f"count = {h.get('count', 1)}")
-        out.append(f"labels = {json.dumps(h.get('labels', []))}")
-        out.append('transport = ["env", "ORCHD_FAKE_HOST={host}", "--"]')
-    return "\n".join(out) + "\n"
 
 
 @pytest.fixture
@@ -40,22 +29,28 @@ def farm(tmp_path: Path) -> Iterator[Daemon]:
 def _farm(
     tmp_path: Path, *, local: int, per_host: int, counts: tuple[int, int]
 ) -> Iterator[Daemon]:
+    hosts = [
+        {"host": "build-2", "count": counts[0], "labels": ["gpu"]},
+        {"host": "build-3", "count": counts[1], "labels": ["gpu", "big"]},
+    ]
     d = Daemon(
         tmp_path,
         {
-            "workers": {"count": local},
-            "health": {"agent_lease_s": 1.0},
+            "workers": {
+                "count": local,
+                "hosts": [
+                    h | {"transport": FAKE_HOST_TRANSPORT, "python": sys.executable} for h in hosts
+                ],
+            },
+            # Placement is not about health: timings that a loaded machine's slow agent
+            # start (a fresh interpreter each) does not trip.
+            "health": {
+                "unresponsive_after_s": 3.0,
+                "shutdown_after_s": 10.0,
+                "agent_lease_s": 3.0,
+            },
             "resources": {"git_repo_write": {"max_holders": per_host, "per_host": True}},
         },
-    )
-    d.config_path.write_text(
-        to_toml(d.cfg)
-        + hosts_toml(
-            [
-                {"host": "build-2", "count": counts[0], "labels": ["gpu"]},
-                {"host": "build-3", "count": counts[1], "labels": ["gpu", "big"]},
-            ]
-        )
     )
     d.start()
     try:
@@ -72,11 +67,27 @@ def _farm(
 
 
 def ws_file(tasks: list[dict[str, Any]], head: str = "") -> str:
+    """A workstream file. Each task may be retried often: on this machine every remote
+    agent that starts sweeps the user's marked processes that its daemon does not list for
+    its host (the fake hosts all being this machine, other daemons' attempts too), and a
+    swept attempt is only retried; where it ran, and the probes, are what is checked."""
     out = [head]
     for t in tasks:
+        t = {"max_retries": 10} | t
         out.append("[[tasks]]")
         out.extend(f"{k} = {json.dumps(v)}" for k, v in t.items())
     return "\n".join(out) + "\n"
+
+
+def wait_done(d: Daemon, ws_id: str) -> None:
+    """Wait for the workstream to complete; on a timeout, show the tasks, the workers and
+    the last events (what a loaded machine's slow start made of them)."""
+    try:
+        d.wait_ws(ws_id, "completed", timeout=60)
+    except AssertionError:
+        print(d.ctl("tasks").stdout, d.ctl("workers").stdout)
+        print([(e["event"], e.get("message")) for e in d.events()][-20:])
+        raise
 
 
 def test_runs_on_lands_on_the_named_host(farm: Daemon, tmp_path: Path) -> None:
@@ -92,7 +103,7 @@ def test_runs_on_lands_on_the_named_host(farm: Daemon, tmp_path: Path) -> None:
             'id = "ws-place"',
         )
     )
-    farm.wait_ws("ws-place", "completed")
+    wait_done(farm, "ws-place")
     assert {t: (out / t).read_text().strip() for t in want} == want
     for t, host in want.items():
         shown = farm.ctl_json("show", f"ws-place/{t}")
@@ -119,7 +130,7 @@ def test_pinned_workstream_runs_every_task_on_its_host(farm: Daemon, tmp_path: P
     tasks[3]["depends_on"] = ["b", "c"]
     tasks[3]["runs_on"] = "big"  # agrees: build-3 carries it
     farm.submit(ws_file(tasks, 'id = "ws-pin"\nhost = "build-3"'))
-    farm.wait_ws("ws-pin", "completed")
+    wait_done(farm, "ws-pin")
     assert {(out / t).read_text().strip() for t in names} == {"build-3"}
     bad = tmp_path / "bad.toml"
     bad.write_text(
@@ -160,7 +171,7 @@ def test_per_host_resource_has_one_holder_per_host(wide_farm: Daemon, tmp_path: 
             'id = "ws-res"',
         )
     )
-    wide_farm.wait_ws("ws-res", "completed", timeout=60)
+    wait_done(wide_farm, "ws-res")
     lines = log.read_text().splitlines()
     assert not [x for x in lines if x.startswith("CLASH")], lines
     spans: dict[str, list[tuple[float, float]]] = {}

@@ -12,7 +12,7 @@ from supervisor.control import protocol as p
 from supervisor.core import wire
 from supervisor.core.config import Config, HealthConfig, HostConfig, ResourceConfig, TasksConfig
 from supervisor.core.config import WorkersConfig as WorkersCfg
-from supervisor.core.effects import KillTree, Renew, Retire, Spawn
+from supervisor.core.effects import CheckSurvivors, KillTree, Renew, Retire, Spawn
 from supervisor.core.inputs import AgentExited, AgentMessage, HealthReport
 from supervisor.core.model import TaskState, WorkerState
 from tests.rig import Rig
@@ -230,3 +230,43 @@ def test_new_agent_sweep_confirms_a_given_up_attempt_dead() -> None:
     rig.box.send_nowait(AgentMessage(new, rig.pool.alive[new], wire.Swept()))
     rig.deliver()
     assert rig.task("t").state == TaskState.CANCELLED
+
+
+def test_survivors_reported_by_a_remote_agent_are_never_signalled_from_here() -> None:
+    """A remote agent's Finished naming survivors (pids of its host) is an event: the
+    daemon never checks or SIGKILLs those pids on its own host."""
+    rig = Rig(remote_config())
+    wid = start_one(rig)
+    run = rig.pool.current.pop(wid)
+    msg = wire.Finished(
+        attempt_id=run.attempt_id, phase="command", exit_code=1, survivors=((1, 12345),)
+    )
+    rig.box.send_nowait(AgentMessage(wid, rig.pool.alive[wid], msg))
+    rig.deliver()
+    assert not [e for e in rig.effects if isinstance(e, CheckSurvivors)]
+    (ev,) = rig.events("remote_survivors")
+    assert ev.data["pids"] == [1]
+    assert not rig.task("t").survivors
+
+
+def test_sweep_lists_every_live_attempt_and_holds_all_dispatch_until_answered() -> None:
+    """A new remote agent's Sweep lists the daemon's live attempts on any host (its host
+    may be this very machine), and no task starts anywhere until it is answered."""
+    rig = Rig(remote_config(local=2, remote=1))
+    rig.submit("ws", [{"id": "a", "command": "true", "runs_on": "local"}])
+    rig.deliver()
+    (local,) = [w for w, _ in rig.sent_runs()]
+    live_attempt = rig.pool.current[local].attempt_id
+    rig.pool.answer_sweep = False
+    (remote,) = remote_ids(rig)
+    rig.pool.die(remote, 0)  # idle when it exits: replaced at once, the new agent sweeps
+    rig.deliver()
+    (new,) = remote_ids(rig)
+    sweep = [m for w, m in rig.pool.sent if w == new][-1]
+    assert isinstance(sweep, wire.Sweep) and sweep.live == [live_attempt]
+    rig.submit("ws2", [{"id": "b", "command": "true", "runs_on": "local"}])
+    rig.deliver()
+    assert rig.task("b").state == TaskState.QUEUED  # a local worker is idle, yet it waits
+    rig.box.send_nowait(AgentMessage(new, rig.pool.alive[new], wire.Swept()))
+    rig.deliver()
+    assert rig.task("b").state == TaskState.RUNNING

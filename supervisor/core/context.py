@@ -164,7 +164,7 @@ class Core:
             rt.disarm("timeout", task.id)
             for r in held_by(task):
                 rt.unpark(r)
-            if task.attempts:
+            if task.attempts and rt.has_placement_parks():
                 # Room on its host: tasks waiting for a place there may go now.
                 rt.unpark_placement(self.hosts.selectors_of(task.attempts[-1].host))
         if task.state == frm:

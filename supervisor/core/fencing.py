@@ -10,9 +10,10 @@ frame confirms the death (its Finished, a new agent's Swept), the task stays run
 keeps its resources; then it goes on as a killed attempt would (reassigned, retried,
 cancelled: by why it was stopped).
 
-A newly started agent is first told which attempts are live on its host (Sweep) and kills
-every other one it finds there. Until it answers, nothing starts on that host: an attempt
-started meanwhile would not be on the list it was given.
+A newly started agent is first told which attempts are live (Sweep) and kills every other
+one it finds on its host. Until it answers, nothing starts anywhere: an attempt started
+meanwhile would not be on the list it was given (and a "remote" host may be this very
+machine). Agents start rarely, and a Sweep is answered within a round trip.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from supervisor.core.effects import Send
 from supervisor.core.lifecycle import FENCE, attempt_task, end_sweep
 from supervisor.core.model import FailureKind, Task, TaskState, WorkerState
 from supervisor.core.outcome import on_finished
-from supervisor.core.survivors import hold
 
 
 def live_on(m: Core, host: str) -> tuple[str, ...]:
-    """The attempts the daemon lists as live on `host`: those of running tasks whose
-    remote worker still has them and a transport, and that are not given up (waiting
-    for their lease to run out)."""
+    """The attempts the daemon lists as live for a new agent on `host`: every running
+    attempt of this daemon that is not given up (waiting for its lease to run out), on
+    whatever host. Attempts of other hosts are not on `host` if it is really another
+    machine; listing them keeps them safe when it is not (a host name that is this
+    machine, or two names for one machine)."""
     out = []
     workers = m.state.data.workers
     for task in m.running_tasks():
@@ -37,9 +39,10 @@ def live_on(m: Core, host: str) -> tuple[str, ...]:
             continue
         a = task.attempts[-1]
         w = workers.get(a.worker_id)
-        if w is None or w.host != host or w.attempt_id != a.attempt_id:
+        if w is None or w.attempt_id != a.attempt_id:
             continue
-        if w.state in (WorkerState.BUSY, WorkerState.UNRESPONSIVE) and not m.remote.is_gone(w.id):
+        reachable = w.state in (WorkerState.BUSY, WorkerState.UNRESPONSIVE)
+        if not w.host or (reachable and not m.remote.is_gone(w.id)):
             out.append(a.attempt_id)
     return tuple(sorted(out))
 
@@ -56,8 +59,7 @@ def send_sweeps(m: Core) -> None:
         live = live_on(m, w.host)
         m.remote.sweep_sent(m.rt, w.host, wid, live, m.now)
         for other in m.state.data.workers.values():
-            if other.host == w.host:
-                m.rt.take_idle(other.id)
+            m.rt.take_idle(other.id)
         m.effects.insert(at, Send(wid, wire.Sweep(live=list(live))))
 
 
@@ -153,8 +155,6 @@ def on_finished_remote(m: Core, wid: str, msg: wire.Finished) -> bool:
     task = _running_with(m, msg.attempt_id)
     if task is not None and m.rt.armed(FENCE, task.id) is not None:
         settle_lost(m, task, "its end was reported" + (" (fenced)" if msg.fenced else ""))
-        if msg.survivors:
-            hold(m, task, msg.attempt_id, msg.survivors)
         return True
     late(m, wid, msg)
     return True

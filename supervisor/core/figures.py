@@ -35,11 +35,16 @@ def remote_report(m: Core, wid: str) -> dict[str, Any]:
     host, CPU percent, resident memory), how old they are, and its transport's state."""
     worker = m.state.data.workers[wid]
     seen = m.remote.figures.get(wid, {})
-    out: dict[str, Any] = {"host": worker.host, "source": "heartbeat"}
+    gone = m.remote.is_gone(wid)
+    out: dict[str, Any] = {
+        "host": worker.host,
+        "source": "heartbeat",
+        "status": "remote, transport exited" if gone else "remote",
+    }
     out.update({k: v for k, v in seen.items() if k != "reported_at"})
     if "reported_at" in seen:
         out["reported_age_s"] = round(max(0.0, m.now - seen["reported_at"]), 3)
-    out["transport"] = "exited" if m.remote.is_gone(wid) else "connected"
+    out["transport"] = "exited" if gone else "connected"
     out["transport_pid"] = worker.pid
     return out
 

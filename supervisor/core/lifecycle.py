@@ -147,30 +147,29 @@ def on_hello(m: Core, wid: str, msg: wire.Hello) -> None:
         started_at=m.wall,
     )
     m.rt.set_up_since(wid, m.now)
-    m.rt.set_idle(wid)
+    make_idle(m, wid)
     m.note(wid, f"agent up, pid {msg.pid}")
 
 
 def end_sweep(m: Core, wid: str) -> tuple[str, ...] | None:
-    """The worker's Sweep is answered (or never will be: its agent is gone); once its
-    host has no Sweep unanswered, its idle workers take tasks again. The live list that
+    """The worker's Sweep is answered (or never will be: its agent is gone); once no
+    Sweep is unanswered, the idle workers take tasks again. The live list that
     Sweep carried, None if none was pending."""
     w = m.state.data.workers.get(wid)
     if w is None or not w.host:
         return None
     live = m.remote.sweep_answered(m.rt, w.host, wid)
-    if live is not None and not m.remote.sweeping(w.host):
+    if live is not None and not m.remote.sweeping():
         for other in list(m.state.data.workers.values()):
-            if other.host == w.host and other.state == WorkerState.IDLE:
+            if other.state == WorkerState.IDLE:
                 m.rt.set_idle(other.id)
     return live
 
 
 def make_idle(m: Core, wid: str) -> None:
-    """The worker may take a task, unless its host's new agent has not answered its Sweep
+    """The worker may take a task, unless a new remote agent has not answered its Sweep
     yet (it is made idle then, core/fencing.py)."""
-    w = m.state.data.workers.get(wid)
-    if w is not None and w.host and m.remote.sweeping(w.host):
+    if m.remote.sweeping():
         return
     m.rt.set_idle(wid)
 

@@ -123,6 +123,10 @@ class Machine(Core):
         """An attempt is over (by its agent's word or the daemon's kill); what outlived
         its kill holds its task back."""
         left = left or msg.survivors
+        if left and is_remote(self, wid):
+            # Pids of another host mean nothing here: never checked or signalled from here.
+            self._remote_survivors(wid, msg.attempt_id, left)
+            left = ()
         current = attempt_task(self, wid, msg.attempt_id)
         if current is not None:
             self.rt.disarm(FENCE, current.id)  # settled: no lease to wait out any more
@@ -132,6 +136,19 @@ class Machine(Core):
             task = task or self._task_of_attempt(msg.attempt_id)
             if task is not None:
                 hold(self, task, msg.attempt_id, left)
+
+    def _remote_survivors(
+        self, wid: str, attempt_id: str, left: tuple[tuple[int, int], ...]
+    ) -> None:
+        w = self.state.data.workers[wid]
+        self.emit(
+            "remote_survivors",
+            "error",
+            worker_id=wid,
+            message=f"{len(left)} process(es) of attempt {attempt_id} outlived its kill on "
+            f"{w.host}; the next agent's sweep there kills them",
+            data={"host": w.host, "attempt_id": attempt_id, "pids": [pid for pid, _ in left]},
+        )
 
     def _task_of_attempt(self, attempt_id: str) -> Task | None:
         for task in self.state.data.tasks.values():

@@ -63,9 +63,10 @@ class RemoteBook:
 
     # -- sweeps ----------------------------------------------------------------------
 
-    def sweeping(self, host: str) -> bool:
-        """A new agent on `host` has not answered its Sweep yet: nothing starts there."""
-        return bool(self._sweeps.get(host))
+    def sweeping(self, host: str | None = None) -> bool:
+        """A new agent (on `host`; None: on any) has not answered its Sweep yet: nothing
+        starts until it does."""
+        return bool(self._sweeps.get(host) if host is not None else self._sweeps)
 
     def unanswered(self) -> list[tuple[str, float]]:
         """(worker, when its Sweep was sent) of every unanswered Sweep."""

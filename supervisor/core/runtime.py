@@ -261,6 +261,8 @@ class Runtime:
         """Tasks parked on their placement in these lanes go back to the queue (a host
         they may run on has room again). Their key is `@` + the lane."""
         parked = self._queue.parked_resources()
+        if not parked:
+            return
         for s in selectors:
             if "@" + s in parked:
                 self.unpark("@" + s)
@@ -272,7 +274,8 @@ class Runtime:
             self.unpark(key)
 
     def has_placement_parks(self) -> bool:
-        return any(k.startswith("@") for k in self._queue.parked_resources())
+        parked = self._queue.parked_resources()
+        return bool(parked) and any(k.startswith("@") for k in parked)
 
     def waiting_on(self, resource_id: str) -> list[str]:
         return self._queue.waiting_on(resource_id)

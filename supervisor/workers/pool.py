@@ -574,7 +574,12 @@ def _line(raw: bytes) -> str:
 
 
 def _append(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
+    try:
+        f = open(path, "ab")  # noqa: SIM115 - closed below
+    except FileNotFoundError:  # the task's first attempt: its workstream's log directory
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "ab")  # noqa: SIM115
+    with f:
         f.write(data)
 
 
