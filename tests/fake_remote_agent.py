@@ -128,8 +128,9 @@ def main(argv: list[str]) -> int:
         out.write(wire.frame(fuzz.message()))
         if i % 100 == 0:
             out.flush()
-    with open(counter, "w") as f:
-        f.write(str(sent + n))
+    # Replaced whole: the test reads it meanwhile.
+    Path(counter + ".new").write_text(str(sent + n))
+    os.replace(counter + ".new", counter)
     out.write(BAD_FRAMES[(sent // per) % len(BAD_FRAMES)])
     out.flush()
     time.sleep(3)

@@ -112,7 +112,11 @@ def remote_half(cfg: dict[str, Any], mode: str = REMOTE_MODE) -> dict[str, Any]:
     and an agent lease that fits its shutdown_after_s; `cfg` itself when unset."""
     workers = cfg.get("workers", {})
     count = int(workers.get("count", 0))
-    if not mode or workers.get("hosts") or count < 2:
+    health = cfg["health"]
+    room = health["shutdown_after_s"] - cfg["tasks"]["kill_grace_s"]
+    # A config whose kill grace leaves no lease before shutdown_after_s is refused with
+    # remote hosts (a remote attempt must be fenced before its task is reassigned).
+    if not mode or workers.get("hosts") or count < 2 or room < 0.5:
         return cfg
     if mode == "env":
         host: dict[str, Any] = {
@@ -127,10 +131,7 @@ def remote_half(cfg: dict[str, Any], mode: str = REMOTE_MODE) -> dict[str, Any]:
     else:
         raise ValueError(f"ORCHD_TEST_REMOTE={mode!r}: use env or ssh")
     host["count"] = count // 2
-    health = cfg["health"]
-    lease = health.get("agent_lease_s") or min(
-        2.0, 0.6 * (health["shutdown_after_s"] - cfg["tasks"]["kill_grace_s"])
-    )
+    lease = health.get("agent_lease_s") or min(2.0, 0.6 * room)
     return _merge(
         cfg,
         {

@@ -46,6 +46,14 @@ def test_ten_thousand_fuzzed_frames_over_ssh_never_crash_the_daemon(tmp_path: Pa
                 return sent.exists() and int(sent.read_text()) >= FRAMES
 
             Daemon.wait_for(all_sent, 120, f"{FRAMES} frames to be sent")
+            # They were read, not dropped with the first connection: the frames about
+            # attempts the daemon never ran are events, from every connection.
+            Daemon.wait_for(
+                lambda: len(d.events("worker_exited")) >= FRAMES // PER_CONNECTION - 1,
+                20,
+                "every fake agent's connection to end",
+            )
+            assert len(d.events("late_frame")) > FRAMES // 10
             work = tmp_path / "work"
             work.mkdir()
             d.submit(
