@@ -7,6 +7,8 @@ build-2 and build-3). CPU time per task, from submission to completion, best of 
 - baseline: N tasks without runs_on or resources;
 - runs_on:  the same N tasks, each with a runs_on (a host, a label, local, in turn);
 - per-host: the same N tasks, each needing a per-host resource (max 1 a host);
+- global:   the same N tasks, each needing one global resource (max 1): N-1 wait, and
+  each release wakes one of them, not all (it used to cost a look at every waiter);
 - busy host: the N plain tasks while 5,000 more wait for build-4, whose workers are busy
   all along (they must cost nothing: their lane is not looked at).
 
@@ -41,7 +43,10 @@ def farm() -> Rig:
             cfg.workers,
             hosts=[HostConfig(host=h, count=0, labels=labels) for h, labels in HOSTS.items()],
         ),
-        resources={"repo": ResourceConfig(max_holders=1, per_host=True)},
+        resources={
+            "repo": ResourceConfig(max_holders=1, per_host=True),
+            "lic": ResourceConfig(max_holders=1),
+        },
     )
     rig = Rig(cfg)
     placed = dict(
@@ -103,12 +108,14 @@ def main() -> None:
     base = timed(n, plain)
     runs_on = timed(n, lambda k: [t | {"runs_on": where[i % 4]} for i, t in enumerate(plain(k))])
     per_host = timed(n, lambda k: [t | {"resources": ["repo"]} for t in plain(k)])
+    one = timed(n, lambda k: [t | {"resources": ["lic"]} for t in plain(k)])
     busy = timed(n, plain, busy=5000)
     print(f"{n} tasks, 8 workers on 4 hosts, CPU per task (best of 3):")
     print(f"  baseline (anywhere)        {base * 1e6:7.1f} us")
     for name, v in (
         ("runs_on", runs_on),
         ("per-host resource", per_host),
+        ("global resource, max 1", one),
         ("beside 5,000 for a busy host", busy),
     ):
         print(f"  {name:<26} {v * 1e6:7.1f} us  ratio {v / base:.2f}")
