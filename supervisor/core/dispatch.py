@@ -2,6 +2,14 @@
 become queued; queued tasks go to idle workers in priority order when all their resources
 have room (all or none, no hold-and-wait). Pure: no I/O.
 
+Each queued task waits in the lane of its placement (`runs_on`, core/placement.py); a
+dispatch step looks only at lanes that an idle worker can serve, so tasks bound for a
+busy host cost nothing while others run. A task whose resource is full is parked on it
+(per resource and lane); one whose per-host resources are full on every host it may use
+with an idle worker is parked on its placement. A release wakes the first task parked
+for the slot, and that task, once it has started or found another reason to wait, wakes
+the next (`Runtime.wake`): a release costs one look, however many tasks wait.
+
 Nothing starts while an operator holds dispatch: in a paused workstream (its queued tasks
 are parked on it, as after a critical failure) or anywhere while the daemon is drained
 (the queue is left as it is). Queued tasks stay queued either way, and their queue-wait
