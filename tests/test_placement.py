@@ -191,6 +191,8 @@ def test_per_host_resource_full_on_the_idle_host_waits_for_a_release() -> None:
     view = next(r for r in resource_figures(rig.m) if r["id"] == "repo")
     assert view["holders_by_host"] == {"build-2": [rig.full("first")]}
     assert view["waiting"] == [rig.full("second")]
+    table = render.resources_table([view])
+    assert f"build-2:{rig.full('first')}" in table and "(1/host)" in table
     finish(rig, "first")
     assert rig.task("second").state == TaskState.RUNNING
     assert rig.task("second").holds == ["repo@build-2"]

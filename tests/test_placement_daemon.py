@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import FAKE_HOST_TRANSPORT, Daemon, assert_no_leftovers
+from tests.harness import FAKE_HOST_TRANSPORT, Daemon, assert_no_leftovers, to_toml
 
 # A task's command: where it ran (the agent's fake host; unset on the daemon's own).
 WHERE = 'echo "${ORCHD_FAKE_HOST:-local}" > %s'
@@ -190,3 +191,39 @@ def test_per_host_resource_has_one_holder_per_host(wide_farm: Daemon, tmp_path: 
     assert shown["attempts"][-1]["host"] in ("build-2", "local")
     res = {r["id"]: r for r in wide_farm.ctl_json("resources")}
     assert res["git_repo_write"]["per_host"] is True
+
+
+def test_reload_without_the_host_makes_its_tasks_wait(farm: Daemon, tmp_path: Path) -> None:
+    """A reload that drops build-3 while a task for it is queued: the task waits, named by
+    a task_host_missing event; a reload that brings build-3 back runs it there."""
+    assert farm.proc is not None
+    out = tmp_path / "where"
+    out.mkdir()
+    gate = tmp_path / "gate"
+    hold = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    farm.submit(
+        ws_file(
+            [
+                {"id": "hold", "command": hold, "runs_on": "build-3"},
+                {"id": "next", "command": WHERE % (out / "next"), "runs_on": "build-3"},
+            ],
+            'id = "ws-gone"',
+        )
+    )
+    farm.wait_task("ws-gone/hold", "running")
+    full = dict(farm.cfg)
+    without = json.loads(json.dumps(full))
+    without["workers"]["hosts"] = [h for h in full["workers"]["hosts"] if h["host"] != "build-3"]
+    farm.config_path.write_text(to_toml(without))
+    farm.proc.send_signal(signal.SIGHUP)
+    ev = farm.wait_event("task_host_missing")
+    assert ev["tasks"] == ["ws-gone/next"]
+    assert "build-3" in ev["message"] and "known: local, build-2" in ev["message"]
+    gate.touch()  # the holder ends; its worker goes with its host
+    farm.wait_task("ws-gone/hold", "completed")
+    assert farm.task("ws-gone/next")["state"] == "queued"
+    assert "no configured host is 'build-3'" in farm.ctl("debug", "ws-gone/next").stdout
+    farm.config_path.write_text(to_toml(full))
+    farm.proc.send_signal(signal.SIGHUP)
+    wait_done(farm, "ws-gone")
+    assert (out / "next").read_text().strip() == "build-3"

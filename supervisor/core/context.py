@@ -163,7 +163,7 @@ class Core:
         if frm == "running" and task.state != TaskState.RUNNING:
             rt.disarm("timeout", task.id)
             for r in held_by(task):
-                rt.unpark(r)
+                rt.wake(r)  # the first task waiting on it; dispatch wakes the next
             if task.attempts and rt.has_placement_parks():
                 # Room on its host: tasks waiting for a place there may go now.
                 rt.unpark_placement(self.hosts.selectors_of(task.attempts[-1].host))

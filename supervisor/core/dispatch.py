@@ -2,6 +2,14 @@
 become queued; queued tasks go to idle workers in priority order when all their resources
 have room (all or none, no hold-and-wait). Pure: no I/O.
 
+Each queued task waits in the lane of its placement (`runs_on`, core/placement.py); a
+dispatch step looks only at lanes that an idle worker can serve, so tasks bound for a
+busy host cost nothing while others run. A task whose resource is full is parked on it
+(per resource and lane); one whose per-host resources are full on every host it may use
+with an idle worker is parked on its placement. A release wakes the first task parked
+for the slot, and that task, once it has started or found another reason to wait, wakes
+the next (`Runtime.wake`): a release costs one look, however many tasks wait.
+
 Nothing starts while an operator holds dispatch: in a paused workstream (its queued tasks
 are parked on it, as after a critical failure) or anywhere while the daemon is drained
 (the queue is left as it is). Queued tasks stay queued either way, and their queue-wait
@@ -18,6 +26,7 @@ from supervisor.core.context import Core
 from supervisor.core.effects import Send
 from supervisor.core.model import Task, TaskState
 from supervisor.core.placement import instance
+from supervisor.core.queue import Entry
 
 
 def promote(m: Core) -> None:
@@ -120,10 +129,7 @@ def dispatch(m: Core) -> None:
     data = m.state.data
     if rt.draining or data.draining():
         return
-    tasks, resources, graph = data.tasks, data.resources, m.state.graph
-    workstreams = data.workstreams
     hosts = m.hosts
-    per_host = hosts.per_host
     # Idle workers by host, built only when a task is placed other than "anywhere on the
     # first idle worker" (the common case stays as cheap as with one host).
     idle: _Idle | None = None
@@ -145,54 +151,86 @@ def dispatch(m: Core) -> None:
             entry = rt.pop(lane)
         if entry is None:
             break
-        task = tasks.get(entry[2])
-        if task is None or task.state != TaskState.QUEUED:
-            continue
-        if task.survivors:
-            continue  # held back (core/survivors.py): queued again on its release
-        ws_id = task.workstream_id
-        if rt.is_blocked(ws_id) or workstreams[ws_id].paused:
-            rt.park_ws(ws_id, entry)
-            continue
-        full = next(
-            (
-                r
-                for r in sorted(task.resources)
-                if r not in per_host and len(graph.holders_of(r)) >= resources[r].max_holders
-            ),
-            None,
-        )
-        if full is None and (entry[3] or (per_host and not per_host.isdisjoint(task.resources))):
-            if idle is None:
-                idle = _Idle(m)
-            wid = idle.place(m, task, entry[3])
-            if wid is None:
-                # Every host it may use that has an idle worker lacks room in one of its
-                # per-host resources: it waits for a host event (a release, a new idle).
-                full = "@" + entry[3]
-        else:
-            wid = next(rt.idle())
-        if full is not None:
-            rt.park(full, entry)
-            rt.set_parked_on(task.id, full)
-            if rt.armed("resource_alert", task.id) is None and not rt.resource_alerted(full):
-                since = rt.queued_at(task.id)
-                rt.arm(
-                    "resource_alert",
-                    task.id,
-                    (m.now if since is None else since) + m.cfg.tasks.resource_wait_alert_s,
-                )
-            continue
-        assert wid is not None
-        rt.take_idle(wid)
-        if idle is not None:
-            idle.take(wid)
-        start_attempt(m, task, wid)
+        woken = rt.take_woken(entry[2])
+        parked, idle = _one(m, entry, idle)
+        if woken is not None and parked != woken:
+            # Woken for a slot it did not take (it started, or waits for something else):
+            # the next task parked there may take it.
+            rt.wake_key(woken)
     if idle is not None and rt.has_placement_parks():
         rt.set_idle_hosts_seen(frozenset(h for h, w in idle.by_host.items() if w))
     for r in rt.alerted_resources():
         if not rt.waiting_on(r):
             rt.set_resource_alerted(r, False)
+
+
+def _one(m: Core, entry: Entry, idle: _Idle | None) -> tuple[str | None, _Idle | None]:
+    """Dispatch one popped queue entry: start it on a worker, or park it. Returns the key
+    it was parked on (None: started, or dropped as stale) and the idle index (built here
+    when the task's placement needs it)."""
+    rt, data, graph = m.rt, m.state.data, m.state.graph
+    task = data.tasks.get(entry[2])
+    if task is None or task.state != TaskState.QUEUED:
+        return None, idle
+    if task.survivors:
+        return None, idle  # held back (core/survivors.py): queued again on its release
+    ws_id = task.workstream_id
+    if rt.is_blocked(ws_id) or data.workstreams[ws_id].paused:
+        rt.park_ws(ws_id, entry)
+        return None, idle
+    per_host = m.hosts.per_host
+    resources = data.resources
+    full = next(
+        (
+            r
+            for r in sorted(task.resources)
+            if r not in per_host and len(graph.holders_of(r)) >= resources[r].max_holders
+        ),
+        None,
+    )
+    wid: str | None = None
+    if full is None and (entry[3] or (per_host and not per_host.isdisjoint(task.resources))):
+        if idle is None:
+            idle = _Idle(m)
+        wid = idle.place(m, task, entry[3])
+        if wid is None:
+            # Every host it may use that has an idle worker lacks room in one of its
+            # per-host resources: it waits for a host event (a release, a new idle).
+            key = placement_key(entry[3], task.resources)
+            rt.park_placement(key, entry[3], entry)
+            _alert_later(m, task, key)
+            return key, idle
+    elif full is None:
+        wid = next(rt.idle())
+    if full is not None:
+        rt.park(full, entry)
+        _alert_later(m, task, full)
+        return rt.park_key(full, entry[3]), idle
+    assert wid is not None
+    rt.take_idle(wid)
+    if idle is not None:
+        idle.take(wid)
+    start_attempt(m, task, wid)
+    return None, idle
+
+
+def placement_key(lane: str, resources: list[str]) -> str:
+    """Where a task waits for room in its per-host resources: one key per lane and set
+    of resources, so that the first task parked there stands for all of them."""
+    return "@" + lane + "\x1f" + ",".join(sorted(resources))
+
+
+def _alert_later(m: Core, task: Task, key: str) -> None:
+    """A parked task is reported once it has waited `resource_wait_alert_s`."""
+    rt = m.rt
+    rt.set_parked_on(task.id, key)
+    if rt.armed("resource_alert", task.id) is None and not rt.resource_alerted(key):
+        since = rt.queued_at(task.id)
+        rt.arm(
+            "resource_alert",
+            task.id,
+            (m.now if since is None else since) + m.cfg.tasks.resource_wait_alert_s,
+        )
 
 
 class _Idle:

@@ -66,8 +66,9 @@ class DispatchQueue:
         return list(self._lanes.get(lane, ()))
 
     def park(self, resource_id: str, entry: Entry) -> None:
-        """Hold `entry` until `resource_id` frees a slot."""
-        self._parked.setdefault(resource_id, []).append(entry)
+        """Hold `entry` until `resource_id` frees a slot. The entries parked on a key are
+        a heap too: `unpark_one` gives back the first in dispatch order."""
+        heapq.heappush(self._parked.setdefault(resource_id, []), entry)
 
     def park_ws(self, ws_id: str, entry: Entry) -> None:
         """Hold `entry` while its workstream does not dispatch (after a critical failure)."""
@@ -80,6 +81,17 @@ class DispatchQueue:
             self._push(entry)
         return moved
 
+    def unpark_one(self, resource_id: str) -> Entry | None:
+        """Put the first entry parked on `resource_id` back in the queue; returns it."""
+        parked = self._parked.get(resource_id)
+        if not parked:
+            return None
+        entry = heapq.heappop(parked)
+        if not parked:
+            del self._parked[resource_id]
+        self._push(entry)
+        return entry
+
     def unpark_ws(self, ws_id: str) -> list[Entry]:
         moved = self._parked_ws.pop(ws_id, [])
         for entry in moved:
@@ -91,6 +103,7 @@ class DispatchQueue:
         parked = self._parked.get(resource_id)
         if parked and entry in parked:
             parked.remove(entry)
+            heapq.heapify(parked)
             if not parked:
                 del self._parked[resource_id]
 
@@ -105,13 +118,16 @@ class DispatchQueue:
         """Take back one `unpark`: the entries wait on the resource again. The copies left
         in the heap are harmless: a popped entry is checked against its task's state and
         its resources before anything is dispatched."""
-        self._parked.setdefault(resource_id, []).extend(entries)
+        parked = self._parked.setdefault(resource_id, [])
+        parked.extend(entries)
+        heapq.heapify(parked)
 
     def repark_ws(self, ws_id: str, entries: list[Entry]) -> None:
         self._parked_ws.setdefault(ws_id, []).extend(entries)
 
     def waiting_on(self, resource_id: str) -> list[str]:
-        return [e[2] for e in self._parked.get(resource_id, ())]
+        """The task ids parked on `resource_id`, in dispatch order."""
+        return [e[2] for e in sorted(self._parked.get(resource_id, ()))]
 
     def parked_resources(self) -> Iterable[str]:
         return self._parked.keys()

@@ -74,5 +74,5 @@ def on_timers(m: Core) -> None:
                         "waiting": rt.waiting_on(res),
                         "waited_s": round(m.now - (rt.queued_at(key) or m.now), 3),
                     }
-                    | ({"runs_on": res[1:] or None} if res.startswith("@") else {}),
+                    | ({"runs_on": rt.placement_lane(res) or None} if res.startswith("@") else {}),
                 )
