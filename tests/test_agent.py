@@ -109,6 +109,7 @@ async def agent(
     heartbeat_s: float = 0.2,
     extra_env: dict[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
+    args: tuple[str, ...] = (),
 ) -> AsyncIterator[Driver]:
     env = agent_env({**os.environ, **(extra_env or {})})
     process = await anyio.open_process(
@@ -124,6 +125,7 @@ async def agent(
             "1.0",
             "--log",
             str(tmp_path / "agent.log"),
+            *args,
         ],
         env=env,
         start_new_session=True,
