@@ -126,19 +126,23 @@ class DispatchQueue:
         self._parked_ws.setdefault(ws_id, []).extend(entries)
 
     def forget(self, task_ids: set[str], ws_id: str) -> Callable[[], None] | None:
-        """Drop every entry of `task_ids` (heap, resource parking) and the parking of
+        """Drop every entry of `task_ids` (every lane, resource parking) and the parking of
         `ws_id`; returns what takes it back, or None when nothing was there."""
-        heap, parked, parked_ws = self._heap, self._parked, self._parked_ws
-        hit_heap = any(e[2] in task_ids for e in heap)
+        lanes, parked, parked_ws = self._lanes, self._parked, self._parked_ws
+        hit_lanes = [n for n, h in lanes.items() if any(e[2] in task_ids for e in h)]
         hit_res = [r for r, es in parked.items() if any(e[2] in task_ids for e in es)]
-        if not hit_heap and not hit_res and ws_id not in parked_ws:
+        if not hit_lanes and not hit_res and ws_id not in parked_ws:
             return None
-        old_heap = list(heap)
+        old_lanes = {n: list(lanes[n]) for n in hit_lanes}
         old_parked = {r: list(parked[r]) for r in hit_res}
         old_ws = parked_ws.pop(ws_id, None)
-        if hit_heap:
-            heap[:] = [e for e in heap if e[2] not in task_ids]
-            heapq.heapify(heap)
+        for n in hit_lanes:
+            kept = [e for e in lanes[n] if e[2] not in task_ids]
+            if kept:
+                heapq.heapify(kept)
+                lanes[n] = kept
+            else:
+                del lanes[n]
         for r in hit_res:
             left = [e for e in parked[r] if e[2] not in task_ids]
             if left:
@@ -147,7 +151,7 @@ class DispatchQueue:
                 del parked[r]
 
         def undo() -> None:
-            heap[:] = old_heap
+            lanes.update(old_lanes)
             parked.update(old_parked)
             if old_ws is not None:
                 parked_ws[ws_id] = old_ws
