@@ -263,6 +263,9 @@ class AttemptRunner:
         launch.write_line(out, launch.header(run, self._worker_id, word, command))
         if attempt.kill_requested:
             return None
+        if not argv:
+            launch.write_line(out, f"=== attempt {run.number} {step} could not start: empty ===")
+            raise SpawnFailed(f"the {step} is an empty list: nothing to run")
         if self._lease_s > 0:
             return await self._shim_step(attempt, step, argv, out)
         status_r: int | None = None
