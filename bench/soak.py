@@ -1,0 +1,711 @@
+"""A soak: many workstream runs of a realistic mix submitted one after another to the real
+daemon, with figures after every tenth of the work, set beside the first tenth's.
+
+Each run (pipeline `soak`, so `soak-1`, `soak-2`, …) is a DAG of TASKS tasks in layers of
+200, each task after two of the layer before. In every layer one task holds the shared
+resource `git_repo_write` (one holder at a time), one fails its first attempt and passes
+its retry (a flaky test), and the rest run `true`. Every FAIL_EVERY-th run also has a
+non-critical task in its last layer that fails for good, so the run ends failed; the
+operator's answer follows as `orchctl skip TASK --reason … --yes` (a real orchctl), and
+the run completes.
+
+After each tenth of the runs, on the idle daemon:
+
+- RSS of the daemon (psutil), the state directory's disk use (du) without `archive/`,
+  and `archive/` apart (retired work, which grows with history by design);
+- `status` latency: the median of 5 socket calls, and of 3 whole `orchctl status`;
+- restart → ready, the time from starting `orchd` until it answers on its socket, after a
+  SIGKILL (replaying the log after the snapshot) and after a clean stop (SIGTERM, which
+  writes a snapshot), each the median of RESTARTS restarts; RSS again just after the
+  clean start (what the live state costs, without the garbage of a long life).
+
+The timings are the bundled ones (config/orchd.toml) except a short retry back-off
+(`tasks.backoff_base_s`), a snapshot kept to `store.backups_keep` backups (5, so the
+first tenth already holds the full count) and, when the daemon's config has a
+`[retention]` table, short retention (`keep_finished` runs, `keep_finished_s`): passed
+only when the schema has those fields, or as given with `--retention KEY=VALUE`.
+
+    python bench/soak.py                      # ORCHD_SOAK_RUNS x ORCHD_SOAK_TASKS (100 x 2,000)
+    python bench/soak.py 30 2000              # 60,000 tasks
+    python bench/soak.py 20 200 --heap        # plus the daemon's heap: containers and tracemalloc
+
+With `--heap` the daemon runs with tracemalloc on (slower; its figures are not comparable
+with a run without it) and, at each tenth, reports the lengths of the containers held by
+orchd's objects (`Class.attribute`) and the tracemalloc lines that grew most since the
+first tenth. Output: a table, then one JSON line (`{"bench": "soak", …}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import msgspec
+import psutil
+
+from ctl.client import Client, RemoteError
+from supervisor.core.config import Config
+from tests.harness import ROOT, Daemon
+
+LAYER = 200
+MIB = 1024 * 1024
+
+
+# --- the workload ----------------------------------------------------------------------
+
+
+def run_file(tasks: int, *, fail: bool, flaky_dir: Path) -> str:
+    """One run's workstream file: `tasks` tasks in layers of 200 (see the module docstring)."""
+    width = min(LAYER, tasks)
+    out = ['name = "soak"']
+    last_layer = (tasks - 1) // width
+    for i in range(tasks):
+        layer, k = divmod(i, width)
+        lines = [f'[[tasks]]\nid = "t{i}"']
+        if k == 2 % width and width > 2:
+            # Fails once, passes its retry: the marker file says which attempt this is.
+            lines.append(
+                "command = "
+                + json.dumps(
+                    f'f={flaky_dir}/"$(printf %s "$ORCHD_TASK_ID" | tr / _)"; '
+                    'if [ -e "$f" ]; then rm "$f"; else : > "$f"; exit 3; fi'
+                )
+            )
+        elif fail and layer == last_layer and k == width - 1 and i != 0:
+            lines.append('command = ["sh", "-c", "exit 2"]\nno_retry_exit_codes = [2]')
+            lines.append("critical = false")
+        else:
+            lines.append('command = ["true"]')
+        if k == 0:
+            lines.append('resources = ["git_repo_write"]')
+        if layer:
+            a = (layer - 1) * width + k
+            b = (layer - 1) * width + (k + 7) % width
+            deps = sorted({a, b})
+            lines.append("depends_on = [" + ", ".join(f'"t{d}"' for d in deps) + "]")
+        lines.append("timeout_s = 120")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+# --- settings --------------------------------------------------------------------------
+
+
+def retention_fields() -> set[str]:
+    """The `[retention]` settings this tree's config knows (empty before retention)."""
+    fields = Config.__struct_fields__
+    if "retention" not in fields:
+        return set()
+    sub = type(Config().retention)  # type: ignore[attr-defined]
+    return set(getattr(sub, "__struct_fields__", ()))
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def soak_config(
+    *, keep_finished: int, keep_finished_s: float, retention: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The daemon's settings (bundled timings, see the module docstring) and the retention
+    settings among them."""
+    bundled = tomllib.loads((ROOT / "config" / "orchd.toml").read_text())
+    for key in ("state_dir", "socket_path"):
+        bundled.pop(key, None)
+    bundled["tasks"]["backoff_base_s"] = 0.05
+    bundled["tasks"]["backoff_max_s"] = 1.0
+    bundled["store"]["backups_keep"] = 5
+    bundled["log"] = {"level": "warning"}
+    known = retention_fields()
+    ret: dict[str, Any] = {}
+    if "keep_finished" in known:
+        ret["keep_finished"] = keep_finished
+    if "keep_finished_s" in known:
+        ret["keep_finished_s"] = keep_finished_s
+    ret |= retention or {}
+    if ret:
+        bundled["retention"] = ret
+    return bundled, ret
+
+
+# --- figures ---------------------------------------------------------------------------
+
+
+def disk_use(path: Path, skip: str | None = None) -> tuple[int, int]:
+    """(bytes on disk, files) under `path`, as du counts them; `skip` a top-level entry."""
+    total = files = 0
+    for root, dirs, names in os.walk(path):
+        if skip is not None and Path(root) == path and skip in dirs:
+            dirs.remove(skip)
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            total += st.st_blocks * 512
+            files += 1
+    return total, files
+
+
+def rss(d: Daemon) -> int:
+    assert d.proc is not None
+    return int(psutil.Process(d.proc.pid).memory_info().rss)
+
+
+def settled_rss(d: Daemon) -> int:
+    """RSS once a (re)started daemon's workers are all up and idle."""
+    d.wait_for(
+        lambda: all(w["state"] in ("idle", "shutdown") for w in d.workers()),
+        60,
+        "the workers to be idle",
+    )
+    return rss(d)
+
+
+def timed_start(d: Daemon, env: dict[str, str]) -> float:
+    """Start `d`; seconds until it answers on its socket."""
+    t = time.perf_counter()
+    d.start(timeout=120, env_extra=env)
+    return time.perf_counter() - t
+
+
+def paired_starts(
+    first: Daemon, last: Daemon, n: int, env: dict[str, str] | None = None
+) -> dict[str, list[float]]:
+    """Clean starts of two stopped daemons taken in turn, `n` of each, so both see the
+    same load on a shared machine: seconds to ready and settled RSS (MiB) of each."""
+    out: dict[str, list[float]] = {k: [] for k in ("first_s", "last_s", "first_mib", "last_mib")}
+    for _ in range(n):
+        for d, name in ((first, "first"), (last, "last")):
+            out[f"{name}_s"].append(timed_start(d, env or {}))
+            out[f"{name}_mib"].append(settled_rss(d) / MIB)
+            code = d.stop(timeout=60)
+            assert code == 0, f"orchd exited {code} on a clean stop"
+    return out
+
+
+def status_call_ms(d: Daemon, n: int = 5) -> float:
+    times = []
+    with Client(d.socket, timeout_s=30) as c:
+        for _ in range(n):
+            t = time.perf_counter()
+            c.call("status")
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def orchctl_status_ms(d: Daemon, n: int = 3) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = d.ctl("status")
+        times.append(time.perf_counter() - t)
+        assert r.returncode == 0, r.stderr
+    return statistics.median(times) * 1000
+
+
+class Heap:
+    """The daemon's heap, asked for through a file the daemon's sitecustomize watches."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "heap"
+        self.dir.mkdir()
+        (self.dir / "sitecustomize.py").write_text(HEAP_HOOK)
+        self.n = 0
+
+    def env(self) -> dict[str, str]:
+        path = os.pathsep.join([str(self.dir), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        return {"PYTHONPATH": path, "ORCHD_SOAK_HEAP": str(self.dir)}
+
+    def look(self, timeout: float = 300.0) -> dict[str, Any]:
+        self.n += 1
+        out = self.dir / f"look-{self.n}.json"
+        (self.dir / "request").write_text(str(out))
+        deadline = time.monotonic() + timeout
+        while not out.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError("the daemon did not answer the heap request")
+            time.sleep(0.1)
+        doc: dict[str, Any] = json.loads(out.read_text())
+        return doc
+
+    @staticmethod
+    def grown(first: dict[str, Any], last: dict[str, Any], top: int = 15) -> list[str]:
+        import tracemalloc
+
+        a = tracemalloc.Snapshot.load(first["snapshot"])
+        b = tracemalloc.Snapshot.load(last["snapshot"])
+        return [str(s) for s in b.compare_to(a, "lineno")[:top]]
+
+
+# Loaded by the daemon's interpreter (PYTHONPATH) when ORCHD_SOAK_HEAP is set: tracemalloc
+# from the start, and a thread that answers a request file with a gc'd heap look.
+HEAP_HOOK = r"""
+import gc, json, os, sys, threading, time, tracemalloc
+_dir = os.environ.get("ORCHD_SOAK_HEAP")
+# The daemon only (`python -m supervisor …`), not its agents.
+if _dir and sys.orig_argv[1:3] == ["-m", "supervisor"]:
+    tracemalloc.start(1)
+    def _ours(obj):
+        return type(obj).__module__.startswith("supervisor")
+    def _fields(obj):
+        cls = type(obj)
+        names = list(getattr(obj, "__dict__", None) or {})
+        names += list(getattr(cls, "__struct_fields__", ()))
+        for klass in cls.__mro__:
+            names += [s for s in getattr(klass, "__slots__", ()) if isinstance(s, str)]
+        return names
+    def _sizes():
+        # From every tracked object of ours, through attributes and containers, to every
+        # object of ours reachable (msgspec Structs may be untracked): the summed length of
+        # each Class.attribute container.
+        out, seen = {}, set()
+        todo = [o for o in gc.get_objects() if _ours(o)]
+        while todo and len(seen) < 5_000_000:
+            obj = todo.pop()
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            for name in _fields(obj):
+                try:
+                    value = getattr(obj, name)
+                except Exception:
+                    continue
+                if _ours(value):
+                    todo.append(value)
+                    continue
+                if not (isinstance(value, (dict, list, set, tuple)) or hasattr(value, "maxlen")):
+                    continue
+                try:
+                    n = len(value)
+                except Exception:
+                    continue
+                key = f"{type(obj).__name__}.{name}"
+                out[key] = out.get(key, 0) + n
+                items = value.values() if isinstance(value, dict) else value
+                for item in items:
+                    if _ours(item):
+                        todo.append(item)
+                    elif isinstance(item, (list, tuple)):
+                        todo.extend(x for x in item if _ours(x))
+        return out
+    def _watch():
+        req = os.path.join(_dir, "request")
+        while True:
+            time.sleep(0.2)
+            try:
+                with open(req) as f:
+                    target = f.read().strip()
+                os.unlink(req)
+            except FileNotFoundError:
+                continue
+            gc.collect()
+            snap = target + ".tracemalloc"
+            tracemalloc.take_snapshot().dump(snap)
+            doc = {"containers": _sizes(), "snapshot": snap,
+                   "traced_bytes": tracemalloc.get_traced_memory()[0],
+                   "gc_objects": len(gc.get_objects())}
+            with open(target + ".tmp", "w") as f:
+                json.dump(doc, f)
+            os.rename(target + ".tmp", target)
+    threading.Thread(target=_watch, daemon=True, name="soak-heap").start()
+"""
+
+
+# --- the soak --------------------------------------------------------------------------
+
+
+class Row(msgspec.Struct):
+    runs: int
+    tasks_run: int
+    seconds: float  # wall time of this tenth's runs
+    rss_mib: float  # the long-running daemon, idle after this tenth
+    rss_fresh_mib: float | None  # just after the clean restart
+    state_mib: float  # state dir without archive/
+    state_files: int
+    archive_mib: float
+    ready_clean_s: float | None  # None: no restart after this tenth
+    ready_kill_s: float | None
+    status_ms: float  # socket call
+    orchctl_status_ms: float  # whole process
+    live_workstreams: int
+    # Disk use (MiB) of each top-level entry of the state dir; files grouped as "files".
+    state_parts: dict[str, float] = {}
+
+
+COLUMNS = [
+    ("tasks run", "tasks_run", "{:,}"),
+    ("RSS MiB", "rss_mib", "{:.1f}"),
+    ("RSS fresh", "rss_fresh_mib", "{:.1f}"),
+    ("state MiB", "state_mib", "{:.1f}"),
+    ("files", "state_files", "{:,}"),
+    ("archive MiB", "archive_mib", "{:.1f}"),
+    ("ready clean s", "ready_clean_s", "{:.2f}"),
+    ("ready kill s", "ready_kill_s", "{:.2f}"),
+    ("status ms", "status_ms", "{:.1f}"),
+    ("orchctl ms", "orchctl_status_ms", "{:.0f}"),
+    ("live ws", "live_workstreams", "{}"),
+    ("tenth s", "seconds", "{:.0f}"),
+]
+RATIOS = [
+    "rss_mib",
+    "rss_fresh_mib",
+    "state_mib",
+    "ready_clean_s",
+    "ready_kill_s",
+    "status_ms",
+    "orchctl_status_ms",
+]
+
+
+def marks(runs: int) -> list[int]:
+    """The run counts after which figures are taken: every tenth of `runs`."""
+    return sorted({max(1, round(runs * k / 10)) for k in range(1, 11)})
+
+
+def wait_run(d: Daemon, ws: str, timeout: float) -> str:
+    """The run's final state (a run already retired counts as finished)."""
+    deadline = time.monotonic() + timeout
+    with Client(d.socket, timeout_s=30) as c:
+        while True:
+            try:
+                state = str(c.call("ws_show", workstream=ws)["state"])
+            except RemoteError as exc:
+                if exc.code == "not_found":
+                    return "retired"
+                raise
+            if state not in ("pending", "running"):
+                return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"run {ws} did not finish within {timeout}s")
+            time.sleep(0.1)
+
+
+def one_run(d: Daemon, text: str, timeout: float) -> None:
+    with Client(d.socket, timeout_s=60) as c:
+        ws = str(c.submit(text, source="soak")["workstream_id"])
+    state = wait_run(d, ws, timeout)
+    if state == "failed":
+        failed = d.call("tasks", workstream=ws, state="failed")
+        for task in failed:
+            r = d.ctl("--yes", "skip", task["id"], "--reason", "soak: known failure")
+            assert r.returncode == 0, f"orchctl skip {task['id']}: {r.stderr}"
+        state = wait_run(d, ws, timeout)
+    if state not in ("completed", "retired"):
+        raise AssertionError(f"run {ws} ended {state}")
+
+
+def measure(
+    d: Daemon,
+    *,
+    runs: int,
+    tasks_run: int,
+    seconds: float,
+    restarts: int,
+    env: dict[str, str],
+) -> Row:
+    """The figures of the idle daemon; with `restarts`, that many restarts of each kind
+    (SIGKILL first, then clean) and the fresh RSS after the last."""
+    rss_live = rss(d)
+    status = status_call_ms(d)
+    orchctl = orchctl_status_ms(d)
+    live = len(d.call("ws_list"))
+    kill = [_restart(d, kill=True, env=env) for _ in range(restarts)]
+    clean = [_restart(d, kill=False, env=env) for _ in range(restarts)]
+    fresh = settled_rss(d) if restarts else None
+    state, files = disk_use(d.state_dir, skip="archive")
+    archive, _ = disk_use(d.state_dir / "archive")
+    parts: dict[str, float] = {}
+    for entry in sorted(d.state_dir.iterdir()):
+        size = disk_use(entry)[0] if entry.is_dir() else entry.lstat().st_blocks * 512
+        parts[entry.name] = round(size / MIB, 3)
+    return Row(
+        runs=runs,
+        tasks_run=tasks_run,
+        seconds=seconds,
+        rss_mib=rss_live / MIB,
+        rss_fresh_mib=None if fresh is None else fresh / MIB,
+        state_mib=state / MIB,
+        state_files=files,
+        archive_mib=archive / MIB,
+        ready_clean_s=statistics.median(clean) if clean else None,
+        ready_kill_s=statistics.median(kill) if kill else None,
+        status_ms=status,
+        orchctl_status_ms=orchctl,
+        live_workstreams=live,
+        state_parts=parts,
+    )
+
+
+def _restart(d: Daemon, *, kill: bool, env: dict[str, str]) -> float:
+    if kill:
+        d.kill()
+    else:
+        code = d.stop()
+        assert code == 0, f"orchd exited {code} on a clean stop"
+    return timed_start(d, env)
+
+
+def soak(
+    runs: int,
+    tasks: int,
+    tmp: Path,
+    *,
+    fail_every: int = 5,
+    keep_finished: int = 3,
+    keep_finished_s: float = 3600.0,
+    retention: dict[str, Any] | None = None,
+    restarts: int = 1,
+    restart_at: str = "every",
+    keep_first: Path | None = None,
+    heap: bool = False,
+    progress: Callable[[Row, dict[str, Any] | None], None] | None = None,
+) -> tuple[list[Row], dict[str, Any], list[dict[str, Any]]]:
+    """Run the soak on a fresh daemon under `tmp`; the rows, the retention settings in
+    force and (with `heap`) the heap looks. The daemon is stopped at the end.
+
+    `restart_at` says after which tenths the restarts are measured: "every" tenth, the
+    first and last ("ends": the daemon lives from the first tenth to the end, so its RSS at
+    the end holds whatever its life kept), or "none"."""
+    cfg, ret = soak_config(
+        keep_finished=keep_finished, keep_finished_s=keep_finished_s, retention=retention
+    )
+    flaky = tmp / "flaky"
+    flaky.mkdir()
+    looker = Heap(tmp) if heap else None
+    env = looker.env() if looker else {}
+    d = Daemon(tmp, cfg)
+    rows: list[Row] = []
+    looks: list[dict[str, Any]] = []
+    # A run's budget: generous, the machine is shared.
+    timeout = 120.0 + tasks * 0.5
+    try:
+        d.start(timeout=60, env_extra=env)
+        todo = marks(runs)
+        done = 0
+        started = time.perf_counter()
+        for mark in todo:
+            while done < mark:
+                done += 1
+                text = run_file(
+                    tasks, fail=fail_every > 0 and done % fail_every == 0, flaky_dir=flaky
+                )
+                one_run(d, text, timeout)
+            seconds = time.perf_counter() - started
+            look = looker.look() if looker else None
+            if look is not None:
+                looks.append(look)
+            here = restart_at == "every" or (restart_at == "ends" and mark in (todo[0], todo[-1]))
+            row = measure(
+                d,
+                runs=done,
+                tasks_run=done * tasks,
+                seconds=seconds,
+                restarts=restarts if here else 0,
+                env=env,
+            )
+            rows.append(row)
+            if keep_first is not None and mark == todo[0]:
+                assert d.stop(timeout=60) == 0
+                shutil.copytree(d.state_dir, keep_first, symlinks=True)
+                d.start(timeout=120, env_extra=env)
+            if progress is not None:
+                progress(row, look)
+            started = time.perf_counter()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(timeout=60)
+    return rows, ret, looks
+
+
+def ratios(rows: list[Row]) -> dict[str, float]:
+    """The last row's figures over the first row's."""
+    first, last = rows[0], rows[-1]
+    out = {}
+    for key in RATIOS:
+        a, b = getattr(first, key), getattr(last, key)
+        if a and b is not None:
+            out[key] = round(b / a, 3)
+    return out
+
+
+def table(rows: list[Row]) -> str:
+    head = [c[0] for c in COLUMNS]
+    body = [
+        [
+            ("-" if getattr(r, key) is None else fmt.format(getattr(r, key)))
+            for _, key, fmt in COLUMNS
+        ]
+        for r in rows
+    ]
+    r = ratios(rows)
+    body.append(
+        [
+            f"{r[key]:.2f}x" if key in r else ("last/first" if i == 0 else "")
+            for i, (_, key, _f) in enumerate(COLUMNS)
+        ]
+    )
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "runs", type=int, nargs="?", default=int(os.environ.get("ORCHD_SOAK_RUNS", "100"))
+    )
+    ap.add_argument(
+        "tasks", type=int, nargs="?", default=int(os.environ.get("ORCHD_SOAK_TASKS", "2000"))
+    )
+    ap.add_argument(
+        "--fail-every",
+        type=int,
+        default=5,
+        help="every Nth run has a task that fails for good (0: none)",
+    )
+    ap.add_argument(
+        "--keep-finished",
+        type=int,
+        default=3,
+        help="retention.keep_finished, when the config has it",
+    )
+    ap.add_argument(
+        "--keep-finished-s", type=float, default=3600.0, help="retention.keep_finished_s, likewise"
+    )
+    ap.add_argument(
+        "--retention",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [retention] setting, passed as given",
+    )
+    ap.add_argument(
+        "--restarts", type=int, default=1, help="restarts of each kind per tenth (median)"
+    )
+    ap.add_argument(
+        "--heap", action="store_true", help="tracemalloc and container sizes in the daemon"
+    )
+    args = ap.parse_args()
+    extra = {}
+    for item in args.retention:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--retention takes KEY=VALUE, got {item!r}")
+        extra[key] = parse_value(value)
+
+    print(
+        f"soak: {args.runs} runs x {args.tasks} tasks = {args.runs * args.tasks:,} tasks",
+        flush=True,
+    )
+    first_look: dict[str, Any] | None = None
+    heap_report: list[dict[str, Any]] = []
+
+    def progress(row: Row, look: dict[str, Any] | None) -> None:
+        nonlocal first_look
+        print(
+            "  " + ", ".join(f"{k}={fmt.format(getattr(row, key))}" for k, key, fmt in COLUMNS),
+            flush=True,
+        )
+        if look is not None:
+            first_look = first_look or look
+            grown = {
+                k: (first_look["containers"].get(k, 0), v)
+                for k, v in look["containers"].items()
+                if v > 100 and v > 1.3 * first_look["containers"].get(k, 0)
+            }
+            heap_report.append(
+                {
+                    "runs": row.runs,
+                    "traced_mib": look["traced_bytes"] / MIB,
+                    "gc_objects": look["gc_objects"],
+                    "grown": grown,
+                }
+            )
+            print(
+                f"    heap: traced {look['traced_bytes'] / MIB:.1f} MiB, "
+                f"{look['gc_objects']:,} gc objects",
+                flush=True,
+            )
+            for k, (a, b) in sorted(grown.items(), key=lambda kv: -kv[1][1])[:20]:
+                print(f"      {k}: {a:,} -> {b:,}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="soak-", dir="/tmp") as tmp:
+        base = Path(tmp) / "first"
+        base.mkdir()
+        rows, ret, looks = soak(
+            args.runs,
+            args.tasks,
+            Path(tmp),
+            keep_first=base / "state",
+            fail_every=args.fail_every,
+            keep_finished=args.keep_finished,
+            keep_finished_s=args.keep_finished_s,
+            retention=extra,
+            restarts=args.restarts,
+            restart_at=args.restart_at,
+            heap=args.heap,
+            progress=progress,
+        )
+        grown_lines = Heap.grown(looks[0], looks[-1]) if len(looks) > 1 else []
+        # Clean starts of the state after the first tenth and of the final state, in turn.
+        cfg, _ = soak_config(
+            keep_finished=args.keep_finished, keep_finished_s=args.keep_finished_s, retention=extra
+        )
+        paired = paired_starts(Daemon(base, cfg), Daemon(Path(tmp), cfg), max(3, args.restarts))
+    med = {k: statistics.median(v) for k, v in paired.items()}
+    print()
+    print(f"retention: {ret or 'none (this tree has no [retention] settings)'}")
+    print(table(rows))
+    print(
+        f"\nclean start, in turn, of the first tenth's state and the last: ready "
+        f"{med['first_s']:.2f} s vs {med['last_s']:.2f} s ({med['last_s'] / med['first_s']:.2f}x), "
+        f"settled RSS {med['first_mib']:.1f} vs {med['last_mib']:.1f} MiB "
+        f"({med['last_mib'] / med['first_mib']:.2f}x); medians of {len(paired['first_s'])}"
+    )
+    first_parts, last_parts = rows[0].state_parts, rows[-1].state_parts
+    print("state dir by entry, MiB, first tenth -> last:")
+    for name in sorted(set(first_parts) | set(last_parts)):
+        print(f"  {name:24} {first_parts.get(name, 0):9.2f} -> {last_parts.get(name, 0):9.2f}")
+    if grown_lines:
+        print("\ntracemalloc, grown most from the first tenth to the last:")
+        for line in grown_lines:
+            print("  " + line)
+    doc = {
+        "bench": "soak",
+        "runs": args.runs,
+        "tasks_per_run": args.tasks,
+        "retention": ret,
+        "heap": args.heap,
+        "rows": [msgspec.to_builtins(r) for r in rows],
+        "ratios": ratios(rows),
+        "paired_starts": paired,
+        "paired_ratios": {
+            "ready_clean_s": round(med["last_s"] / med["first_s"], 3),
+            "rss_fresh_mib": round(med["last_mib"] / med["first_mib"], 3),
+        },
+    }
+    if args.heap:
+        doc["heap_report"] = heap_report
+        doc["tracemalloc_grown"] = grown_lines
+    print(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    main()

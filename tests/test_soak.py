@@ -1,0 +1,75 @@
+"""A soak at CI size (bench/soak.py's workload): many runs of a DAG with a shared resource,
+flaky and failing tasks, submitted one after another to the real daemon with short
+retention. What the daemon holds must depend on what is live, not on history: at the end
+its RSS, its state directory (without `archive/`) and its restart → ready stay within
+1.3x of their values after the first tenth.
+
+Compared like with like on a shared machine: the daemon lives from the first tenth to the
+end (so its RSS at the end holds whatever its life kept), the state directory after the
+first tenth is kept, and at the end the first tenth's state and the last are started
+cleanly in turn, several times each (medians of the time to ready and of the RSS once the
+workers are idle).
+
+Size: ORCHD_SOAK_RUNS runs (20) of ORCHD_SOAK_TASKS tasks (ORCHD_TORTURE_SIZE, else 200).
+Needs retention of finished workstreams (`[retention]`); skipped on a tree without it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+
+from bench import soak
+from supervisor.core.config import Config
+from tests.harness import Daemon, assert_no_leftovers
+
+RUNS = int(os.environ.get("ORCHD_SOAK_RUNS", "20"))
+TASKS = int(os.environ.get("ORCHD_SOAK_TASKS", os.environ.get("ORCHD_TORTURE_SIZE", "200")))
+FLAT = 1.3
+# Kept per pipeline: no more than the first tenth's runs, so the live state is at its
+# steady size from the first tenth on.
+KEEP = max(1, RUNS // 10)
+
+pytestmark = pytest.mark.skipif(
+    "retention" not in Config.__struct_fields__,
+    reason="needs retention of finished workstreams: supervisor.core.config.Config has no "
+    "`retention` field ([retention] keep_finished / keep_finished_s) on this tree",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_soak_memory_state_and_restart_stay_flat(sock_dir: Path) -> None:
+    """After RUNS runs with retention, RSS, state dir and restart → ready are within 1.3x
+    of the first tenth's."""
+    base = sock_dir / "first"
+    base.mkdir()
+    try:
+        rows, ret, _ = soak.soak(
+            RUNS,
+            TASKS,
+            sock_dir,
+            keep_finished=KEEP,
+            keep_finished_s=3600.0,
+            restarts=1,
+            restart_at="ends",
+            keep_first=base / "state",
+        )
+        assert ret.get("keep_finished") == KEEP, f"retention not in force: {ret}"
+        cfg, _ = soak.soak_config(keep_finished=KEEP, keep_finished_s=3600.0)
+        paired = soak.paired_starts(Daemon(base, cfg), Daemon(sock_dir, cfg), 3)
+    finally:
+        assert_no_leftovers()
+    first, last = rows[0], rows[-1]
+    shown = soak.table(rows)
+    assert last.live_workstreams <= first.live_workstreams, shown
+    assert last.rss_mib <= FLAT * first.rss_mib, shown
+    assert last.state_mib <= FLAT * first.state_mib, (
+        f"{shown}\nstate dir by entry, first: {first.state_parts}\nlast: {last.state_parts}"
+    )
+    med = {k: statistics.median(v) for k, v in paired.items()}
+    assert med["last_s"] <= FLAT * med["first_s"], f"clean starts in turn: {paired}"
+    assert med["last_mib"] <= FLAT * med["first_mib"], f"clean starts in turn: {paired}"
