@@ -5,9 +5,9 @@ Each run (pipeline `soak`, so `soak-1`, `soak-2`, …) is a DAG of TASKS tasks i
 200, each task after two of the layer before. In every layer one task holds the shared
 resource `git_repo_write` (one holder at a time), one fails its first attempt and passes
 its retry (a flaky test), and the rest run `true`. Every FAIL_EVERY-th run also has a
-non-critical task in its last layer that fails for good, so the run ends failed; the
-operator's answer follows as `orchctl skip TASK --reason … --yes` (a real orchctl), and
-the run completes.
+task in its last layer that fails for good (an exit code not worth retrying), so the run
+ends failed; the operator's answer follows as `orchctl ws retry-failed WS` (a real
+orchctl), the task passes its second run and the run completes.
 
 After each tenth of the runs, on the idle daemon:
 
@@ -74,18 +74,16 @@ def run_file(tasks: int, *, fail: bool, flaky_dir: Path) -> str:
     for i in range(tasks):
         layer, k = divmod(i, width)
         lines = [f'[[tasks]]\nid = "t{i}"']
+        marker = f'f={flaky_dir}/"$(printf %s "$ORCHD_TASK_ID" | tr / _)"; '
         if k == 2 % width and width > 2:
             # Fails once, passes its retry: the marker file says which attempt this is.
-            lines.append(
-                "command = "
-                + json.dumps(
-                    f'f={flaky_dir}/"$(printf %s "$ORCHD_TASK_ID" | tr / _)"; '
-                    'if [ -e "$f" ]; then rm "$f"; else : > "$f"; exit 3; fi'
-                )
-            )
+            script = marker + 'if [ -e "$f" ]; then rm "$f"; else : > "$f"; exit 3; fi'
+            lines.append("command = " + json.dumps(script))
         elif fail and layer == last_layer and k == width - 1 and i != 0:
-            lines.append('command = ["sh", "-c", "exit 2"]\nno_retry_exit_codes = [2]')
-            lines.append("critical = false")
+            # Fails for good (critical: the run stops dispatching and fails), and passes
+            # once the operator has it run again.
+            script = marker + 'if [ -e "$f" ]; then rm "$f"; else : > "$f"; exit 2; fi'
+            lines.append("command = " + json.dumps(script) + "\nno_retry_exit_codes = [2]")
         else:
             lines.append('command = ["true"]')
         if k == 0:
@@ -401,10 +399,9 @@ def one_run(d: Daemon, text: str, timeout: float) -> None:
         ws = str(c.submit(text, source="soak")["workstream_id"])
     state = wait_run(d, ws, timeout)
     if state == "failed":
-        failed = d.call("tasks", workstream=ws, state="failed")
-        for task in failed:
-            r = d.ctl("--yes", "skip", task["id"], "--reason", "soak: known failure")
-            assert r.returncode == 0, f"orchctl skip {task['id']}: {r.stderr}"
+        # The operator's answer: run the failed tasks again (they pass the second time).
+        r = d.ctl("ws", "retry-failed", ws)
+        assert r.returncode == 0, f"orchctl ws retry-failed {ws}: {r.stderr}"
         state = wait_run(d, ws, timeout)
     if state not in ("completed", "retired"):
         raise AssertionError(f"run {ws} ended {state}")
@@ -544,15 +541,14 @@ def ratios(rows: list[Row]) -> dict[str, float]:
     return out
 
 
+def cell(row: Row, key: str, fmt: str) -> str:
+    value = getattr(row, key)
+    return "-" if value is None else fmt.format(value)
+
+
 def table(rows: list[Row]) -> str:
     head = [c[0] for c in COLUMNS]
-    body = [
-        [
-            ("-" if getattr(r, key) is None else fmt.format(getattr(r, key)))
-            for _, key, fmt in COLUMNS
-        ]
-        for r in rows
-    ]
+    body = [[cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in rows]
     r = ratios(rows)
     body.append(
         [
@@ -600,6 +596,12 @@ def main() -> None:
         "--restarts", type=int, default=1, help="restarts of each kind per tenth (median)"
     )
     ap.add_argument(
+        "--restart-at",
+        choices=["every", "ends", "none"],
+        default="every",
+        help="after which tenths restarts are measured (ends: the first and the last)",
+    )
+    ap.add_argument(
         "--heap", action="store_true", help="tracemalloc and container sizes in the daemon"
     )
     args = ap.parse_args()
@@ -619,10 +621,7 @@ def main() -> None:
 
     def progress(row: Row, look: dict[str, Any] | None) -> None:
         nonlocal first_look
-        print(
-            "  " + ", ".join(f"{k}={fmt.format(getattr(row, key))}" for k, key, fmt in COLUMNS),
-            flush=True,
-        )
+        print("  " + ", ".join(f"{k}={cell(row, key, fmt)}" for k, key, fmt in COLUMNS), flush=True)
         if look is not None:
             first_look = first_look or look
             grown = {
