@@ -19,11 +19,12 @@ After each tenth of the runs, on the idle daemon:
   writes a snapshot), each the median of RESTARTS restarts; RSS again just after the
   clean start (what the live state costs, without the garbage of a long life).
 
-The timings are the bundled ones (config/orchd.toml) except a short retry back-off
-(`tasks.backoff_base_s`), a snapshot kept to `store.backups_keep` backups (5, so the
-first tenth already holds the full count) and, when the daemon's config has a
-`[retention]` table, short retention (`keep_finished` runs, `keep_finished_s`): passed
-only when the schema has those fields, or as given with `--retention KEY=VALUE`.
+The timings are the bundled ones (config/orchd.toml) except a short retry back-off. Every
+bound on history is set so that the first tenth already reaches it, so that "flat"
+compares like with like: 5 backups, a snapshot every 5 s, and, where this tree's config
+has the setting (each comes with its own change), short retention (`--keep-finished`,
+3 runs; `--keep-finished-s`), log segments and rotation of events and worker logs at
+`--file-bytes` (1 MiB). `--set SECTION.KEY=VALUE` passes any other setting.
 
     python bench/soak.py                      # ORCHD_SOAK_RUNS x ORCHD_SOAK_TASKS (100 x 2,000)
     python bench/soak.py 30 2000              # 60,000 tasks
@@ -101,13 +102,12 @@ def run_file(tasks: int, *, fail: bool, flaky_dir: Path) -> str:
 # --- settings --------------------------------------------------------------------------
 
 
-def retention_fields() -> set[str]:
-    """The `[retention]` settings this tree's config knows (empty before retention)."""
-    fields = Config.__struct_fields__
-    if "retention" not in fields:
-        return set()
-    sub = type(Config().retention)  # type: ignore[attr-defined]
-    return set(getattr(sub, "__struct_fields__", ()))
+def known_setting(dotted: str) -> bool:
+    """Whether this tree's config has the setting `section.name` (settings that other
+    changes bring, such as `retention.keep_finished`, are passed only where they exist)."""
+    section, _, name = dotted.partition(".")
+    sub = getattr(Config(), section, None)
+    return name in getattr(type(sub), "__struct_fields__", ())
 
 
 def parse_value(text: str) -> Any:
@@ -118,27 +118,43 @@ def parse_value(text: str) -> Any:
 
 
 def soak_config(
-    *, keep_finished: int, keep_finished_s: float, retention: dict[str, Any] | None = None
+    *,
+    keep_finished: int,
+    keep_finished_s: float,
+    file_bytes: int = 1024 * 1024,
+    snapshot_interval_s: float = 5.0,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The daemon's settings (bundled timings, see the module docstring) and the retention
-    settings among them."""
-    bundled = tomllib.loads((ROOT / "config" / "orchd.toml").read_text())
+    """The daemon's settings and, apart, those of them that bound history (dotted names).
+
+    Bundled timings (config/orchd.toml) with a short retry back-off. Every bound is set so
+    that the first tenth of a soak already reaches it, so that "flat" compares like with
+    like: `keep_finished` runs kept, 5 backups, a snapshot every `snapshot_interval_s`,
+    and `file_bytes` for the log's segments and the rotation of events and worker logs,
+    each where this tree's config has the setting. `extra` ({"retention.keep_failed_s":
+    60, …}) is passed as given."""
+    cfg = tomllib.loads((ROOT / "config" / "orchd.toml").read_text())
     for key in ("state_dir", "socket_path"):
-        bundled.pop(key, None)
-    bundled["tasks"]["backoff_base_s"] = 0.05
-    bundled["tasks"]["backoff_max_s"] = 1.0
-    bundled["store"]["backups_keep"] = 5
-    bundled["log"] = {"level": "warning"}
-    known = retention_fields()
-    ret: dict[str, Any] = {}
-    if "keep_finished" in known:
-        ret["keep_finished"] = keep_finished
-    if "keep_finished_s" in known:
-        ret["keep_finished_s"] = keep_finished_s
-    ret |= retention or {}
-    if ret:
-        bundled["retention"] = ret
-    return bundled, ret
+        cfg.pop(key, None)
+    cfg["tasks"]["backoff_base_s"] = 0.05
+    cfg["tasks"]["backoff_max_s"] = 1.0
+    cfg["log"] = {"level": "warning"}
+    bounds: dict[str, Any] = {
+        "store.backups_keep": 5,
+        "store.snapshot_interval_s": snapshot_interval_s,
+        "store.segment_bytes": file_bytes,
+        "retention.keep_finished": keep_finished,
+        "retention.keep_finished_s": keep_finished_s,
+        "rotation.events_max_bytes": file_bytes,
+        "rotation.events_keep": 2,
+        "rotation.worker_log_max_bytes": file_bytes,
+        "rotation.worker_logs_keep": 2,
+    }
+    applied = {k: v for k, v in bounds.items() if known_setting(k)} | (extra or {})
+    for dotted, value in applied.items():
+        section, _, name = dotted.partition(".")
+        cfg.setdefault(section, {})[name] = value
+    return cfg, applied
 
 
 # --- figures ---------------------------------------------------------------------------
@@ -462,26 +478,23 @@ def soak(
     runs: int,
     tasks: int,
     tmp: Path,
+    cfg: dict[str, Any],
     *,
     fail_every: int = 5,
-    keep_finished: int = 3,
-    keep_finished_s: float = 3600.0,
-    retention: dict[str, Any] | None = None,
     restarts: int = 1,
     restart_at: str = "every",
     keep_first: Path | None = None,
     heap: bool = False,
     progress: Callable[[Row, dict[str, Any] | None], None] | None = None,
-) -> tuple[list[Row], dict[str, Any], list[dict[str, Any]]]:
-    """Run the soak on a fresh daemon under `tmp`; the rows, the retention settings in
-    force and (with `heap`) the heap looks. The daemon is stopped at the end.
+) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Run the soak on a fresh daemon under `tmp` with settings `cfg` (`soak_config`);
+    the rows and (with `heap`) the heap looks. The daemon is stopped at the end.
 
     `restart_at` says after which tenths the restarts are measured: "every" tenth, the
     first and last ("ends": the daemon lives from the first tenth to the end, so its RSS at
-    the end holds whatever its life kept), or "none"."""
-    cfg, ret = soak_config(
-        keep_finished=keep_finished, keep_finished_s=keep_finished_s, retention=retention
-    )
+    the end holds whatever its life kept), or "none". With `keep_first`, the state dir
+    after the first tenth is copied there (the daemon stopped cleanly for it), for
+    `paired_starts` at the end."""
     flaky = tmp / "flaky"
     flaky.mkdir()
     looker = Heap(tmp) if heap else None
@@ -527,7 +540,7 @@ def soak(
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.stop(timeout=60)
-    return rows, ret, looks
+    return rows, looks
 
 
 def ratios(rows: list[Row]) -> dict[str, float]:
@@ -586,11 +599,17 @@ def main() -> None:
         "--keep-finished-s", type=float, default=3600.0, help="retention.keep_finished_s, likewise"
     )
     ap.add_argument(
-        "--retention",
+        "--file-bytes",
+        type=int,
+        default=1024 * 1024,
+        help="store.segment_bytes and the rotation sizes, where the config has them",
+    )
+    ap.add_argument(
+        "--set",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="a [retention] setting, passed as given",
+        metavar="SECTION.KEY=VALUE",
+        help="any other setting, passed as given (e.g. retention.keep_failed_s=60)",
     )
     ap.add_argument(
         "--restarts", type=int, default=1, help="restarts of each kind per tenth (median)"
@@ -606,11 +625,17 @@ def main() -> None:
     )
     args = ap.parse_args()
     extra = {}
-    for item in args.retention:
+    for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--retention takes KEY=VALUE, got {item!r}")
+        if not sep or "." not in key:
+            ap.error(f"--set takes SECTION.KEY=VALUE, got {item!r}")
         extra[key] = parse_value(value)
+    cfg, applied = soak_config(
+        keep_finished=args.keep_finished,
+        keep_finished_s=args.keep_finished_s,
+        file_bytes=args.file_bytes,
+        extra=extra,
+    )
 
     print(
         f"soak: {args.runs} runs x {args.tasks} tasks = {args.runs * args.tasks:,} tasks",
@@ -648,15 +673,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="soak-", dir="/tmp") as tmp:
         base = Path(tmp) / "first"
         base.mkdir()
-        rows, ret, looks = soak(
+        rows, looks = soak(
             args.runs,
             args.tasks,
             Path(tmp),
+            cfg,
             keep_first=base / "state",
             fail_every=args.fail_every,
-            keep_finished=args.keep_finished,
-            keep_finished_s=args.keep_finished_s,
-            retention=extra,
             restarts=args.restarts,
             restart_at=args.restart_at,
             heap=args.heap,
@@ -664,13 +687,12 @@ def main() -> None:
         )
         grown_lines = Heap.grown(looks[0], looks[-1]) if len(looks) > 1 else []
         # Clean starts of the state after the first tenth and of the final state, in turn.
-        cfg, _ = soak_config(
-            keep_finished=args.keep_finished, keep_finished_s=args.keep_finished_s, retention=extra
-        )
         paired = paired_starts(Daemon(base, cfg), Daemon(Path(tmp), cfg), max(3, args.restarts))
     med = {k: statistics.median(v) for k, v in paired.items()}
     print()
-    print(f"retention: {ret or 'none (this tree has no [retention] settings)'}")
+    print(f"bounds in force: {applied}")
+    if not any(k.startswith("retention.") for k in applied):
+        print("(this tree has no [retention]: every run stays live)")
     print(table(rows))
     print(
         f"\nclean start, in turn, of the first tenth's state and the last: ready "
@@ -690,7 +712,7 @@ def main() -> None:
         "bench": "soak",
         "runs": args.runs,
         "tasks_per_run": args.tasks,
-        "retention": ret,
+        "bounds": applied,
         "heap": args.heap,
         "rows": [msgspec.to_builtins(r) for r in rows],
         "ratios": ratios(rows),

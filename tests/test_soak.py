@@ -10,6 +10,9 @@ first tenth is kept, and at the end the first tenth's state and the last are sta
 cleanly in turn, several times each (medians of the time to ready and of the RSS once the
 workers are idle).
 
+Every bound on history (runs kept, backups, log segments, rotated files) is set small
+enough to be reached within the first tenth (bench/soak.py `soak_config`, 256 KiB files).
+
 Size: ORCHD_SOAK_RUNS runs (20) of ORCHD_SOAK_TASKS tasks (ORCHD_TORTURE_SIZE, else 200).
 Needs retention of finished workstreams (`[retention]`); skipped on a tree without it.
 """
@@ -48,18 +51,13 @@ def test_soak_memory_state_and_restart_stay_flat(sock_dir: Path) -> None:
     base = sock_dir / "first"
     base.mkdir()
     try:
-        rows, ret, _ = soak.soak(
-            RUNS,
-            TASKS,
-            sock_dir,
-            keep_finished=KEEP,
-            keep_finished_s=3600.0,
-            restarts=1,
-            restart_at="ends",
-            keep_first=base / "state",
+        cfg, applied = soak.soak_config(
+            keep_finished=KEEP, keep_finished_s=3600.0, file_bytes=256 * 1024
         )
-        assert ret.get("keep_finished") == KEEP, f"retention not in force: {ret}"
-        cfg, _ = soak.soak_config(keep_finished=KEEP, keep_finished_s=3600.0)
+        assert applied.get("retention.keep_finished") == KEEP, applied
+        rows, _ = soak.soak(
+            RUNS, TASKS, sock_dir, cfg, restarts=1, restart_at="ends", keep_first=base / "state"
+        )
         paired = soak.paired_starts(Daemon(base, cfg), Daemon(sock_dir, cfg), 3)
     finally:
         assert_no_leftovers()
