@@ -123,13 +123,15 @@ def soak_config(
     keep_finished_s: float,
     file_bytes: int = 1024 * 1024,
     snapshot_interval_s: float = 5.0,
+    backups_keep: int = 5,
     extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The daemon's settings and, apart, those of them that bound history (dotted names).
 
     Bundled timings (config/orchd.toml) with a short retry back-off. Every bound is set so
     that the first tenth of a soak already reaches it, so that "flat" compares like with
-    like: `keep_finished` runs kept, 5 backups, a snapshot every `snapshot_interval_s`,
+    like: `keep_finished` runs kept, `backups_keep` backups of a snapshot taken every
+    `snapshot_interval_s`,
     and `file_bytes` for the log's segments and the rotation of events and worker logs,
     each where this tree's config has the setting. `extra` ({"retention.keep_failed_s":
     60, …}) is passed as given."""
@@ -140,7 +142,7 @@ def soak_config(
     cfg["tasks"]["backoff_max_s"] = 1.0
     cfg["log"] = {"level": "warning"}
     bounds: dict[str, Any] = {
-        "store.backups_keep": 5,
+        "store.backups_keep": backups_keep,
         "store.snapshot_interval_s": snapshot_interval_s,
         "store.segment_bytes": file_bytes,
         "retention.keep_finished": keep_finished,

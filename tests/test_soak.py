@@ -11,7 +11,8 @@ cleanly in turn, several times each (medians of the time to ready and of the RSS
 workers are idle).
 
 Every bound on history (runs kept, backups, log segments, rotated files) is set small
-enough to be reached within the first tenth (bench/soak.py `soak_config`, 256 KiB files).
+enough to be reached within the first tenth (bench/soak.py `soak_config`): 64 KiB files,
+3 backups of a snapshot taken every second.
 
 Size: ORCHD_SOAK_RUNS runs (20) of ORCHD_SOAK_TASKS tasks (ORCHD_TORTURE_SIZE, else 200).
 Needs retention of finished workstreams (`[retention]`); skipped on a tree without it.
@@ -52,7 +53,11 @@ def test_soak_memory_state_and_restart_stay_flat(sock_dir: Path) -> None:
     base.mkdir()
     try:
         cfg, applied = soak.soak_config(
-            keep_finished=KEEP, keep_finished_s=3600.0, file_bytes=256 * 1024
+            keep_finished=KEEP,
+            keep_finished_s=3600.0,
+            file_bytes=64 * 1024,
+            snapshot_interval_s=1.0,
+            backups_keep=3,
         )
         assert applied.get("retention.keep_finished") == KEEP, applied
         rows, _ = soak.soak(
