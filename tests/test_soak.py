@@ -51,23 +51,27 @@ def test_soak_memory_state_and_restart_stay_flat(sock_dir: Path) -> None:
     of the first tenth's."""
     base = sock_dir / "first"
     base.mkdir()
+    cfg, applied = soak.soak_config(
+        keep_finished=KEEP,
+        keep_finished_s=3600.0,
+        file_bytes=64 * 1024,
+        snapshot_interval_s=1.0,
+        backups_keep=3,
+    )
+    assert applied.get("retention.keep_finished") == KEEP, applied
+    first_d, last_d = Daemon(base, cfg), Daemon(sock_dir, cfg)
     try:
-        cfg, applied = soak.soak_config(
-            keep_finished=KEEP,
-            keep_finished_s=3600.0,
-            file_bytes=64 * 1024,
-            snapshot_interval_s=1.0,
-            backups_keep=3,
-        )
-        assert applied.get("retention.keep_finished") == KEEP, applied
         rows, _ = soak.soak(
             RUNS, TASKS, sock_dir, cfg, restarts=1, restart_at="ends", keep_first=base / "state"
         )
-        paired = soak.paired_starts(Daemon(base, cfg), Daemon(sock_dir, cfg), 3)
+        paired = soak.paired_starts(first_d, last_d, 3)
     finally:
+        for d in (first_d, last_d):
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
         assert_no_leftovers()
     first, last = rows[0], rows[-1]
-    shown = soak.table(rows)
+    shown = f"{soak.table(rows)}\nbounds in force: {applied}"
     assert last.live_workstreams <= first.live_workstreams, shown
     assert last.rss_mib <= FLAT * first.rss_mib, shown
     assert last.state_mib <= FLAT * first.state_mib, (
