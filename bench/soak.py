@@ -16,8 +16,14 @@ After each tenth of the runs, on the idle daemon:
 - `status` latency: the median of 5 socket calls, and of 3 whole `orchctl status`;
 - restart → ready, the time from starting `orchd` until it answers on its socket, after a
   SIGKILL (replaying the log after the snapshot) and after a clean stop (SIGTERM, which
-  writes a snapshot), each the median of RESTARTS restarts; RSS again just after the
-  clean start (what the live state costs, without the garbage of a long life).
+  writes a snapshot), each the median of `--restarts` restarts; RSS again once the clean
+  start's workers are idle (what the live state costs, without the garbage of a long
+  life). `--restart-at ends` restarts only after the first and the last tenth, so that
+  the RSS at the end is that of one long life.
+
+At the end, the state after the first tenth (kept aside) and the final state are started
+cleanly in turn, three times each, so that both see the same load on a shared machine:
+their medians of restart → ready and RSS are the like-with-like comparison.
 
 The timings are the bundled ones (config/orchd.toml) except a short retry back-off. Every
 bound on history is set so that the first tenth already reaches it, so that "flat"
