@@ -7,8 +7,8 @@ its RSS, its state directory (without `archive/`) and its restart → ready stay
 Compared like with like on a shared machine: the daemon lives from the first tenth to the
 end (so its RSS at the end holds whatever its life kept), the state directory after the
 first tenth is kept, and at the end the first tenth's state and the last are started
-cleanly in turn, several times each (medians of the time to ready and of the RSS once the
-workers are idle).
+cleanly in turn, five times each (the quickest start of each, as load only slows a start
+down, and the median RSS once the workers are idle).
 
 Every bound on history (runs kept, backups, log segments, rotated files) is set small
 enough to be reached within the first tenth (bench/soak.py `soak_config`): 64 KiB files,
@@ -64,7 +64,7 @@ def test_soak_memory_state_and_restart_stay_flat(sock_dir: Path) -> None:
         rows, _ = soak.soak(
             RUNS, TASKS, sock_dir, cfg, restarts=1, restart_at="ends", keep_first=base / "state"
         )
-        paired = soak.paired_starts(first_d, last_d, 3)
+        paired = soak.paired_starts(first_d, last_d, 5)
     finally:
         for d in (first_d, last_d):
             if d.proc is not None and d.proc.poll() is None:
@@ -77,6 +77,8 @@ def test_soak_memory_state_and_restart_stay_flat(sock_dir: Path) -> None:
     assert last.state_mib <= FLAT * first.state_mib, (
         f"{shown}\nstate dir by entry, first: {first.state_parts}\nlast: {last.state_parts}"
     )
+    # A start's time only grows with the machine's load, so the quickest of each is its
+    # own cost; RSS does not depend on the load: the median.
+    assert min(paired["last_s"]) <= FLAT * min(paired["first_s"]), f"starts in turn: {paired}"
     med = {k: statistics.median(v) for k, v in paired.items()}
-    assert med["last_s"] <= FLAT * med["first_s"], f"clean starts in turn: {paired}"
-    assert med["last_mib"] <= FLAT * med["first_mib"], f"clean starts in turn: {paired}"
+    assert med["last_mib"] <= FLAT * med["first_mib"], f"starts in turn: {paired}"
