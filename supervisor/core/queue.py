@@ -84,18 +84,8 @@ class DispatchQueue:
         return self._parked.keys()
 
 
-# Stale heap entries tolerated beyond the armed ones before the heap is rebuilt.
-STALE_SLACK = 1024
-
-
 class Timers:
-    """Deadlines keyed by (kind, key); re-arming replaces, and stale entries are skipped.
-
-    A disarmed (or re-armed) deadline leaves its old entry in the heap until it would have
-    come due. Behind one long deadline (an hour-long build's timeout) that is every
-    deadline disarmed since, so once stale entries outnumber the armed ones (plus a
-    slack) the heap is rebuilt from the armed ones: O(1) amortised per change, and the
-    heap never holds more than twice what is armed (plus the slack)."""
+    """Deadlines keyed by (kind, key); re-arming replaces, and stale entries are skipped."""
 
     __slots__ = ("_armed", "_heap")
 
@@ -103,23 +93,22 @@ class Timers:
         self._heap: list[tuple[float, str, str]] = []
         self._armed: dict[tuple[str, str], float] = {}
 
-    def __len__(self) -> int:
-        """Entries in the heap, stale ones included (a figure for tests)."""
-        return len(self._heap)
-
     def arm(self, kind: str, key: str, when: float) -> None:
         self._armed[(kind, key)] = when
         heapq.heappush(self._heap, (when, kind, key))
-        self._compact()
 
     def disarm(self, kind: str, key: str) -> None:
-        self._armed.pop((kind, key), None)
-        self._compact()
+        if self._armed.pop((kind, key), None) is not None:
+            self._compact()
 
     def _compact(self) -> None:
-        if len(self._heap) > 2 * len(self._armed) + STALE_SLACK:
-            self._heap = [(when, kind, key) for (kind, key), when in self._armed.items()]
-            heapq.heapify(self._heap)
+        """Drop the heap's stale entries once they outnumber the armed ones: a timeout
+        disarmed when its attempt ends long before it would fire (most of them) must not
+        stay in memory for the whole timeout."""
+        heap, armed = self._heap, self._armed
+        if len(heap) > 2 * len(armed) + 1024:
+            heap[:] = [e for e in heap if armed.get((e[1], e[2])) == e[0]]
+            heapq.heapify(heap)
 
     def armed(self, kind: str, key: str) -> float | None:
         return self._armed.get((kind, key))
