@@ -348,6 +348,9 @@ def measure(
     for entry in sorted(d.state_dir.iterdir()):
         size = disk_use(entry)[0] if entry.is_dir() else entry.lstat().st_blocks * 512
         parts[entry.name] = round(size / MIB, 3)
+    workers = d.state_dir / "logs" / "workers"
+    if workers.is_dir():
+        parts["logs/workers"] = round(disk_use(workers)[0] / MIB, 3)  # part of "logs"
     return Row(
         runs=runs,
         tasks_run=tasks_run,
