@@ -6,6 +6,7 @@ at each step of a retirement loses nothing."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.store.backups import peek_seq
 from tests.harness import ROOT, Daemon, assert_no_leftovers
 
 PIPELINE = """name = "nightly"
@@ -162,11 +164,13 @@ def test_a_backup_from_before_a_retirement_restores(tmp_path: Path) -> None:
         d.wait_ws("ws-r", "completed")
         assert d.stop() == 0  # a clean stop writes a snapshot with ws-r live
         d.start()
-        ok(d, "ws", "retire", "ws-r")
+        out = ok(d, "ws", "retire", "ws-r")
+        retired_at = int(re.search(r"ok \(seq (\d+)", out)[1])  # type: ignore[index]
         assert "ws-r" not in live_ids(d)
         assert d.stop() == 0
+        # A backup (a full copy or a restore point) of a state before the retirement.
         backups = sorted((d.state_dir / "backups").iterdir())
-        live_in = [b for b in backups if '"ws-r"' in b.read_text()]
+        live_in = [b for b in backups if (peek_seq(b) or retired_at) < retired_at]
         assert live_in, "no backup from before the retirement"
         r = offline(d.state_dir, "restore", "--from-backup", live_in[-1].name, "--yes")
         assert r.returncode == 0, r.stderr
