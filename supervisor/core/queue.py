@@ -11,7 +11,7 @@ resource frees up, so a scheduling step only touches what changed.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Entry = tuple[int, int, str, str]  # (-priority, order, task_id, lane)
 
@@ -125,6 +125,34 @@ class DispatchQueue:
     def repark_ws(self, ws_id: str, entries: list[Entry]) -> None:
         self._parked_ws.setdefault(ws_id, []).extend(entries)
 
+    def forget(self, task_ids: set[str], ws_id: str) -> Callable[[], None] | None:
+        """Drop every entry of `task_ids` (lanes, resource parking) and the parking of
+        `ws_id`; returns what takes it back, or None when nothing was there."""
+        lanes, parked, parked_ws = self._lanes, self._parked, self._parked_ws
+        hit_lanes = [k for k, h in lanes.items() if any(e[2] in task_ids for e in h)]
+        hit_res = [r for r, es in parked.items() if any(e[2] in task_ids for e in es)]
+        if not hit_lanes and not hit_res and ws_id not in parked_ws:
+            return None
+        old_lanes = {k: list(lanes[k]) for k in hit_lanes}
+        old_parked = {r: list(parked[r]) for r in hit_res}
+        old_ws = parked_ws.pop(ws_id, None)
+        for table, keys in ((lanes, hit_lanes), (parked, hit_res)):
+            for k in keys:
+                left = [e for e in table[k] if e[2] not in task_ids]
+                if left:
+                    heapq.heapify(left)
+                    table[k] = left
+                else:
+                    del table[k]
+
+        def undo() -> None:
+            lanes.update(old_lanes)
+            parked.update(old_parked)
+            if old_ws is not None:
+                parked_ws[ws_id] = old_ws
+
+        return undo
+
     def waiting_on(self, resource_id: str) -> list[str]:
         """The task ids parked on `resource_id`, in dispatch order."""
         return [e[2] for e in sorted(self._parked.get(resource_id, ()))]
@@ -147,7 +175,17 @@ class Timers:
         heapq.heappush(self._heap, (when, kind, key))
 
     def disarm(self, kind: str, key: str) -> None:
-        self._armed.pop((kind, key), None)
+        if self._armed.pop((kind, key), None) is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the heap's stale entries once they outnumber the armed ones: a timeout
+        disarmed when its attempt ends long before it would fire (most of them) must not
+        stay in memory for the whole timeout."""
+        heap, armed = self._heap, self._armed
+        if len(heap) > 2 * len(armed) + 1024:
+            heap[:] = [e for e in heap if armed.get((e[1], e[2])) == e[0]]
+            heapq.heapify(heap)
 
     def armed(self, kind: str, key: str) -> float | None:
         return self._armed.get((kind, key))
