@@ -126,30 +126,24 @@ class DispatchQueue:
         self._parked_ws.setdefault(ws_id, []).extend(entries)
 
     def forget(self, task_ids: set[str], ws_id: str) -> Callable[[], None] | None:
-        """Drop every entry of `task_ids` (every lane's heap, resource parking) and the
-        parking of `ws_id`; returns what takes it back, or None when nothing was there."""
+        """Drop every entry of `task_ids` (lanes, resource parking) and the parking of
+        `ws_id`; returns what takes it back, or None when nothing was there."""
         lanes, parked, parked_ws = self._lanes, self._parked, self._parked_ws
-        hit_lanes = [k for k, es in lanes.items() if any(e[2] in task_ids for e in es)]
+        hit_lanes = [k for k, h in lanes.items() if any(e[2] in task_ids for e in h)]
         hit_res = [r for r, es in parked.items() if any(e[2] in task_ids for e in es)]
         if not hit_lanes and not hit_res and ws_id not in parked_ws:
             return None
         old_lanes = {k: list(lanes[k]) for k in hit_lanes}
         old_parked = {r: list(parked[r]) for r in hit_res}
         old_ws = parked_ws.pop(ws_id, None)
-        for k in hit_lanes:
-            left = [e for e in lanes[k] if e[2] not in task_ids]
-            if left:
-                heapq.heapify(left)
-                lanes[k] = left
-            else:
-                del lanes[k]
-        for r in hit_res:
-            left = [e for e in parked[r] if e[2] not in task_ids]
-            if left:
-                heapq.heapify(left)
-                parked[r] = left
-            else:
-                del parked[r]
+        for table, keys in ((lanes, hit_lanes), (parked, hit_res)):
+            for k in keys:
+                left = [e for e in table[k] if e[2] not in task_ids]
+                if left:
+                    heapq.heapify(left)
+                    table[k] = left
+                else:
+                    del table[k]
 
         def undo() -> None:
             lanes.update(old_lanes)

@@ -487,6 +487,11 @@ class Runtime:
         undo = self._queue.forget(ids, ws_id)
         if undo is not None:
             self._undo(undo)
+        for tid in ids & self._woken.keys():
+            # It was woken for a slot it will never take: the next waiter may.
+            key = self._woken[tid]
+            self._del(self._woken, tid)
+            self.wake_key(key)
 
     # -- figures -----------------------------------------------------------------------
 
