@@ -51,8 +51,9 @@ def _recv(rfd: int) -> wire.FromAgent:
     return msg
 
 
-def one_run(n: int, tmp: Path) -> tuple[float, float, float]:
-    """(wall ms, agent CPU ms, children CPU ms) per task for n sequential `true` Runs."""
+def one_run(n: int, tmp: Path, extra: tuple[str, ...] = ()) -> tuple[float, float, float]:
+    """(wall ms, agent CPU ms, children CPU ms) per task for n sequential `true` Runs;
+    `extra`: more agent options (bench/shim_start.py passes a lease)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -62,6 +63,7 @@ def one_run(n: int, tmp: Path) -> tuple[float, float, float]:
             "w1",
             "--heartbeat-s",
             "1",
+            *extra,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

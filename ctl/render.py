@@ -65,6 +65,9 @@ def table(
 
 
 def tasks_table(tasks: list[dict[str, Any]], colour: bool = False) -> str:
+    # Where tasks may run, and where the last attempt ran, once any task is placed or
+    # has run on another host than the daemon's.
+    placed = any(t.get("runs_on") or _last_host(t) not in ("", "local") for t in tasks)
     rows = [
         (
             t["id"],
@@ -74,14 +77,22 @@ def tasks_table(tasks: list[dict[str, Any]], colour: bool = False) -> str:
             t.get("worker_id") or "-",
             t.get("failure_kind") or "-",
         )
+        + ((t.get("runs_on") or "-", _last_host(t) or "-") if placed else ())
         for t in tasks
     ]
     return table(
-        ["task", "workstream", "state", "retries", "worker", "failure"],
+        ["task", "workstream", "state", "retries", "worker", "failure"]
+        + (["runs_on", "ran on"] if placed else []),
         rows,
         colour=colour,
         state_col=2,
     )
+
+
+def _last_host(t: dict[str, Any]) -> str:
+    """The host of a task's latest attempt ("" when it has none)."""
+    attempts = t.get("attempts") or []
+    return str(attempts[-1].get("host") or "local") if attempts else ""
 
 
 def workers_table(workers: list[dict[str, Any]], colour: bool = False) -> str:
@@ -92,6 +103,7 @@ def workers_table(workers: list[dict[str, Any]], colour: bool = False) -> str:
             (
                 w["id"],
                 w["state"],
+                w.get("host") or "local",
                 w.get("pid") or "-",
                 w.get("task_id") or "-",
                 "-" if age is None else f"{age:.1f}s",
@@ -99,7 +111,10 @@ def workers_table(workers: list[dict[str, Any]], colour: bool = False) -> str:
             )
         )
     return table(
-        ["worker", "state", "pid", "task", "heartbeat", "process"], rows, colour=colour, state_col=1
+        ["worker", "state", "host", "pid", "task", "heartbeat", "process"],
+        rows,
+        colour=colour,
+        state_col=1,
     )
 
 
@@ -109,6 +124,14 @@ def resources_table(res: list[dict[str, Any]]) -> str:
             r["id"],
             f"{len(r['holders'])}/{r['max_holders']}",
             ",".join(r["holders"]) or "-",
+            ",".join(r["waiting"]) or "-",
+        )
+        if not r.get("per_host")
+        else (
+            # A per-host resource: its limit holds on each host; holders by host.
+            r["id"],
+            f"{len(r['holders'])} ({r['max_holders']}/host)",
+            " ".join(f"{h}:{','.join(t)}" for h, t in r["holders_by_host"].items()) or "-",
             ",".join(r["waiting"]) or "-",
         )
         for r in res
@@ -159,6 +182,7 @@ def task_detail(t: dict[str, Any]) -> str:
         f"  retries:    {t['retry_count']}/{t['max_retries']}   timeout: {t['timeout_s']}s",
         f"  depends on: {deps or '-'}",
         f"  worker:     {t.get('worker_id') or '-'}   failure: {t.get('failure_kind') or '-'}",
+        f"  runs on:    {t.get('runs_on') or 'any host'}",
         "  attempts:",
     ]
     for a in t.get("attempts", []):
@@ -168,7 +192,8 @@ def task_detail(t: dict[str, Any]) -> str:
             else (f"signal {a['signal']}" if a.get("signal") else "-")
         )
         lines.append(
-            f"    #{a['number']} {a['worker_id']} exit={end} {a.get('failure_kind') or ''}"
+            f"    #{a['number']} {a['worker_id']}@{a.get('host') or 'local'} exit={end} "
+            f"{a.get('failure_kind') or ''}"
             f"{' reassigned' if a.get('reassigned') else ''}{_accounting(a)}"
         )
     if t.get("log_tail") is not None:
@@ -184,6 +209,7 @@ def worker_detail(w: dict[str, Any]) -> str:
     rss = h.get("rss_bytes")
     lines = [
         f"worker {w['id']}",
+        f"  host:       {w.get('host') or 'local'}",
         f"  state:      {w['state']}"
         + (f" for {h['unresponsive_for_s']:.1f}s" if "unresponsive_for_s" in h else ""),
         f"  pid:        {w.get('pid') or '-'}   restarts: {w.get('restarts', 0)}",
@@ -194,8 +220,15 @@ def worker_detail(w: dict[str, Any]) -> str:
         + (f", rss {rss / 1048576:.1f} MiB" if rss is not None else "")
         + (f", {h['open_fds']} fds" if h.get("open_fds") is not None else "")
         + (f", {h['threads']} threads" if h.get("threads") is not None else "")
-        + (f" (checked {h['checked_age_s']:.1f}s ago)" if "checked_age_s" in h else ""),
+        + (f" (checked {h['checked_age_s']:.1f}s ago)" if "checked_age_s" in h else "")
+        + (f" (its heartbeat {h['reported_age_s']:.1f}s ago)" if "reported_age_s" in h else ""),
     ]
+    if h.get("source") == "heartbeat":  # a remote agent's own figures
+        lines.append(
+            f"  agent:      pid {h.get('pid', '-')} on {h.get('host')}, start ticks "
+            f"{h.get('start_ticks', '-')}; transport {h.get('transport')} "
+            f"(pid {h.get('transport_pid') or '-'} here)"
+        )
     if w.get("log_tail"):
         lines.append("  log:")
         lines.extend("    " + line for line in w["log_tail"])
@@ -241,8 +274,8 @@ def debug_view(d: dict[str, Any]) -> str:
         code = a.get("exit_code")
         end = code if code is not None else (f"signal {a['signal']}" if a.get("signal") else "-")
         lines.append(
-            f"    #{a['number']} on {a['worker_id']}: exit {end} {a.get('failure_kind') or ''}"
-            + (f" — {a['message']}" if a.get("message") else "")
+            f"    #{a['number']} on {a['worker_id']}@{a.get('host') or 'local'}: exit {end} "
+            f"{a.get('failure_kind') or ''}" + (f" — {a['message']}" if a.get("message") else "")
         )
     deps = ", ".join(f"{x['id']} ({x['state']})" for x in d["dependencies"])
     lines.append(f"  dependencies: {deps or '-'}")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import msgspec
 
 from supervisor.core import wire
+from supervisor.core.config import HostConfig
 from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.errors import StoreFsyncError, StoreWriteError
 from supervisor.core.inputs import AgentExited, AgentMessage, Input
@@ -224,6 +225,8 @@ class FakePool:
       then calls `start` / `finish`. `send(Kill)` records it in `kills_sent` and, with
       `answer_kill` (the default), the agent kills the attempt and reports it Finished,
       killed. `send(Stop)` stops the agent: it exits, an AgentExited is posted.
+      `send(Sweep)` (a remote agent's first frame) is answered by an empty Swept unless
+      `answer_sweep` is False.
     - `kill` and `stop` record the call and make the agent exit (AgentExited).
     - `die(worker)` is an agent that dies on its own.
     Messages go to `inbox` tagged with the generation, like the real pool's."""
@@ -247,16 +250,23 @@ class FakePool:
         self.stuck: set[tuple[int, int]] = set()
         self.may_kill = False
         self.sent: list[tuple[str, wire.ToAgent]] = []
+        self.renewals: list[tuple[str, bool]] = []
         self.hello_on_spawn = True
         self.answer_kill = True
+        self.answer_sweep = True  # a remote agent's Sweep is answered at once (nothing found)
         self.spawn_failures = 0
         self.on_run: Callable[[str, wire.Run], None] | None = None
         self._pids = itertools.count(4000)
 
     # -- the protocol ------------------------------------------------------------------
 
-    async def spawn(self, worker_id: str) -> int:
+    async def spawn(
+        self, worker_id: str, host: HostConfig | None = None, *, lease_s: float = 0.0
+    ) -> int:
         return self.spawn_now(worker_id)
+
+    def renew(self, worker_id: str, on: bool) -> None:
+        self.renewals.append((worker_id, on))
 
     async def send(self, worker_id: str, msg: wire.ToAgent) -> bool:
         return self.send_now(worker_id, msg)
@@ -266,8 +276,8 @@ class FakePool:
     ) -> tuple[tuple[int, int], ...]:
         return self.kill_now(worker_id, task_tree)
 
-    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> None:
-        self.stop_now(worker_id)
+    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> bool:
+        return self.stop_now(worker_id)
 
     async def kill_old_life(
         self, agents: list[OldAgent], trees: list[TaskTree], grace_s: float
@@ -324,6 +334,9 @@ class FakePool:
                     self.finish(worker_id, phase="command", killed=True, signal=15)
             case wire.Stop():
                 self._exit(worker_id, gen, 0)
+            case wire.Sweep():
+                if self.answer_sweep:
+                    self._post(worker_id, wire.Swept())
         return True
 
     def kill_now(self, worker_id: str, task_tree: TaskTree | None) -> tuple[tuple[int, int], ...]:
@@ -333,11 +346,12 @@ class FakePool:
             self._exit(worker_id, gen, -15)
         return () if task_tree is None else self.survivors.get(task_tree.marker, ())
 
-    def stop_now(self, worker_id: str) -> None:
+    def stop_now(self, worker_id: str) -> bool:
         self.stop_calls.append(worker_id)
         gen = self.alive.get(worker_id)
         if gen is not None:
             self._exit(worker_id, gen, 0)
+        return gen is not None
 
     # -- what the agents say ------------------------------------------------------------
 

@@ -61,20 +61,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_toml(cfg: dict[str, Any]) -> str:
-    """A small TOML writer for test configs (scalars and nested tables)."""
+    """A small TOML writer for test configs (scalars, nested tables, arrays of tables)."""
     lines: list[str] = []
 
     def scalar(v: Any) -> str:
         return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
 
-    def section(prefix: str, d: dict[str, Any]) -> None:
-        simple = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    def tables(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def section(prefix: str, d: dict[str, Any], array: bool = False) -> None:
+        simple = {k: v for k, v in d.items() if not isinstance(v, dict) and not tables(v)}
         if prefix:
-            lines.append(f"[{prefix}]")
+            lines.append(f"[[{prefix}]]" if array else f"[{prefix}]")
         lines.extend(f"{k} = {scalar(v)}" for k, v in simple.items())
         for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else k
             if isinstance(v, dict):
-                section(f"{prefix}.{k}" if prefix else k, v)
+                section(name, v)
+            elif tables(v):  # a list of tables: [[workers.hosts]]
+                for item in v:
+                    section(name, item, array=True)
 
     section("", cfg)
     return "\n".join(lines) + "\n"
@@ -90,6 +97,48 @@ def event_matches(event: dict[str, Any], match: dict[str, Any]) -> bool:
         ):
             return False
     return True
+
+
+# ORCHD_TEST_REMOTE=env|ssh: every daemon whose config names no [[workers.hosts]] runs half
+# its workers (when it has two or more) as remote workers, so that tests written for local
+# workers run again, unchanged, against remote ones: "env" through the local transport
+# (no sshd needed), "ssh" on the second host of tests/remote_host.py (root, sshd).
+REMOTE_MODE = os.environ.get("ORCHD_TEST_REMOTE", "")
+FAKE_HOST_TRANSPORT = ["env", "ORCHD_FAKE_HOST={host}", "--"]
+
+
+def remote_half(cfg: dict[str, Any], mode: str = REMOTE_MODE) -> dict[str, Any]:
+    """`cfg` with half its workers on one remote host under ORCHD_TEST_REMOTE (see above),
+    and an agent lease that fits its shutdown_after_s; `cfg` itself when unset."""
+    workers = cfg.get("workers", {})
+    count = int(workers.get("count", 0))
+    health = cfg["health"]
+    room = health["shutdown_after_s"] - cfg["tasks"]["kill_grace_s"]
+    # A config whose kill grace leaves no lease before shutdown_after_s is refused with
+    # remote hosts (a remote attempt must be fenced before its task is reassigned).
+    if not mode or workers.get("hosts") or count < 2 or room < 0.5:
+        return cfg
+    if mode == "env":
+        host: dict[str, Any] = {
+            "host": "fake-2",
+            "transport": FAKE_HOST_TRANSPORT,
+            "python": sys.executable,
+        }
+    elif mode == "ssh":
+        from tests import remote_host
+
+        host = remote_host.shared().host_config()
+    else:
+        raise ValueError(f"ORCHD_TEST_REMOTE={mode!r}: use env or ssh")
+    host["count"] = count // 2
+    lease = health.get("agent_lease_s") or min(2.0, 0.6 * room)
+    return _merge(
+        cfg,
+        {
+            "workers": {"count": count - count // 2, "hosts": [host]},
+            "health": {"agent_lease_s": lease},
+        },
+    )
 
 
 class DaemonExited(AssertionError):
@@ -110,8 +159,11 @@ class Daemon:
         self.state_dir = tmp / "state"
         STATE_DIRS.add(self.state_dir)
         self.socket = str(tmp / "orchd.sock")
-        self.cfg = _merge(
-            FAST, {"state_dir": str(self.state_dir), "socket_path": self.socket} | (overrides or {})
+        self.cfg = remote_half(
+            _merge(
+                FAST,
+                {"state_dir": str(self.state_dir), "socket_path": self.socket} | (overrides or {}),
+            )
         )
         self.config_path = tmp / "orchd.toml"
         self.config_path.write_text(to_toml(self.cfg))

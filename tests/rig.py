@@ -217,6 +217,10 @@ class Rig:
                 m.commit("resource", rid, "defined", "config", max_holders=rc.max_holders)
             for _ in range(m.cfg.worker_count):
                 lifecycle.spawn_worker(m, lifecycle.new_worker_id(m), "recovery")
+            for h in m.cfg.workers.hosts:
+                for _ in range(h.count):
+                    wid = lifecycle.new_worker_id(m, h.host)
+                    lifecycle.spawn_worker(m, wid, "recovery", host=h.host)
 
         self.step((), start)
         self.deliver()
@@ -245,10 +249,9 @@ class Rig:
                     self._spawn(wid)
             case Retire():
                 tree = eff.tree
-                if eff.graceful:
-                    pool.stop_now(eff.worker_id)
+                stopped = pool.stop_now(eff.worker_id) if eff.graceful else False
                 left = pool.kill_now(eff.worker_id, tree)
-                if eff.attempt_id is not None:
+                if eff.attempt_id is not None and (stopped or not eff.remote):
                     self.box.send_nowait(TreeKilled(eff.worker_id, eff.attempt_id, left))
                 self.box.send_nowait(Retired(eff.worker_id))
                 if eff.replace:

@@ -109,6 +109,7 @@ async def agent(
     heartbeat_s: float = 0.2,
     extra_env: dict[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
+    args: tuple[str, ...] = (),
 ) -> AsyncIterator[Driver]:
     env = agent_env({**os.environ, **(extra_env or {})})
     process = await anyio.open_process(
@@ -124,6 +125,7 @@ async def agent(
             "1.0",
             "--log",
             str(tmp_path / "agent.log"),
+            *args,
         ],
         env=env,
         start_new_session=True,
@@ -427,3 +429,15 @@ async def test_a_task_starts_with_sigpipe_at_its_default(tmp_path: Path) -> None
         done = await a.outcome(a.run("pipe", ["sh", "-c", "yes | head -n 1"]))
         assert done.phase == "done"
         assert "Broken pipe" not in a.log_text("pipe")
+
+
+async def test_an_empty_command_is_a_spawn_failure(tmp_path: Path) -> None:
+    """Regression: an empty command list crashed the agent; it is a spawn failure now, and
+    an empty validate list fails the validate step."""
+    async with agent(tmp_path) as a:
+        await a.send(a.run("empty", []))
+        done = await a.expect(wire.Finished)
+        assert done.phase == "spawn" and done.message and "empty" in done.message
+        done = await a.outcome(a.run("empty-validate", ["true"], validate=[]))
+        assert done.phase == "validate" and done.message and "empty" in done.message
+        assert a.process.returncode is None

@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import msgspec
 import psutil
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from supervisor.core import wire
+from supervisor.core.config import HostConfig
 from supervisor.core.effects import TaskTree
 from supervisor.workers import proctree
 from supervisor.workers.pool import AgentExited, AgentMessage, Pool
@@ -189,3 +191,93 @@ async def test_agents_do_not_inherit_service_manager_variables(
         await _next(inbox, wire.Finished)
     text = (tmp_path / "logs" / "env.log").read_text()
     assert "NOTIFY_SOCKET" not in text and "WATCHDOG_" not in text and "LISTEN_" not in text
+
+
+# --- remote agents (through the local `env` transport: the agent runs here as on another
+# host, with a lease) --------------------------------------------------------------------
+
+
+def _host(transport: list[str] | None = None) -> HostConfig:
+    return HostConfig(
+        host="h2",
+        python=sys.executable,
+        transport=transport or ["env", "ORCHD_FAKE_HOST={host}", "--"],
+    )
+
+
+async def _swept(pool: Pool, inbox: Inbox, wid: str) -> None:
+    await _next(inbox, wire.Hello)
+    assert await pool.send(wid, wire.Sweep(live=[]))
+    await _next(inbox, wire.Swept)
+
+
+async def test_remote_agent_leases_are_renewed_and_its_output_lands_in_the_task_log(
+    tmp_path: Path,
+) -> None:
+    """A remote agent gets Lease frames from the pool once swept, so an attempt longer
+    than the lease runs to its end with nothing else sent; its output comes back in
+    Output frames and is appended to the task's log here (directory made)."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        await pool.spawn("r1", _host(), lease_s=0.5)
+        await _swept(pool, inbox, "r1")
+        run = _run(tmp_path, "lease", "sleep 1.5; echo made it from $ORCHD_FAKE_HOST")
+        run = msgspec.structs.replace(run, log_path=str(tmp_path / "logs" / "ws" / "lease.log"))
+        assert await pool.send("r1", run)
+        done = await _next(inbox, wire.Finished)
+        assert isinstance(done, AgentMessage) and isinstance(done.msg, wire.Finished)
+        assert (done.msg.phase, done.msg.fenced) == ("done", False)
+        text = (tmp_path / "logs" / "ws" / "lease.log").read_text()
+        assert "made it from h2" in text and "=== attempt 1" in text
+        await pool.stop("r1", 1.0)
+
+
+async def test_leases_held_back_let_the_shim_fence_the_attempt(tmp_path: Path) -> None:
+    """renew(off): no more frames reach the agent, so its shim fences the attempt once
+    the lease runs out, and the agent says so (Finished, fenced)."""
+    async with running_pool(tmp_path) as (pool, inbox):
+        await pool.spawn("r1", _host(), lease_s=0.5)
+        await _swept(pool, inbox, "r1")
+        assert await pool.send("r1", _run(tmp_path, "held", "sleep 30"))
+        await _next(inbox, wire.Started)
+        pool.renew("r1", False)
+        done = await _next(inbox, wire.Finished, timeout_s=10.0)
+        assert isinstance(done, AgentMessage) and isinstance(done.msg, wire.Finished)
+        assert done.msg.fenced
+        assert _alive_marked("held") == []
+        await pool.stop("r1", 1.0)
+
+
+async def test_transport_exit_carries_its_last_stderr_line(tmp_path: Path) -> None:
+    """A transport that fails before the agent runs: its exit carries ssh's last line,
+    and its whole stderr is in the worker's log."""
+    script = (
+        "echo 'debug1: trying' >&2; echo 'ssh: connect to host h2 port 22: refused' >&2; exit 255"
+    )
+    async with running_pool(tmp_path) as (pool, inbox):
+        gen = await pool.spawn("r1", _host(["sh", "-c", script, "--"]), lease_s=1.0)
+        item = await _next(inbox)
+        assert item == AgentExited("r1", gen, 255, "ssh: connect to host h2 port 22: refused")
+        wlog = (tmp_path / "logs" / "workers" / "r1.log").read_text()
+        assert "debug1: trying" in wlog and "refused" in wlog
+
+
+async def test_output_frames_for_an_attempt_not_given_to_the_agent_are_dropped(
+    tmp_path: Path,
+) -> None:
+    """An agent's Output frame names an attempt, never a path: one for an attempt it was
+    not given writes nothing, and the frames after it still arrive."""
+    fake = (
+        "import sys; from supervisor.core import wire; w = sys.stdout.buffer.write; "
+        "w(wire.frame(wire.Output(attempt_id='not-yours', data=b'evil'))); "
+        "w(wire.frame(wire.Heartbeat(attempt_id=None))); "
+        "w(wire.frame(wire.Hello(worker_id='r1', pid=1, create_time=0.0))); sys.stdout.flush()"
+    )
+    async with running_pool(tmp_path) as (pool, inbox):
+        await pool.spawn("r1", _host([sys.executable, "-c", fake, "--"]), lease_s=1.0)
+        hello = await _next(inbox, wire.Hello)
+        assert isinstance(hello, AgentMessage)
+        exited = await _next(inbox)
+        assert isinstance(exited, AgentExited)
+        assert not [
+            p for p in (tmp_path / "logs").rglob("*") if p.is_file() and b"evil" in p.read_bytes()
+        ]

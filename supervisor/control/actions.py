@@ -198,6 +198,7 @@ def submit(s: Machine, params: p.SubmitParams) -> dict[str, Any]:
             explicit_id=params.id,
             new_id=lambda: new_ulid(time.time(), os.urandom(10)),
             document=params.document if isinstance(params, p.PreparedSubmit) else None,
+            hosts=s.hosts,
         )
     except WorkstreamFileError as exc:
         raise OperatorError("invalid", str(exc)) from None
@@ -351,6 +352,8 @@ def resource_set_limit(s: Machine, params: p.ResourceSetLimitParams) -> dict[str
         raise OperatorError("invalid", "max_holders must be >= 1")
     rec = s.commit("resource", res.id, "defined", "operator", max_holders=params.max_holders)
     s.rt.unpark(res.id)
+    if res.id in s.hosts.per_host:
+        s.rt.unpark_all_placement()  # its limit is per host: those waiting on it retry
     return {"resource_id": res.id, "max_holders": params.max_holders, "seq": rec.seq}
 
 

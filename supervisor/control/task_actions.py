@@ -49,10 +49,20 @@ def why_waits(s: Machine, task: Task) -> str:
         return "queued: the daemon is drained, nothing starts (`orchctl undrain`)"
     if task.state == TaskState.QUEUED:
         res = s.rt.parked_on(task.id)
+        where = f" on {task.runs_on}" if task.runs_on else ""
+        if res is not None and res.startswith("@"):
+            per = [r for r in task.resources if r in s.hosts.per_host]
+            return (
+                f"queued: per-host resource {', '.join(per)} is full on every host{where} "
+                "with an idle worker"
+            )
         if res is not None:
             held = ", ".join(s.state.graph.holders_of(res)) or "-"
             return f"queued: resource {res} is full (held by {held})"
-        return "queued: dependencies met, waiting for an idle worker"
+        if task.runs_on and not s.hosts.hosts_for(task.runs_on):
+            known = ", ".join(s.hosts.known())
+            return f"queued: no configured host is {task.runs_on!r} (known: {known})"
+        return f"queued: dependencies met, waiting for an idle worker{where}"
     for cycle in _ws_cycles(s, task.workstream_id):
         if task.id in cycle:
             return f"in a dependency cycle with {', '.join(c for c in cycle if c != task.id)}"

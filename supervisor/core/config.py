@@ -50,7 +50,7 @@ class HostConfig(_Section):
 
 
 class WorkersConfig(_Section):
-    count: int = 0  # 0 = one per CPU
+    count: int = 0  # 0 = one per CPU (none when `hosts` are configured)
     python: str = ""  # interpreter that runs the agents; "" = the daemon's own
     # How an attempt's processes are held together: "cgroup" (one cgroup v2 per attempt),
     # "process" (session + subreaper + marker sweep), "auto" (cgroup where one can be made).
@@ -133,6 +133,9 @@ class LogConfig(_Section):
 
 class ResourceConfig(_Section):
     max_holders: int = 1
+    # One resource per host (core/placement.py): `max_holders` on each host, held as
+    # `<id>@<host>` by a task running there.
+    per_host: bool = False
 
 
 class Config(_Section):
@@ -154,6 +157,10 @@ class Config(_Section):
 
     @property
     def worker_count(self) -> int:
+        """Local workers: `workers.count`, 0 = one per CPU (none when remote hosts are
+        configured: a farm of remote workers only)."""
+        if self.workers.hosts:
+            return self.workers.count
         return self.workers.count or (os.cpu_count() or 1)
 
 
@@ -192,6 +199,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
             f"`health.shutdown_after_s` ({h.shutdown_after_s}): a remote attempt must be "
             "fenced before its task is reassigned"
         )
+    problems.extend(_host_problems(cfg, where))
     for rid, res in cfg.resources.items():
         if res.max_holders < 1:
             problems.append(f"{where}: `resources.{rid}.max_holders` must be >= 1")
@@ -207,6 +215,26 @@ def _check_ranges(cfg: Config, where: str) -> None:
     positive("control.max_submit_bytes", cfg.control.max_submit_bytes)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _host_problems(cfg: Config, where: str) -> list[str]:
+    """Host names and labels a task's `runs_on` can tell apart: unique, not `local` (the
+    daemon's own host), no label that is another host's name."""
+    out: list[str] = []
+    names = [h.host for h in cfg.workers.hosts]
+    for i, h in enumerate(cfg.workers.hosts):
+        at = f"{where}: `workers.hosts[{i}]`"
+        if not h.host or h.host == "local" or "@" in h.host:
+            out.append(f"{at}: `host` {h.host!r} cannot name a host (empty, `local` or with '@')")
+        elif names.index(h.host) != i:
+            out.append(f"{at}: host {h.host!r} is listed twice; give it one table")
+        for label in h.labels:
+            if label in ("", "local") or (label in names and label != h.host):
+                out.append(
+                    f"{at}: label {label!r} of {h.host!r} is empty, `local` or another "
+                    "host's name: a task's `runs_on` could not tell them apart"
+                )
+    return out
 
 
 def parse_config(text: bytes | str, where: str = "<config>") -> Config:

@@ -17,8 +17,10 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from supervisor.core import placement
 from supervisor.core.config import Config
 from supervisor.core.effects import Archive, Effect, Emit, Note
+from supervisor.core.graph import held_by
 from supervisor.core.model import (
     RETIRED,
     Cause,
@@ -31,6 +33,7 @@ from supervisor.core.model import (
     Transition,
 )
 from supervisor.core.policy import workstream_verdict
+from supervisor.core.remote import RemoteBook
 from supervisor.core.runtime import Runtime
 from supervisor.core.txn import Txn
 from supervisor.core.views import task_view
@@ -102,6 +105,14 @@ class Core:
         self.transitions_per_s = 0.0
         self.read_only: str | None = None
         self.containment = Containment()
+        # Remote agents: their own figures, transports gone, sweeps unanswered.
+        self.remote = RemoteBook()
+        self._hosts: dict[int, tuple[Config, placement.Hosts]] = {}
+
+    @property
+    def hosts(self) -> placement.Hosts:
+        """The hosts of the settings in force, with their selectors (core/placement.py)."""
+        return placement.of(self.cfg, self._hosts)
 
     def set_config(self, new: Config) -> None:
         """Settings reloaded, as part of the open step (taken back with it)."""
@@ -161,8 +172,11 @@ class Core:
             rt.set_archiving(task.workstream_id, None)  # see `commit`
         if frm == "running" and task.state != TaskState.RUNNING:
             rt.disarm("timeout", task.id)
-            for r in task.resources:
-                rt.unpark(r)
+            for r in held_by(task):
+                rt.wake(r)  # the first task waiting on it; dispatch wakes the next
+            if task.attempts and rt.has_placement_parks():
+                # Room on its host: tasks waiting for a place there may go now.
+                rt.unpark_placement(self.hosts.selectors_of(task.attempts[-1].host))
         if task.state == frm:
             return
         if frm == "pending":

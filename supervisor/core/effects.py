@@ -35,6 +35,9 @@ class OldAgent(msgspec.Struct, frozen=True):
     start_ticks: int | None
     legacy_create_time: float | None = None
     attempt_id: str | None = None
+    # A remote worker's: the pid is its transport's, here; its attempt is on its host,
+    # fenced there by its lease, and nothing under the transport is swept from here.
+    remote: bool = False
 
 
 class Send(msgspec.Struct, tag=True):
@@ -56,16 +59,31 @@ class KillTree(msgspec.Struct, tag=True):
 
 class Spawn(msgspec.Struct, tag=True):
     """Start an agent for `worker_id` after `delay_s`, unless by then the worker was
-    retired or restarted again (its `restarts` count moved on)."""
+    retired or restarted again (its `restarts` count moved on). `host` names its
+    [[workers.hosts]] table ("" = this host): the agent starts through its transport."""
 
     worker_id: str
     restarts: int
     delay_s: float = 0.0
+    host: str = ""
+
+
+class Renew(msgspec.Struct, tag=True):
+    """Keep renewing the leases of a remote agent's attempts (`on`), or stop: the pool's
+    keepalive sends an agent Lease frames only while its worker is not unresponsive, so
+    its shims fence within agent_lease_s of the verdict."""
+
+    worker_id: str
+    on: bool
 
 
 class Retire(msgspec.Struct, tag=True):
     """Stop the worker's agent (asked first when `graceful`), kill it and the attempt's
-    tree, report TreeKilled for `attempt_id`, then Retired, then Replace when `replace`."""
+    tree, report TreeKilled for `attempt_id`, then Retired, then Replace when `replace`.
+
+    `remote`: the attempt's tree is on another host, out of the daemon's reach. TreeKilled
+    is then reported only if the agent, asked to stop, exited by itself (it kills its
+    attempt first); else the lease rule (core/fencing.py) settles the attempt."""
 
     worker_id: str
     grace_s: float
@@ -75,6 +93,7 @@ class Retire(msgspec.Struct, tag=True):
     replace: bool = True
     same_id: bool = False
     cause: Cause = "operator"
+    remote: bool = False
 
 
 class KillStarting(msgspec.Struct, tag=True):
@@ -141,6 +160,7 @@ Effect = (
     Send
     | KillTree
     | Spawn
+    | Renew
     | Retire
     | KillStarting
     | CheckSurvivors

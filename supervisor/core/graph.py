@@ -28,6 +28,16 @@ class Task(Protocol):
     @property
     def resources(self) -> list[str]: ...
 
+    @property
+    def holds(self) -> list[str]: ...
+
+
+def held_by(task: Task) -> list[str]:
+    """The resource ids a running task holds: what its dispatch recorded (`holds`, where a
+    per-host resource is its instance `ID@HOST`), else, for a task recorded before that
+    existed, its `resources`."""
+    return task.holds or task.resources
+
 
 _SATISFYING = frozenset({"completed", "cancelled"})
 
@@ -89,7 +99,7 @@ class Graph:
                     n += 1
             unmet[tid] = n
             if state == "running":
-                for r in task.resources:
+                for r in task.holds or task.resources:
                     held = holders.get(r)
                     if held is None:
                         holders[r] = [tid]
@@ -109,11 +119,11 @@ class Graph:
             self.ready[task.id] = None
 
     def _hold(self, task: Task) -> None:
-        for r in task.resources:
+        for r in held_by(task):
             self.holders.setdefault(r, []).append(task.id)
 
     def _release(self, task: Task) -> None:
-        for r in task.resources:
+        for r in held_by(task):
             held = self.holders.get(r)
             if held and task.id in held:
                 held.remove(task.id)
@@ -187,6 +197,12 @@ class Graph:
 
     def holders_of(self, resource_id: str) -> list[str]:
         return self.holders.get(resource_id, [])
+
+    def instances_of(self, resource_id: str) -> dict[str, list[str]]:
+        """A per-host resource's holders by instance (`ID@HOST` -> task ids), for display:
+        a scan of the held ids, which are few."""
+        prefix = resource_id + "@"
+        return {k: v for k, v in self.holders.items() if k.startswith(prefix) and v}
 
     def downstream(self, task_id: str) -> list[str]:
         """Every task that depends on `task_id`, directly or not (breadth-first order)."""

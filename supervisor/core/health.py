@@ -2,14 +2,20 @@
 running), recovered, or shut down (killed with its task's tree, the task reassigned, a
 replacement started); an agent that never says hello is killed. Pure: no I/O — the probes
 themselves run in workers/health.py and arrive as a HealthReport.
+
+A worker on another host is not probed (its agent is not a process here): its health is
+its heartbeat's age, and its transport's exit (core/lifecycle.py). While it is
+unresponsive the daemon holds back its leases (Renew), so its attempts' shims fence
+them before shutdown_after_s runs out; a new agent that does not answer its Sweep within
+unresponsive_after_s is retired like one that never said hello.
 """
 
 from __future__ import annotations
 
 from supervisor.core.context import Core
-from supervisor.core.effects import KillStarting
+from supervisor.core.effects import KillStarting, Renew
 from supervisor.core.inputs import HealthReport, Probe
-from supervisor.core.lifecycle import retire_worker
+from supervisor.core.lifecycle import make_idle, retire_worker
 from supervisor.core.model import WorkerState
 from supervisor.core.policy import StopReason, health_verdict
 
@@ -25,11 +31,20 @@ def evaluate(m: Core, report: HealthReport) -> None:
     if report.stalled:
         return
     check_starting(m)
-    for wid, pr in report.probes.items():
+    check_sweeps(m)
+    probes = dict(report.probes)
+    for w in m.state.data.workers.values():
+        if w.host and w.state in _WATCHED:
+            gone = m.remote.is_gone(w.id)
+            status = "transport exited" if gone else "remote"
+            probes[w.id] = Probe(pid=w.pid or 0, ok=not gone, status=status)
+    for wid, pr in probes.items():
         worker = m.state.data.workers.get(wid)
         # The worker may have been restarted (another pid) since it was probed.
-        if worker is None or worker.state not in _WATCHED or worker.pid != pr.pid:
+        if worker is None or worker.state not in _WATCHED or (worker.pid or 0) != pr.pid:
             continue
+        if worker.host and wid in report.probes:
+            continue  # a remote worker is judged by its heartbeats alone
         since = m.rt.unresponsive_since(wid) if worker.state == WorkerState.UNRESPONSIVE else None
         age = m.heartbeat_age(wid) or 0.0
         verdict = health_verdict(
@@ -53,6 +68,8 @@ def _unresponsive(m: Core, wid: str, age: float, pr: Probe) -> None:
     m.rt.set_unresponsive_since(wid, m.now)
     m.rt.take_idle(wid)  # no new task for it; its running task carries on
     m.commit("worker", wid, "unresponsive", "health")
+    if worker.host:
+        m.effect(Renew(wid, False))  # its shims fence within agent_lease_s from now
     m.emit(
         "worker_unresponsive",
         "error",
@@ -71,8 +88,10 @@ def _recovered(m: Core, wid: str) -> None:
     m.rt.set_unresponsive_since(wid, None)
     back = "busy" if worker.task_id else "idle"
     m.commit("worker", wid, back, "health")
+    if worker.host:
+        m.effect(Renew(wid, True))
     if back == "idle":
-        m.rt.set_idle(wid)
+        make_idle(m, wid)
     m.emit(
         "worker_recovered",
         "info",
@@ -123,3 +142,30 @@ def check_starting(m: Core) -> None:
         )
         m.note(wid, f"no hello within {h.shutdown_after_s}s: killed")
         m.effect(KillStarting(wid, w.restarts, m.cfg.tasks.kill_grace_s))
+
+
+def check_sweeps(m: Core) -> None:
+    """A new remote agent that has not answered its Sweep within unresponsive_after_s
+    holds the remote workers' dispatch for nothing: it is retired (and replaced), with an
+    event."""
+    h = m.cfg.health
+    for wid, sent in m.remote.unanswered():
+        w = m.state.data.workers.get(wid)
+        if w is None or m.now - sent < h.unresponsive_after_s:
+            continue
+        m.emit(
+            "sweep_timeout",
+            "error",
+            worker_id=wid,
+            message=f"the agent on {w.host} did not answer its Sweep within "
+            f"{h.unresponsive_after_s}s; retired and replaced",
+            data={"host": w.host},
+        )
+        retire_worker(
+            m,
+            wid,
+            task_reason=StopReason.REASSIGN,
+            restart_same=False,
+            graceful=False,
+            cause="health",
+        )

@@ -23,11 +23,14 @@ class AgentMessage(msgspec.Struct, tag=True):
 
 
 class AgentExited(msgspec.Struct, tag=True):
-    """Agent process `generation` of worker `worker_id` has exited (after its last message)."""
+    """Agent process `generation` of worker `worker_id` has exited (after its last message).
+    `stderr` is the last line a remote agent's transport wrote on its stderr (ssh's reason
+    for a failed connection), "" for a local agent."""
 
     worker_id: str
     generation: int
     returncode: int | None
+    stderr: str = ""
 
 
 class TreeKilled(msgspec.Struct, tag=True):

@@ -6,6 +6,13 @@ A worker that exits while starting, or soon after (within `unresponsive_after_s`
 hello), is restarted under the same id after a growing delay, with an event each time: a
 broken interpreter or an agent that dies at once never restarts in a tight loop. One that
 ran for longer is replaced at once.
+
+A worker on another host (`Worker.host`) is reached through its transport (ssh): a
+transport that fails before the agent's hello is a `transport_failed` event and the same
+back-off. Its attempts' processes are out of the daemon's reach, so an exit of its
+transport while it runs an attempt makes it unresponsive, not dead (the attempt may still
+live there), and a kill the agent cannot carry out is settled by the lease rule
+(core/fencing.py) instead of by a kill from here.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ from supervisor.core.context import Core
 from supervisor.core.effects import KillTree, Retire, Send, Spawn, TaskTree
 from supervisor.core.model import Attempt, Cause, Task, TaskState, WorkerState
 from supervisor.core.policy import STOP_RULES, StopReason
+from supervisor.core.remote import host_component
+
+# The timer of a remote attempt whose death the daemon waits to be sure of, by task id.
+FENCE = "fence"
 
 
 def tree_of(attempt: Attempt) -> TaskTree:
@@ -32,19 +43,32 @@ def tree_of(attempt: Attempt) -> TaskTree:
     )
 
 
-def new_worker_id(m: Core) -> str:
+def new_worker_id(m: Core, host: str = "") -> str:
+    """A fresh worker id; one on another host names it (`worker-007@build-2`)."""
+    suffix = f"@{host_component(host)}" if host else ""
     while True:
-        wid = f"worker-{m.next_worker:03d}"
+        wid = f"worker-{m.next_worker:03d}{suffix}"
         m.next_worker += 1
         w = m.state.data.workers.get(wid)
         if w is None or (w.state == "shutdown" and not m.rt.knows_generation(wid)):
             return wid
 
 
-def spawn_worker(m: Core, wid: str, cause: Cause, delay: float = 0.0) -> None:
-    """Record the worker as starting, then start its agent (after `delay`)."""
+def is_remote(m: Core, wid: str | None) -> bool:
+    """The worker's agent runs on another host."""
+    w = m.state.data.workers.get(wid) if wid else None
+    return w is not None and bool(w.host)
+
+
+def spawn_worker(
+    m: Core, wid: str, cause: Cause, delay: float = 0.0, host: str | None = None
+) -> None:
+    """Record the worker as starting, then start its agent (after `delay`); on `host`
+    (by default the one the worker had, "" for a new one: this host)."""
     w = m.state.data.workers.get(wid)
     restarts = (w.restarts + 1) if w is not None else 0
+    if host is None:
+        host = w.host if w is not None else ""
     m.commit(
         "worker",
         wid,
@@ -58,14 +82,19 @@ def spawn_worker(m: Core, wid: str, cause: Cause, delay: float = 0.0) -> None:
         started_at=m.wall,
         restarts=restarts,
         stopping=None,
+        host=host,
     )
+    m.remote.set_gone(m.rt, wid, False)
+    m.remote.forget(wid)  # the figures of its previous agent
     m.rt.expect_beat(wid, m.now + delay)
-    m.effect(Spawn(wid, restarts, delay))
+    m.effect(Spawn(wid, restarts, delay, host=host))
 
 
 def spawn_wanted(m: Core, wid: str, restarts: int) -> bool:
     """A delayed spawn is still wanted: the worker was not retired or restarted since."""
     w = m.state.data.workers.get(wid)
+    if w is not None and w.host and not any(h.host == w.host for h in m.cfg.workers.hosts):
+        return False  # its host left the config meanwhile
     return w is not None and w.state == WorkerState.STARTING and w.restarts == restarts
 
 
@@ -76,9 +105,14 @@ def on_spawned(m: Core, wid: str, generation: int, pid: int, ticks: int | None) 
     if not fresh(m, wid, generation):
         return False
     worker = m.state.data.workers.get(wid)
-    if worker is None or worker.state != WorkerState.STARTING or not pid or worker.pid:
+    if worker is None or not pid or worker.pid:
         return False
-    m.commit("worker", wid, "starting", "auto", pid=pid, pid_start_ticks=ticks)
+    # A remote worker's record keeps its transport's identity (the local process that a
+    # next life may kill), even when the agent's hello came first.
+    up = (WorkerState.IDLE, WorkerState.BUSY) if worker.host else ()
+    if worker.state != WorkerState.STARTING and worker.state not in up:
+        return False
+    m.commit("worker", wid, str(worker.state), "auto", pid=pid, pid_start_ticks=ticks)
     return True
 
 
@@ -95,6 +129,15 @@ def on_hello(m: Core, wid: str, msg: wire.Hello) -> None:
     worker = m.state.data.workers.get(wid)
     if worker is None or worker.state != WorkerState.STARTING:
         return
+    if worker.host:
+        # The agent's pid is on its host: the record keeps the transport's (Spawned), and
+        # the agent's own identity goes to the figures. Its first frame is its Sweep.
+        m.commit("worker", wid, "idle", "auto", started_at=m.wall)
+        m.remote.observe(wid, m.now, pid=msg.pid, start_ticks=msg.start_ticks)
+        m.rt.set_up_since(wid, m.now)
+        m.remote.pending_sweeps.append((wid, len(m.effects)))
+        m.note(wid, f"agent up on {worker.host}, pid {msg.pid} there")
+        return
     m.commit(
         "worker",
         wid,
@@ -105,8 +148,33 @@ def on_hello(m: Core, wid: str, msg: wire.Hello) -> None:
         started_at=m.wall,
     )
     m.rt.set_up_since(wid, m.now)
-    m.rt.set_idle(wid)
+    make_idle(m, wid)
     m.note(wid, f"agent up, pid {msg.pid}")
+
+
+def end_sweep(m: Core, wid: str) -> tuple[str, ...] | None:
+    """The worker's Sweep is answered (or never will be: its agent is gone); once no
+    Sweep is unanswered, the idle remote workers take tasks again. The live list that
+    Sweep carried, None if none was pending."""
+    w = m.state.data.workers.get(wid)
+    if w is None or not w.host:
+        return None
+    live = m.remote.sweep_answered(m.rt, w.host, wid)
+    if live is not None and not m.remote.sweeping():
+        for other in list(m.state.data.workers.values()):
+            if other.state == WorkerState.IDLE:
+                m.rt.set_idle(other.id)
+    return live
+
+
+def make_idle(m: Core, wid: str) -> None:
+    """The worker may take a task, unless it is remote and a new remote agent has not
+    answered its Sweep yet (it is made idle then, core/fencing.py). A local worker's
+    attempts are never a sweep's (they hold no lease)."""
+    w = m.state.data.workers.get(wid)
+    if w is not None and w.host and m.remote.sweeping():
+        return
+    m.rt.set_idle(wid)
 
 
 def attempt_task(m: Core, wid: str, attempt_id: str) -> Task | None:
@@ -137,8 +205,12 @@ def on_started(m: Core, wid: str, msg: wire.Started) -> bool:
     return True
 
 
-def on_agent_exit(m: Core, wid: str, generation: int, returncode: int | None) -> None:
-    """An agent process ended: its task is stopped and the worker restarted or replaced."""
+def on_agent_exit(
+    m: Core, wid: str, generation: int, returncode: int | None, stderr: str = ""
+) -> None:
+    """An agent process ended: its task is stopped and the worker restarted or replaced.
+    A remote worker's transport that exits while it runs an attempt leaves the attempt
+    to its lease (`_transport_lost`)."""
     if not fresh(m, wid, generation):
         return
     worker = m.state.data.workers.get(wid)
@@ -149,6 +221,23 @@ def on_agent_exit(m: Core, wid: str, generation: int, returncode: int | None) ->
     up = rt.up_since(wid)
     young = was_starting or up is None or m.now - up < h.unresponsive_after_s
     task_id = worker.task_id
+    if worker.host and m.remote.is_gone(wid):
+        return  # its transport's exit was already handled
+    end_sweep(m, wid)
+    if worker.host and not was_starting and task_id is not None:
+        task = m.state.data.tasks.get(task_id)
+        if task is not None and task.state == TaskState.RUNNING:
+            _transport_lost(m, wid, generation, returncode, stderr, task)
+            return
+    if worker.host and was_starting:
+        m.emit(
+            "transport_failed",
+            "error",
+            worker_id=wid,
+            message=f"the transport to {worker.host} exited {returncode} before the agent "
+            "said hello" + (f": {stderr}" if stderr else ""),
+            data={"host": worker.host, "returncode": returncode, "stderr": stderr},
+        )
     rt.take_idle(wid)
     m.commit("worker", wid, "shutdown", "health", pid=None)
     rt.set_generation(wid, generation + 1)  # anything later from the dead process is stale
@@ -167,15 +256,18 @@ def on_agent_exit(m: Core, wid: str, generation: int, returncode: int | None) ->
             stop_task(m, task, reason, direct=True)
     if rt.draining:
         return
+    host = worker.host
+    if host and not any(h.host == host for h in m.cfg.workers.hosts):
+        return  # its host left the config: not replaced
     if not young:
         rt.set_start_failures(wid, None)
-        spawn_worker(m, new_worker_id(m), "health")
+        spawn_worker(m, new_worker_id(m, host), "health", host=host)
         return
     n = rt.start_failures(wid) + 1
     rt.set_start_failures(wid, None)
     # Its task's tree is still being killed under this id (and the kill is addressed to
     # this id's agent): the restart takes a fresh id, and the count goes with it.
-    new_id = wid if task_id is None else new_worker_id(m)
+    new_id = wid if task_id is None else new_worker_id(m, host)
     rt.set_start_failures(new_id, n)
     # A first early exit of a worker that did come up is replaced at once; from then on,
     # and for any exit while starting, the delay doubles up to its cap.
@@ -191,7 +283,68 @@ def on_agent_exit(m: Core, wid: str, generation: int, returncode: int | None) ->
             data={"failures": n, "delay_s": delay, "returncode": returncode, "next": new_id},
         )
     m.note(wid, f"exited {when} ({n} in a row): {new_id} starts in {delay:.1f}s")
-    spawn_worker(m, new_id, "health", delay=delay)
+    spawn_worker(m, new_id, "health", delay=delay, host=host)
+
+
+def _transport_lost(
+    m: Core, wid: str, generation: int, returncode: int | None, stderr: str, task: Task
+) -> None:
+    """A remote worker's transport exited while it ran an attempt: the attempt may still
+    live on its host. The worker is unresponsive (its task keeps running and holding its
+    resources; nothing renews its leases now, so its shim fences it) and is shut down and
+    its task reassigned by the health check at shutdown_after_s. A task that was being
+    stopped anyway is settled by the lease rule at once."""
+    worker = m.state.data.workers[wid]
+    rt = m.rt
+    rt.take_idle(wid)
+    rt.set_generation(wid, generation + 1)  # anything later from the dead process is stale
+    m.remote.set_gone(m.rt, wid, True)
+    if worker.state != WorkerState.UNRESPONSIVE:
+        rt.set_unresponsive_since(wid, m.now)
+    m.commit("worker", wid, "unresponsive", "health", pid=None, pid_start_ticks=None)
+    m.emit(
+        "worker_unresponsive",
+        "error",
+        worker_id=wid,
+        task_id=task.id,
+        message=f"the transport to {worker.host} exited {returncode} while task {task.id} "
+        "ran; it may still run there until its lease fences it"
+        + (f" (transport: {stderr})" if stderr else ""),
+        data={"host": worker.host, "returncode": returncode, "stderr": stderr},
+    )
+    m.note(wid, f"transport exited {returncode} while task {task.id} ran: unresponsive")
+    if task.stopping is not None:
+        retire_worker(
+            m,
+            wid,
+            task_reason=StopReason(task.stopping),
+            restart_same=False,
+            graceful=False,
+            cause="health",
+        )
+
+
+def fence_at(m: Core, wid: str) -> float:
+    """When a remote attempt of `wid` is dead for sure: the last frame that may have
+    renewed its lease, plus agent_lease_s and kill_grace_s (plus a heartbeat for a frame
+    in flight). The daemon renews an agent's leases until it finds its worker
+    unresponsive; after that, only frames already sent may still arrive."""
+    h = m.cfg.health
+    w = m.state.data.workers.get(wid)
+    last = m.now
+    if w is not None and w.state == WorkerState.UNRESPONSIVE:
+        marks = (m.rt.unresponsive_since(wid), m.rt.heartbeat_at(wid))
+        last = max((x for x in marks if x is not None), default=m.now)
+    return last + h.agent_lease_s + m.cfg.tasks.kill_grace_s + h.heartbeat_interval_s
+
+
+def await_fence(m: Core, task: Task, wid: str) -> None:
+    """A remote attempt cannot be killed from here: it is settled when its death is
+    confirmed (its Finished, a new agent's Swept) or its lease has surely run out."""
+    when = fence_at(m, wid)
+    if m.rt.armed(FENCE, task.id) is None:
+        m.rt.arm(FENCE, task.id, when)
+        m.note(wid, f"task {task.id}: settled when its lease has run out, in {when - m.now:.1f}s")
 
 
 def on_spawn_failed(m: Core, wid: str, message: str) -> None:
@@ -220,6 +373,12 @@ def retire_worker(
     running = task is not None and task.state == TaskState.RUNNING
     if task is not None and running and task.stopping is None:
         m.commit("task", task.id, "running", cause, stopping=task_reason)
+    remote = bool(worker.host)
+    if remote and task is not None and running:
+        # Its tree is out of reach: the lease rule settles the attempt (read before the
+        # worker's state changes, which the rule reads).
+        await_fence(m, task, wid)
+    end_sweep(m, wid)
     rt.take_idle(wid)
     # The agent's pid and start ticks stay on record until it is gone (Retired): a daemon
     # that dies meanwhile leaves the next one a way to find it.
@@ -239,11 +398,12 @@ def retire_worker(
             wid,
             m.cfg.tasks.kill_grace_s,
             graceful,
-            tree=None if attempt is None else tree_of(attempt),
+            tree=None if attempt is None or remote else tree_of(attempt),
             attempt_id=None if attempt is None else attempt.attempt_id,
             replace=replace and not rt.draining,
             same_id=restart_same,
             cause=cause,
+            remote=remote,
         )
     )
     return rec.seq
@@ -261,8 +421,13 @@ def on_retired(m: Core, wid: str) -> bool:
 
 def on_replace(m: Core, wid: str, same_id: bool, cause: Cause) -> None:
     """A retired worker's processes are gone: its successor starts."""
-    if not m.rt.draining:
-        spawn_worker(m, wid if same_id else new_worker_id(m), cause)
+    if m.rt.draining:
+        return
+    w = m.state.data.workers.get(wid)
+    host = w.host if w is not None else ""
+    if host and not any(h.host == host for h in m.cfg.workers.hosts):
+        return  # its host left the config
+    spawn_worker(m, wid if same_id else new_worker_id(m, host), cause, host=host)
 
 
 def stop_task(m: Core, task: Task, reason: StopReason, *, direct: bool = False) -> None:
@@ -294,6 +459,9 @@ def stop_task(m: Core, task: Task, reason: StopReason, *, direct: bool = False) 
         )
         retire_worker(m, wid, task_reason=reason, restart_same=False, graceful=False, cause=cause)
         return
+    if is_remote(m, wid) or is_remote(m, attempt.worker_id):
+        await_fence(m, task, wid)  # out of reach from here: the lease rule settles it
+        return
     m.effect(KillTree(wid, attempt.attempt_id, tree_of(attempt), grace))
 
 
@@ -304,6 +472,18 @@ def release_worker(m: Core, wid: str) -> None:
         return
     if worker.state == WorkerState.BUSY:
         m.commit("worker", wid, "idle", "auto", task_id=None, attempt_id=None)
-        m.rt.set_idle(wid)
+        if worker.host and not any(h.host == worker.host for h in m.cfg.workers.hosts):
+            # Its host left the config while it ran a task: now it goes.
+            retire_worker(
+                m,
+                wid,
+                task_reason=StopReason.REASSIGN,
+                restart_same=False,
+                graceful=True,
+                cause="config",
+                replace=False,
+            )
+            return
+        make_idle(m, wid)
     elif worker.task_id is not None:
         m.commit("worker", wid, str(worker.state), "auto", task_id=None, attempt_id=None)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from supervisor.core import wire
+from supervisor.core import fencing, wire
 from supervisor.core.context import Core
 from supervisor.core.dispatch import dispatch, promote
 from supervisor.core.effects import Effect
@@ -34,8 +34,10 @@ from supervisor.core.inputs import (
     TreeKilled,
 )
 from supervisor.core.lifecycle import (
+    FENCE,
     attempt_task,
     fresh,
+    is_remote,
     on_agent_exit,
     on_hello,
     on_replace,
@@ -46,6 +48,7 @@ from supervisor.core.lifecycle import (
 )
 from supervisor.core.model import Task, Transition
 from supervisor.core.outcome import on_finished
+from supervisor.core.policy import StopReason
 from supervisor.core.retention import on_archived, sweep
 from supervisor.core.survivors import hold, on_checked
 from supervisor.core.timers import on_timers
@@ -78,6 +81,7 @@ class Machine(Core):
         self.txn = Txn(self.state)
         self.effects = []
         self._lazy = 0
+        self.remote.pending_sweeps = []
         self.rt.begin()
 
     def savepoint(self) -> Savepoint:
@@ -94,8 +98,8 @@ class Machine(Core):
         match inp:
             case AgentMessage(worker_id=wid, generation=gen, msg=msg):
                 self._on_agent(wid, gen, msg)
-            case AgentExited(worker_id=wid, generation=gen, returncode=rc):
-                on_agent_exit(self, wid, gen, rc)
+            case AgentExited(worker_id=wid, generation=gen, returncode=rc, stderr=err):
+                on_agent_exit(self, wid, gen, rc, err)
             case TreeKilled(worker_id=wid, attempt_id=aid, survivors=left):
                 self._finished(
                     wid, wire.Finished(attempt_id=aid, phase="command", killed=True), left
@@ -123,12 +127,32 @@ class Machine(Core):
         """An attempt is over (by its agent's word or the daemon's kill); what outlived
         its kill holds its task back."""
         left = left or msg.survivors
-        task = attempt_task(self, wid, msg.attempt_id) if left else None
+        if left and is_remote(self, wid):
+            # Pids of another host mean nothing here: never checked or signalled from here.
+            self._remote_survivors(wid, msg.attempt_id, left)
+            left = ()
+        current = attempt_task(self, wid, msg.attempt_id)
+        if current is not None:
+            self.rt.disarm(FENCE, current.id)  # settled: no lease to wait out any more
+        task = current if left else None
         on_finished(self, wid, msg)
         if left:
             task = task or self._task_of_attempt(msg.attempt_id)
             if task is not None:
                 hold(self, task, msg.attempt_id, left)
+
+    def _remote_survivors(
+        self, wid: str, attempt_id: str, left: tuple[tuple[int, int], ...]
+    ) -> None:
+        w = self.state.data.workers[wid]
+        self.emit(
+            "remote_survivors",
+            "error",
+            worker_id=wid,
+            message=f"{len(left)} process(es) of attempt {attempt_id} outlived its kill on "
+            f"{w.host}; the next agent's sweep there kills them",
+            data={"host": w.host, "attempt_id": attempt_id, "pids": [pid for pid, _ in left]},
+        )
 
     def _task_of_attempt(self, attempt_id: str) -> Task | None:
         for task in self.state.data.tasks.values():
@@ -137,8 +161,14 @@ class Machine(Core):
         return None
 
     def _on_agent(self, wid: str, gen: int, msg: wire.FromAgent) -> None:
+        remote = is_remote(self, wid)
         if not fresh(self, wid, gen):
-            self.emit("stale_agent_message", "warning", worker_id=wid, message=type(msg).__name__)
+            if remote and isinstance(msg, wire.Finished):
+                fencing.late(self, wid, msg)
+            else:
+                self.emit(
+                    "stale_agent_message", "warning", worker_id=wid, message=type(msg).__name__
+                )
             return
         self.rt.beat(wid, self.now)
         if wid not in self.state.data.workers:
@@ -151,9 +181,44 @@ class Machine(Core):
                 if on_started(self, wid, msg):
                     self._lazy += len(self.txn.records) - before
             case wire.Finished():
+                if remote and fencing.on_finished_remote(self, wid, msg):
+                    return
+                if msg.fenced:
+                    self._fenced_current(wid, msg)
                 self._finished(wid, msg)
+            case wire.Heartbeat():
+                if remote:
+                    self.remote.observe(
+                        wid,
+                        self.now,
+                        pid=msg.pid,
+                        start_ticks=msg.start_ticks,
+                        cpu_percent=msg.cpu_percent,
+                        rss_bytes=msg.rss_bytes,
+                    )
+            case wire.Swept():
+                fencing.on_swept(self, wid, msg)
             case _:
-                pass  # a heartbeat: its arrival was all it had to say
+                pass  # Output is the pool's (the task's log), never the engine's
+
+    def _fenced_current(self, wid: str, msg: wire.Finished) -> None:
+        """The shim fenced the attempt the daemon still counted on (its leases were held
+        back while the worker was unresponsive, and it recovered too late): the attempt
+        was lost with its worker's link, so the task is reassigned, no retry spent."""
+        task = attempt_task(self, wid, msg.attempt_id)
+        if task is None:
+            return
+        if task.stopping is None:
+            self.commit("task", task.id, "running", "health", stopping=StopReason.REASSIGN)
+        self.emit(
+            "attempt_fenced",
+            "warning",
+            task_id=task.id,
+            workstream_id=task.workstream_id,
+            worker_id=wid,
+            message=f"attempt {msg.attempt_id} was fenced on its host (its lease ran out)",
+            data={"attempt_id": msg.attempt_id},
+        )
 
     def run(self, fn: Callable[..., R], *args: Any) -> R:
         """An operator's request: all of it, or (when it raises) none of it."""
@@ -171,6 +236,7 @@ class Machine(Core):
         promote(self)
         dispatch(self)
         sweep(self)
+        fencing.send_sweeps(self)
 
     def decided(self) -> Step:
         """What the open step decided; then `keep` it (its records were written) or

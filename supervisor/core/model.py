@@ -157,6 +157,8 @@ class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     cgroup: str | None = None
     cpu_s: float | None = None
     memory_peak_bytes: int | None = None
+    # The host its worker was on ("" = the daemon's own), recorded at dispatch.
+    host: str = ""
 
 
 class Task(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -175,6 +177,9 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     no_retry_exit_codes: list[int] = []
     queue_timeout_s: float | None = None
     rlimits: Rlimits | None = None
+    # Where it may run (core/placement.py): a host's name, one of its labels or "local";
+    # None = any host. A pinned workstream's tasks carry its host.
+    runs_on: str | None = None
     # Run-time fields.
     state: TaskState = TaskState.PENDING
     order: int = 0
@@ -193,6 +198,9 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     # Processes of an attempt that outlived its kill, as [pid, start ticks]: the task is
     # held back (not queued or dispatched) until they are gone.
     survivors: list[list[int]] = []
+    # The resource ids its latest attempt holds (a per-host resource as `ID@HOST`),
+    # decided at dispatch; kept after the attempt so its release matches its hold.
+    holds: list[str] = []
 
     @property
     def name(self) -> str:
@@ -216,6 +224,8 @@ class Workstream(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     # (`nightly-42` is run 42 of `nightly`; None for an explicit id).
     name: str | None = None
     number: int | None = None
+    # Pinned to one host (its checkout lives there): every task of it runs there.
+    host: str | None = None
 
 
 class Worker(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -39,6 +39,13 @@ class Runtime:
         self._dirty_ws: set[str] = set()
         self._queued_at: dict[str, float] = {}
         self._backoff_until: dict[str, float] = {}
+        self._idle_hosts_seen: frozenset[str] = frozenset()
+        # Woken task id -> the park key it was woken from; placement park key -> lane.
+        self._woken: dict[str, str] = {}
+        self._placement: dict[str, str] = {}
+        # Park keys of resources in lanes other than "anywhere": resource -> keys, and back.
+        self._res_keys: dict[str, dict[str, None]] = {}
+        self._key_res: dict[str, str] = {}
         # Retention: workstreams whose archive is being written (and by whose cause), the
         # wall time the next one falls due, and whether that must be worked out again.
         self._archiving: dict[str, str] = {}
@@ -210,40 +217,154 @@ class Runtime:
 
     # -- the dispatch queue ------------------------------------------------------------
 
-    def push(self, priority: int, order: int, task_id: str) -> None:
+    def push(self, priority: int, order: int, task_id: str, lane: str = "") -> None:
         # No undo: an entry whose task is no longer queued is skipped when popped.
-        self._queue.push(priority, order, task_id)
+        self._queue.push(priority, order, task_id, lane)
 
-    def pop(self) -> Entry | None:
-        entry = self._queue.pop()
+    def pop(self, lane: str = "") -> Entry | None:
+        entry = self._queue.pop(lane)
         if entry is not None:
-            self._undo(lambda: self._queue.push(-entry[0], entry[1], entry[2]))
+            self._undo(lambda: self._queue.push(-entry[0], entry[1], entry[2], entry[3]))
         return entry
 
+    def lanes(self) -> list[str]:
+        return self._queue.lanes()
+
+    def only_any_lane(self) -> bool:
+        return self._queue.only_any()
+
+    def peek(self, lane: str) -> Entry | None:
+        return self._queue.peek(lane)
+
+    def lane_tasks(self, lane: str) -> list[str]:
+        return [e[2] for e in self._queue.entries(lane)]
+
+    def idle_hosts_seen(self) -> frozenset[str]:
+        """The hosts that had an idle worker when dispatch last parked a task on its
+        placement (core/dispatch.py): a host not among them that has one now is news."""
+        return self._idle_hosts_seen
+
+    def set_idle_hosts_seen(self, hosts: frozenset[str]) -> None:
+        old = self._idle_hosts_seen
+        if old != hosts:
+            self._idle_hosts_seen = hosts
+            self._undo(lambda: setattr(self, "_idle_hosts_seen", old))
+
+    def park_key(self, resource_id: str, lane: str) -> str:
+        """Where the tasks of `lane` wait for `resource_id`: one heap per resource and
+        lane, so that the first of a heap stands for all of it (a woken task in a lane
+        that no idle worker serves holds up only its own lane)."""
+        if not lane:
+            return resource_id
+        key = f"{resource_id}\x1f{lane}"
+        keys = self._res_keys.setdefault(resource_id, {})
+        if key not in keys:
+            keys[key] = None  # a cache of names, kept whatever a rollback does
+            self._key_res[key] = resource_id
+        return key
+
     def park(self, resource_id: str, entry: Entry) -> None:
-        self._queue.park(resource_id, entry)
-        self._undo(lambda: self._queue.unpark_entry(resource_id, entry))
+        key = self.park_key(resource_id, entry[3])
+        self._queue.park(key, entry)
+        self._undo(lambda: self._queue.unpark_entry(key, entry))
+
+    def _keys_of(self, resource_id: str) -> list[str]:
+        return [resource_id, *self._res_keys.get(resource_id, ())]
 
     def park_ws(self, ws_id: str, entry: Entry) -> None:
         self._queue.park_ws(ws_id, entry)
         self._undo(lambda: self._queue.unpark_ws_entry(ws_id, entry))
 
     def unpark(self, resource_id: str) -> None:
-        moved = self._queue.unpark(resource_id)
+        """Every task parked on `resource_id` goes back to the queue (its limit changed)."""
+        for key in self._keys_of(resource_id):
+            self._unpark_key(key)
+
+    def _unpark_key(self, key: str) -> None:
+        moved = self._queue.unpark(key)
         if moved:
             # The entries stay in the heap too; a duplicate is skipped when popped.
-            self._undo(lambda: self._queue.repark(resource_id, moved))
+            self._undo(lambda: self._queue.repark(key, moved))
 
     def unpark_ws(self, ws_id: str) -> None:
         moved = self._queue.unpark_ws(ws_id)
         if moved:
             self._undo(lambda: self._queue.repark_ws(ws_id, moved))
 
+    def wake(self, resource_id: str) -> None:
+        """A slot of `resource_id` opened: the first task waiting for it in each lane goes
+        back to the queue (`wake_key`)."""
+        if not self._queue.parked_resources():
+            return
+        for key in self._keys_of(resource_id):
+            self.wake_key(key)
+
+    def wake_key(self, key: str) -> None:
+        """A slot opened for the tasks parked on `key` (a resource in a lane, or a
+        placement): the first of them goes back to the queue, marked as woken from `key`.
+        Only one: when it is dispatched, or cannot use the slot for another reason,
+        dispatch wakes the next (`take_woken`), so a release costs one look, not one per
+        waiting task."""
+        entry = self._queue.unpark_one(key)
+        if entry is None:
+            return
+        tid = entry[2]
+        self._undo(lambda: self._queue.park(key, entry))
+        self._set(self._woken, tid, key)
+
+    def take_woken(self, task_id: str) -> str | None:
+        """The key `task_id` was woken from (and forget it), if it was."""
+        if not self._woken:
+            return None
+        key = self._woken.get(task_id)
+        if key is not None:
+            self._del(self._woken, task_id)
+        return key
+
+    def park_placement(self, key: str, lane: str, entry: Entry) -> None:
+        """Park `entry` on a placement `key` of `lane` (see core/dispatch.py)."""
+        if self._placement.get(key) != lane:
+            self._set(self._placement, key, lane)
+        self._queue.park(key, entry)
+        self._undo(lambda: self._queue.unpark_entry(key, entry))
+
+    def placement_lane(self, key: str) -> str | None:
+        """The lane of a placement park key; None for a resource's key."""
+        return self._placement.get(key)
+
+    def unpark_placement(self, selectors: Iterable[str]) -> None:
+        """Tasks parked on their placement in these lanes may go (a host they may run on
+        has room again): the first of each placement key is woken."""
+        if not self._placement:
+            return
+        parked = self._queue.parked_resources()
+        if not parked:
+            return
+        lanes = set(selectors)
+        for key, lane in list(self._placement.items()):
+            if lane in lanes and key in parked:
+                self.wake_key(key)
+
+    def unpark_all_placement(self) -> None:
+        """Every task parked on its placement goes back to the queue (the hosts or the
+        limits of per-host resources changed)."""
+        parked = self._queue.parked_resources()
+        for key in [k for k in self._placement if k in parked]:
+            self._unpark_key(key)
+
+    def has_placement_parks(self) -> bool:
+        if not self._placement:
+            return False
+        parked = self._queue.parked_resources()
+        return bool(parked) and any(k in parked for k in self._placement)
+
     def waiting_on(self, resource_id: str) -> list[str]:
-        return self._queue.waiting_on(resource_id)
+        """The tasks parked on `resource_id` (all lanes), in dispatch order per lane."""
+        return [t for key in self._keys_of(resource_id) for t in self._queue.waiting_on(key)]
 
     def parked_resources(self) -> Iterable[str]:
-        return self._queue.parked_resources()
+        """The resources (and placement keys) that tasks are parked on."""
+        return list(dict.fromkeys(self._key_res.get(k, k) for k in self._queue.parked_resources()))
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -366,6 +487,11 @@ class Runtime:
         undo = self._queue.forget(ids, ws_id)
         if undo is not None:
             self._undo(undo)
+        for tid in ids & self._woken.keys():
+            # It was woken for a slot it will never take: the next waiter may.
+            key = self._woken[tid]
+            self._del(self._woken, tid)
+            self.wake_key(key)
 
     # -- figures -----------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from supervisor.core.config import TasksConfig
 from supervisor.core.errors import WorkstreamExists, WorkstreamFileError
 from supervisor.core.graph import find_cycles
 from supervisor.core.model import Rlimits, Task, Workstream, full_task_id, task_to_builtins
+from supervisor.core.placement import Hosts, host_name
 
 # Ids become file names (logs/<task>.log, checkpoints/<ws>_latest.json), so they are kept
 # to a safe alphabet: no path separators, no leading dot, bounded length.
@@ -32,7 +33,7 @@ ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A workstream's task logs are logs/<ws>/<task>.log, beside logs/workers/.
 RESERVED_WORKSTREAM_IDS: Final = frozenset({"workers"})
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_TOP_LEVEL_KEYS: Final = frozenset({"id", "name", "tasks"})
+_TOP_LEVEL_KEYS: Final = frozenset({"id", "name", "host", "tasks"})
 # A pipeline name leaves room for "-N" within an id's 128 characters.
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -54,6 +55,7 @@ class TaskSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     no_retry_exit_codes: list[int] = []
     queue_timeout_s: float | None = None
     rlimits: Rlimits | None = None
+    runs_on: str | None = None
 
 
 _SPEC_FIELDS: Final = {f.name: f for f in msgspec.structs.fields(TaskSpec)}
@@ -123,13 +125,16 @@ def parse_workstream(
     explicit_id: str | None = None,
     now: float = 0.0,
     document: dict[str, Any] | None = None,
+    hosts: Hosts | None = None,
 ) -> tuple[Workstream, list[Task]]:
     """Decode and check a workstream file; return the workstream and its tasks (under their
     full names), ready for `creation_changes`. Raises WorkstreamFileError naming every
     problem, each prefixed with `source`, and then WorkstreamExists when the explicit id
     (`explicit_id`, else the file's `id`) is taken. A dependency names a task of this file
     by its id, or one the daemon already has by its full name. `document` is `text`
-    already decoded by `decode_document`, when the caller did that."""
+    already decoded by `decode_document`, when the caller did that. `hosts` are the hosts
+    of the settings in force, which `host` and `runs_on` may name (the daemon's own host
+    alone when not given)."""
     problems: list[str] = []
 
     def problem(msg: str) -> None:
@@ -138,7 +143,10 @@ def parse_workstream(
     doc = document if document is not None else decode_document(text, source)
 
     for key in sorted(set(doc) - _TOP_LEVEL_KEYS):
-        problem(f"unknown top-level field `{key}` (allowed: id, name, tasks)")
+        problem(f"unknown top-level field `{key}` (allowed: id, name, host, tasks)")
+    if hosts is None:
+        hosts = Hosts()
+    pinned = _pinned_host(doc, hosts, problem)
 
     ws_id: str | None = None
     where_id = "`id`"
@@ -186,6 +194,7 @@ def parse_workstream(
     file_ids = _check_ids(decoded, problem)
     for _, where, values in decoded:
         _check_values(where, values, file_ids, existing_task_ids, known_resources, problem)
+        _check_placement(where, values.get("runs_on"), pinned, hosts, problem)
 
     if problems:
         raise WorkstreamFileError(problems)
@@ -207,7 +216,7 @@ def parse_workstream(
     if ws_id is None:
         ws_id = new_id()
     tasks = [
-        _build_task(index, msgspec.convert(values, TaskSpec), ws_id, file_ids, defaults)
+        _build_task(index, msgspec.convert(values, TaskSpec), ws_id, file_ids, defaults, pinned)
         for index, _, values in decoded
     ]
     ws = Workstream(
@@ -217,6 +226,7 @@ def parse_workstream(
         source=source,
         name=name,
         number=number,
+        host=pinned,
     )
     return ws, tasks
 
@@ -336,11 +346,68 @@ def _check_values(
     for res in values.get("resources", []):
         if res not in known_resources:
             known = ", ".join(sorted(known_resources)) or "none configured"
-            problem(f"{where}: unknown resource {res!r} (known: {known})")
+            base, at, on = res.partition("@")
+            hint = (
+                f"; a per-host resource is named {base!r}: the task holds its instance on "
+                f"the host it runs on (choose the host with `runs_on = {on!r}`)"
+                if at and base in known_resources
+                else ""
+            )
+            problem(f"{where}: unknown resource {res!r} (known: {known}){hint}")
+
+
+def _pinned_host(doc: dict[str, Any], hosts: Hosts, problem: Callable[[str], None]) -> str | None:
+    """The file's `host` (the one host the workstream is pinned to), checked."""
+    if "host" not in doc:
+        return None
+    raw = doc["host"]
+    if not isinstance(raw, str):
+        problem(f"`host` must be a string (a host's name), got {_type_name(raw)}")
+        return None
+    if hosts.is_host(raw):
+        return raw
+    on = sorted(host_name(h) for h in hosts.hosts_for(raw))
+    if on:
+        problem(
+            f"`host` {raw!r} is a label (of {', '.join(on)}), not a host: a workstream is "
+            "pinned to one host, name it (a task may use a label in `runs_on`)"
+        )
+    else:
+        problem(f"`host` {raw!r} is not a configured host (known: {', '.join(hosts.names)})")
+    return None
+
+
+def _check_placement(
+    where: str,
+    runs_on: str | None,
+    pinned: str | None,
+    hosts: Hosts,
+    problem: Callable[[str], None],
+) -> None:
+    """A task's `runs_on` names a host or label, and agrees with the workstream's `host`."""
+    if runs_on is None:
+        return
+    found = hosts.hosts_for(runs_on)
+    if not found:
+        problem(
+            f"{where}: `runs_on` {runs_on!r} names no configured host or label "
+            f"(known: {', '.join(hosts.known())})"
+        )
+    elif pinned is not None and hosts.host_of_name(pinned) not in found:
+        problem(
+            f"{where}: `runs_on` {runs_on!r} contradicts the workstream's `host` {pinned!r} "
+            f"({runs_on!r} is {', '.join(sorted(host_name(h) for h in found))}); "
+            "drop `runs_on` (the workstream's tasks all run on its host) or the `host`"
+        )
 
 
 def _build_task(
-    index: int, spec: TaskSpec, ws_id: str, file_ids: set[str], defaults: TasksConfig
+    index: int,
+    spec: TaskSpec,
+    ws_id: str,
+    file_ids: set[str],
+    defaults: TasksConfig,
+    pinned: str | None = None,
 ) -> Task:
     queue_timeout = spec.queue_timeout_s
     if queue_timeout is None and defaults.queue_timeout_s > 0:
@@ -367,5 +434,8 @@ def _build_task(
         no_retry_exit_codes=list(spec.no_retry_exit_codes),
         queue_timeout_s=queue_timeout,
         rlimits=spec.rlimits,
+        # A pinned workstream's host is where every task of it runs (a `runs_on` given
+        # as well was checked to agree with it).
+        runs_on=pinned if pinned is not None else spec.runs_on,
         order=index,
     )

@@ -6,10 +6,10 @@ be written is armed again by the step's rollback, so it fires again once they ca
 
 from __future__ import annotations
 
-from supervisor.core import survivors
+from supervisor.core import fencing, survivors
 from supervisor.core.context import Core
 from supervisor.core.dispatch import held
-from supervisor.core.lifecycle import stop_task
+from supervisor.core.lifecycle import FENCE, stop_task
 from supervisor.core.model import TaskState
 from supervisor.core.policy import StopReason
 
@@ -38,6 +38,8 @@ def on_timers(m: Core) -> None:
                 m.state.graph.mark_ready(key)
         elif kind == "survivors":
             survivors.on_due(m, task)
+        elif kind == FENCE:
+            fencing.on_due(m, task)
         elif kind == "queue_alert":
             # Held by an operator (paused, drained): not a wait to report; armed again
             # when the hold is lifted.
@@ -53,15 +55,24 @@ def on_timers(m: Core) -> None:
             res = rt.parked_on(key)
             if task.state == TaskState.QUEUED and res and not rt.resource_alerted(res):
                 rt.set_resource_alerted(res, True)
+                graph = m.state.graph
+                if res.startswith("@"):
+                    # Parked on its placement: per-host resources full wherever it may run.
+                    per = [r for r in task.resources if r in m.hosts.per_host]
+                    holders = [t for r in per for h in graph.instances_of(r).values() for t in h]
+                    rid = ",".join(per)
+                else:
+                    holders, rid = list(graph.holders_of(res)), res
                 m.emit(
                     "resource_exhausted",
                     "critical",
-                    resource_id=res,
+                    resource_id=rid,
                     task_id=key,
                     workstream_id=task.workstream_id,
                     data={
-                        "holders": list(m.state.graph.holders_of(res)),
+                        "holders": holders,
                         "waiting": rt.waiting_on(res),
                         "waited_s": round(m.now - (rt.queued_at(key) or m.now), 3),
-                    },
+                    }
+                    | ({"runs_on": rt.placement_lane(res) or None} if res.startswith("@") else {}),
                 )

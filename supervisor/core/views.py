@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from supervisor.core.model import DAEMON_ID, State, Task, Worker
+from supervisor.core.placement import host_name
 
 
 def task_view(task: Task) -> dict[str, Any]:
@@ -25,6 +26,13 @@ def task_view(task: Task) -> dict[str, Any]:
     out.setdefault("attempts", [])
     out.setdefault("max_retries", task.max_retries)
     out.setdefault("timeout_s", task.timeout_s)
+    out.setdefault("runs_on", None)
+    # Where each attempt ran, by its host's name (local = the daemon's own host).
+    for a in out["attempts"]:
+        a["host"] = host_name(a.get("host", ""))
+    out.pop("holds", None)
+    if task.holds and task.state == "running":
+        out["holds"] = list(task.holds)
     return out
 
 
@@ -33,6 +41,7 @@ def worker_view(
 ) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(worker)
     out["state"] = str(worker.state)
+    out["host"] = host_name(worker.host)
     for key in ("pid", "task_id", "attempt_id"):
         out.setdefault(key, None)
     out["last_heartbeat_age_s"] = None if heartbeat_age_s is None else round(heartbeat_age_s, 3)
@@ -41,17 +50,28 @@ def worker_view(
     return out
 
 
-def resource_views(state: State, waiting: dict[str, list[str]]) -> list[dict[str, Any]]:
+def resource_views(
+    state: State, waiting: dict[str, list[str]], per_host: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """Each resource with its holders; a per-host one (`per_host`) also by host, its
+    `max_holders` being the limit on each host."""
     out = []
     for res in state.data.resources.values():
-        out.append(
-            {
-                "id": res.id,
-                "max_holders": res.max_holders,
-                "holders": list(state.graph.holders_of(res.id)),
-                "waiting": waiting.get(res.id, []),
+        view: dict[str, Any] = {
+            "id": res.id,
+            "max_holders": res.max_holders,
+            "holders": list(state.graph.holders_of(res.id)),
+            "waiting": waiting.get(res.id, []),
+        }
+        if res.id in per_host:
+            by_host = {
+                inst.partition("@")[2]: list(held)
+                for inst, held in sorted(state.graph.instances_of(res.id).items())
             }
-        )
+            view["per_host"] = True
+            view["holders_by_host"] = by_host
+            view["holders"] = [t for held in by_host.values() for t in held]
+        out.append(view)
     return out
 
 

@@ -29,6 +29,7 @@ from supervisor.core.effects import (
     KillTree,
     Note,
     Published,
+    Renew,
     Retire,
     Send,
     Spawn,
@@ -119,6 +120,8 @@ class Effects:
                 self._background(lambda: self._kill_tree(eff))
             case Spawn():
                 self._background(lambda: self._spawn(eff))
+            case Renew(worker_id=wid, on=on):
+                self.pool.renew(wid, on)
             case Retire():
                 self._background(lambda: self._retire(eff))
             case KillStarting():
@@ -206,8 +209,18 @@ class Effects:
             # Retired (or restarted again) during the delay: that start is not wanted.
             if not lifecycle.spawn_wanted(self.m, eff.worker_id, eff.restarts):
                 return
+        host = None
+        if eff.host:
+            host = next((h for h in self.m.cfg.workers.hosts if h.host == eff.host), None)
+            if host is None:
+                await self.inbox.send(
+                    SpawnFailed(eff.worker_id, f"host {eff.host} is no longer in the config")
+                )
+                return
         try:
-            gen = await self.pool.spawn(eff.worker_id)
+            gen = await self.pool.spawn(
+                eff.worker_id, host, lease_s=self.m.cfg.health.agent_lease_s
+            )
         except OSError as exc:
             await self.inbox.send(SpawnFailed(eff.worker_id, str(exc)))
             return
@@ -215,10 +228,15 @@ class Effects:
         await self.inbox.send(Spawned(eff.worker_id, gen, pid, ticks))
 
     async def _retire(self, eff: Retire) -> None:
+        stopped = False
+        if eff.remote:
+            self.pool.renew(eff.worker_id, False)  # its leases end here (core/fencing.py)
         if eff.graceful:
-            await self.pool.stop(eff.worker_id, eff.grace_s)
+            stopped = await self.pool.stop(eff.worker_id, eff.grace_s)
         left = await self.pool.kill(eff.worker_id, task_tree=eff.tree, grace_s=eff.grace_s)
-        if eff.attempt_id is not None:
+        # A remote attempt's end is known only when its agent, asked to stop, exited by
+        # itself (it kills its attempt first); else the lease rule settles it.
+        if eff.attempt_id is not None and (stopped or not eff.remote):
             await self.inbox.send(TreeKilled(eff.worker_id, eff.attempt_id, left))
         await self.inbox.send(Retired(eff.worker_id))
         if eff.replace:

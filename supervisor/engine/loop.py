@@ -346,12 +346,13 @@ class Engine:
         self.store.append_intervention(entry)
 
     def probe_targets(self) -> list[tuple[str, int, int | None]]:
-        """(worker, pid, start ticks) of every worker whose agent health probes watch."""
+        """(worker, pid, start ticks) of every worker whose agent health probes watch (a
+        remote agent is not a process here: its heartbeats speak for it)."""
         watched = (WorkerState.IDLE, WorkerState.BUSY, WorkerState.UNRESPONSIVE)
         return [
             (w.id, w.pid, w.pid_start_ticks)
             for w in self.state.data.workers.values()
-            if w.state in watched and w.pid
+            if w.state in watched and w.pid and not w.host
         ]
 
     def status_line(self) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from supervisor.core import wire
+from supervisor.core.config import HostConfig
 from supervisor.core.context import Files
 from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.model import Event, State, Transition
@@ -48,8 +49,15 @@ class Durable(Files, Protocol):
 class Agents(Protocol):
     """The worker agents' processes."""
 
-    async def spawn(self, worker_id: str) -> int:
-        """Start an agent for `worker_id`; its generation (OSError when it cannot)."""
+    async def spawn(
+        self, worker_id: str, host: HostConfig | None = None, *, lease_s: float = 0.0
+    ) -> int:
+        """Start an agent for `worker_id` (on `host`, through its transport, with leases
+        of `lease_s`); its generation (OSError when it cannot)."""
+        ...
+
+    def renew(self, worker_id: str, on: bool) -> None:
+        """Keep sending a remote agent Lease frames (`on`), or stop."""
         ...
 
     async def send(self, worker_id: str, msg: wire.ToAgent) -> bool: ...
@@ -64,7 +72,9 @@ class Agents(Protocol):
         """Kill the attempt's tree, then the agent; what of the tree survived."""
         ...
 
-    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> None: ...
+    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> bool:
+        """Ask the agent to stop; True when it exited by itself within the grace."""
+        ...
 
     async def kill_old_life(
         self, agents: list[OldAgent], trees: list[TaskTree], grace_s: float

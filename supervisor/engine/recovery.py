@@ -9,6 +9,12 @@ each found by pid + start ticks, never by a reused pid. While that waits, system
 told to extend its start timeout. Last, the attempts are retried as interrupted (no
 retry spent), a task whose kill left survivors held back until they are gone, and the
 worker pool is started.
+
+An attempt that ran on another host is not killed from here (its pids are that host's):
+its shim fences it once its lease runs out (the old life's frames stopped before this
+one began), and the next agent on its host sweeps it. It stays running, holding its
+resources, until one of those confirms its end or the lease and the grace have passed
+from now (core/fencing.py); then it is retried as interrupted like the others.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import anyio
 from supervisor.core import survivors
 from supervisor.core.dispatch import enqueue
 from supervisor.core.effects import OldAgent, TaskTree
-from supervisor.core.lifecycle import new_worker_id, spawn_worker, tree_of
+from supervisor.core.lifecycle import FENCE, new_worker_id, spawn_worker, tree_of
 from supervisor.core.machine import Machine
-from supervisor.core.model import FailureKind, TaskState, WorkerState
+from supervisor.core.model import FailureKind, Task, TaskState, WorkerState
 from supervisor.core.policy import StopReason
 from supervisor.engine.ports import Agents, Survivors
 
@@ -51,6 +57,7 @@ def _old_agents(m: Machine) -> list[OldAgent]:
                 w.pid_start_ticks,
                 legacy_create_time=None if w.pid_start_ticks is not None else w.pid_create_time,
                 attempt_id=w.attempt_id,
+                remote=bool(w.host),
             )
         )
     return out
@@ -79,7 +86,7 @@ def _settle_old_life(m: Machine, agents: list[OldAgent], trees: list[TaskTree]) 
             )
     for task in list(m.running_tasks()):
         m.commit("task", task.id, "running", "recovery", stopping=StopReason.SHUTDOWN)
-        if task.attempts:
+        if task.attempts and not _remote(m, task):
             trees.append(tree_of(task.attempts[-1]))
     if agents or trees:
         m.emit(
@@ -95,9 +102,31 @@ def _settle_old_life(m: Machine, agents: list[OldAgent], trees: list[TaskTree]) 
         )
 
 
+def _remote(m: Machine, task: Task) -> bool:
+    """The task's current attempt ran on another host."""
+    if not task.attempts:
+        return False
+    w = m.state.data.workers.get(task.attempts[-1].worker_id)
+    return w is not None and bool(w.host)
+
+
 def _resume(m: Machine, left: dict[str, Survivors]) -> None:
     data = m.state.data
+    h = m.cfg.health
+    fenced_by = m.now + h.agent_lease_s + m.cfg.tasks.kill_grace_s + h.heartbeat_interval_s
     for task in list(m.running_tasks()):
+        if _remote(m, task):
+            m.rt.arm(FENCE, task.id, fenced_by)
+            m.emit(
+                "remote_attempt_fencing",
+                "warning",
+                task_id=task.id,
+                workstream_id=task.workstream_id,
+                message=f"attempt {task.attempts[-1].attempt_id} ran on another host when "
+                "the daemon stopped; it is retried once its lease has run out there "
+                f"(within {fenced_by - m.now:.1f}s) or its end is reported",
+            )
+            continue
         aid = task.attempts[-1].attempt_id if task.attempts else None
         m.commit(
             "task",
@@ -127,6 +156,9 @@ def _resume(m: Machine, left: dict[str, Survivors]) -> None:
         m.rt.mark_dirty(ws.id)
     for _ in range(m.cfg.worker_count):
         spawn_worker(m, new_worker_id(m), "recovery")
+    for host in m.cfg.workers.hosts:
+        for _ in range(host.count):
+            spawn_worker(m, new_worker_id(m, host.host), "recovery", host=host.host)
 
 
 async def _extend_start_timeout(notify: Notify, what: str) -> None:

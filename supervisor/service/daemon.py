@@ -151,6 +151,7 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                 pid=os.getpid(),
                 socket=cfg.socket,
                 workers=cfg.worker_count,
+                remote_workers={h.host: h.count for h in cfg.workers.hosts} or None,
             )
             with anyio.open_signal_receiver(
                 signal.SIGTERM, signal.SIGINT, signal.SIGHUP

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from supervisor.core.errors import StoreCorrupt
+from supervisor.core.graph import held_by
 from supervisor.core.model import State, StateData
 from supervisor.store.backups import list_kinds
 from supervisor.store.files import SNAPSHOT_NAME
@@ -149,7 +150,7 @@ def checkpoint_doc(ws_id: str, state: State, t: float | None = None) -> dict[str
         if task.skipped:
             lists["skipped"].append(tid)
         if st == "running":
-            for r in task.resources:
+            for r in held_by(task):  # a per-host resource as its instance, ID@HOST
                 held.setdefault(r, []).append(tid)
         tasks[tid] = {
             "state": st,

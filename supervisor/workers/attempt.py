@@ -12,6 +12,11 @@ The runner does all the reaping of the agent's children itself (no asyncio child
 is involved), watching its direct child through a pidfd, which keeps a spawn
 down to one fork+exec and no helper thread. What a finished step leaves behind is killed.
 
+With a lease (an agent on another host) each step runs under its own shim instead
+(supervisor.workers.shim), which leads the step's session, reports the command's pid, and
+fences the step on its own when the lease runs out; the runner renews the lease through a
+pipe, asks the shim for its kills, and takes a fence it recorded from the spool.
+
 The agent (supervisor.workers.agent) decides when an attempt starts and when it is killed;
 the runner only carries that out and says how each step ended.
 """
@@ -23,6 +28,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import anyio
@@ -31,7 +37,7 @@ import structlog
 
 from supervisor.core import wire
 from supervisor.core.model import Rlimits
-from supervisor.workers import cgroup, launch, proctree
+from supervisor.workers import cgroup, launch, proctree, shim, spool
 from supervisor.workers.channel import FrameChannel
 
 log = structlog.get_logger("orchd.agent")
@@ -40,6 +46,9 @@ log = structlog.get_logger("orchd.agent")
 # by then is reported by its Finished alone, which saves the daemon a message and a
 # record for every short task.
 STARTED_DELAY_S = 0.005
+# How long past its grace the agent waits for a shim to carry out its kill request before
+# killing the step's tree itself (a shim that does not answer: stopped, wedged).
+SHIM_KILL_SLACK_S = 2.0
 
 
 class SpawnFailed(Exception):
@@ -66,14 +75,31 @@ class RunningAttempt:
     cgroup: str | None = None
     kill_done: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
+    # With a lease: the write end of the running step's lease pipe to its shim (each byte
+    # renews the lease), and an event set once that step's shim has been reaped.
+    lease_w: int | None = None
+    step_ended: anyio.Event = field(default_factory=anyio.Event)
+    # The step's shim fenced the attempt on its own (its record, taken from the spool).
+    fenced: spool.Fenced | None = None
 
 
 class AttemptRunner:
     """Runs the steps of one attempt at a time, reaps the agent's children, kills trees."""
 
-    def __init__(self, *, worker_id: str, kill_grace_s: float, channel: FrameChannel) -> None:
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        kill_grace_s: float,
+        channel: FrameChannel,
+        lease_s: float = 0.0,
+        spool_dir: Path | None = None,
+    ) -> None:
         self._worker_id = worker_id
         self._kill_grace_s = kill_grace_s
+        # With a lease (> 0), every step runs under a shim that fences it on its own.
+        self._lease_s = lease_s
+        self._spool = spool_dir
         self._channel = channel
         self._base_env = launch.task_base_env(os.environ)
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -129,6 +155,9 @@ class AttemptRunner:
     async def kill(self, attempt: RunningAttempt, grace_s: float, reason: str) -> None:
         """Kill the attempt's tree (if a step has started); `kill_done` is set after."""
         try:
+            if await self._kill_through_shim(attempt, grace_s):
+                log.info("attempt_killed", attempt_id=attempt.run.attempt_id, reason=reason)
+                return
             # No step has started yet: the attempt task sees the flag and never spawns.
             if attempt.pid is not None and attempt.cgroup is not None:
                 # Containment "cgroup": the attempt's cgroup holds all of it.
@@ -168,6 +197,30 @@ class AttemptRunner:
         finally:
             attempt.kill_done.set()
 
+    def renew(self, attempt: RunningAttempt) -> None:
+        """Renew the lease of the attempt's running step (a byte to its shim)."""
+        fd = attempt.lease_w
+        if fd is not None:
+            # A full pipe (the shim does not read) or a gone shim: nothing to renew.
+            with contextlib.suppress(OSError):
+                os.write(fd, b".")
+
+    async def _kill_through_shim(self, attempt: RunningAttempt, grace_s: float) -> bool:
+        """Ask the running step's shim to kill its tree and wait for it to end; False when
+        there is no shim to ask or it did not do it in time (the caller kills directly)."""
+        fd, ended = attempt.lease_w, attempt.step_ended
+        if fd is None or attempt.pid is None:
+            return False
+        try:
+            os.write(fd, shim.KILL + f"{grace_s!r}\n".encode())
+        except OSError:
+            return False
+        with anyio.move_on_after(grace_s + SHIM_KILL_SLACK_S):
+            await ended.wait()
+        if not ended.is_set():
+            log.warning("shim_kill_timeout", attempt_id=attempt.run.attempt_id, pid=attempt.pid)
+        return ended.is_set()
+
     async def steps(self, attempt: RunningAttempt, out: BinaryIO) -> wire.Finished:
         """Run the command, then the validate step if there is one and the command
         succeeded; how the attempt ended (not yet marked killed)."""
@@ -181,8 +234,9 @@ class AttemptRunner:
             finished.message = "killed before start"
             return finished
         launch.set_code(finished, code, validate=False)
-        if code != 0 or run.validate is None or attempt.kill_requested:
-            if code == 0 and not attempt.kill_requested:
+        over = attempt.kill_requested or attempt.fenced is not None
+        if code != 0 or run.validate is None or over:
+            if code == 0 and not over:
                 finished.phase = "done"
             return finished
         finished.phase = "validate"
@@ -194,7 +248,7 @@ class AttemptRunner:
         if vcode is None:
             return finished
         launch.set_code(finished, vcode, validate=True)
-        if vcode == 0 and not attempt.kill_requested:
+        if vcode == 0 and not attempt.kill_requested and attempt.fenced is None:
             finished.phase = "done"
         return finished
 
@@ -209,20 +263,14 @@ class AttemptRunner:
         launch.write_line(out, launch.header(run, self._worker_id, word, command))
         if attempt.kill_requested:
             return None
+        if not argv:
+            launch.write_line(out, f"=== attempt {run.number} {step} could not start: empty ===")
+            raise SpawnFailed(f"the {step} is an empty list: nothing to run")
+        if self._lease_s > 0:
+            return await self._shim_step(attempt, step, argv, out)
         status_r: int | None = None
         pass_fds: tuple[int, ...] = ()
-        rlimits = run.rlimits
-        memory_mb = rlimits.memory_mb if rlimits is not None else None
-        if memory_mb is not None and attempt.cgroup is not None:
-            if cgroup.has_controller(attempt.cgroup, "memory"):
-                # The cgroup's memory.max replaces RLIMIT_AS where the memory controller is
-                # there: it limits what the whole tree uses, not each process's address space.
-                assert rlimits is not None
-                rlimits = msgspec.structs.replace(rlimits, memory_mb=None)
-            else:
-                memory_mb = None
-        else:
-            memory_mb = None
+        rlimits, memory_mb = _memory_plan(attempt)
         if rlimits is not None and rlimits != Rlimits():
             status_r, status_w = os.pipe()
             pass_fds = (status_w,)
@@ -294,6 +342,97 @@ class AttemptRunner:
         await self._sweep(attempt)
         if exec_error:
             raise SpawnFailed(exec_error)
+        return code
+
+    async def _shim_step(
+        self, attempt: RunningAttempt, step: str, argv: list[str], out: BinaryIO
+    ) -> int:
+        """Run one step under its shim (an agent with a lease): the shim leads the step's
+        session, renewed through a pipe, and fences the step on its own; its exit status is
+        the command's."""
+        run = attempt.run
+        assert self._spool is not None
+        rlimits, memory_mb = _memory_plan(attempt)
+        wrapped = rlimits is not None and rlimits != Rlimits()
+        if wrapped:
+            assert rlimits is not None
+            argv = launch.limits_argv(rlimits, launch.SHIM_EXEC_STATUS_FD) + argv
+        argv = (
+            launch.shim_argv(
+                run.attempt_id,
+                lease_s=self._lease_s,
+                kill_grace_s=self._kill_grace_s,
+                spool=str(self._spool),
+                cwd=run.cwd,
+                exec_wrapper=wrapped,
+            )
+            + argv
+        )
+        env = dict(self._base_env)
+        env.update(run.env)
+        env[launch.TASK_ID_ENV] = run.task_id
+        env[proctree.MARKER_ENV] = run.attempt_id
+        env[proctree.SPOOL_ENV] = str(self._spool)
+        lease_r, lease_w = os.pipe()
+        status_r, status_w = os.pipe()
+        try:
+            with self._inside(attempt, lift_memory_max=memory_mb is not None):
+                pid = launch.spawn_shim(
+                    argv,
+                    env,
+                    stdin=self._devnull,
+                    out=out.fileno(),
+                    lease_fd=lease_r,
+                    status_fd=status_w,
+                )
+        except (OSError, ValueError) as exc:
+            for fd in (lease_w, status_r):
+                os.close(fd)
+            launch.write_line(out, f"=== attempt {run.number} {step} could not start: {exc} ===")
+            raise SpawnFailed(str(exc)) from exc
+        finally:
+            os.close(lease_r)
+            os.close(status_w)
+        if memory_mb is not None and attempt.cgroup is not None:
+            # Only now that the agent is out of the cgroup again (see cgroup.py).
+            cgroup.set_memory_max(attempt.cgroup, memory_mb)
+        os.set_blocking(lease_w, False)
+        self._direct.add(pid)
+        attempt.step, attempt.pid = step, pid
+        attempt.lease_w, attempt.step_ended = lease_w, anyio.Event()
+        try:
+            attempt.start_ticks = proctree.start_ticks(pid)
+        except (OSError, ValueError, IndexError):
+            attempt.start_ticks = None
+        pidfd = os.pidfd_open(pid)
+        try:
+            said = await launch.read_shim_status(status_r)
+            if not isinstance(said, str) and step == "command":
+                attempt.command_pid, attempt.command_start_ticks = said
+                with anyio.move_on_after(STARTED_DELAY_S) as scope:
+                    await anyio.wait_readable(pidfd)
+                if scope.cancelled_caught:
+                    attempt.started_sent = await self._channel.send(
+                        wire.Started(attempt_id=run.attempt_id, pid=said[0], start_ticks=said[1])
+                    )
+            await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        try:
+            code = await self._collect(pid)
+        finally:
+            attempt.lease_w = None
+            os.close(lease_w)
+            attempt.step_ended.set()
+        if self._spool is not None:
+            fenced = spool.take_fenced(self._spool, run.attempt_id)
+            if fenced is not None:
+                attempt.fenced = fenced
+                log.warning("attempt_fenced", attempt_id=run.attempt_id, why=fenced.why)
+        await self._sweep(attempt)
+        if isinstance(said, str):
+            launch.write_line(out, f"=== attempt {run.number} {step} could not start: {said} ===")
+            raise SpawnFailed(said)
         return code
 
     @contextlib.contextmanager
@@ -377,6 +516,21 @@ class AttemptRunner:
                 step=attempt.step,
                 pids=list(report.signalled),
             )
+
+
+def _memory_plan(attempt: RunningAttempt) -> tuple[Rlimits | None, int | None]:
+    """The rlimits to apply to a step, and the memory.max (MB) to give its cgroup instead
+    of RLIMIT_AS, if any."""
+    rlimits = attempt.run.rlimits
+    memory_mb = rlimits.memory_mb if rlimits is not None else None
+    if memory_mb is None or attempt.cgroup is None:
+        return rlimits, None
+    if not cgroup.has_controller(attempt.cgroup, "memory"):
+        return rlimits, None
+    # The cgroup's memory.max replaces RLIMIT_AS where the memory controller is there: it
+    # limits what the whole tree uses, not each process's address space.
+    assert rlimits is not None
+    return msgspec.structs.replace(rlimits, memory_mb=None), memory_mb
 
 
 def _identities(pids: tuple[int, ...]) -> set[tuple[int, int]]:

@@ -7,6 +7,8 @@ starts from, and the header and result lines written into the task's log.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shlex
 import signal
@@ -20,7 +22,7 @@ import anyio
 
 from supervisor.core import wire
 from supervisor.core.model import Rlimits
-from supervisor.workers import limits, proctree
+from supervisor.workers import limits, proctree, shim
 
 # Set by the pool when it had to extend PYTHONPATH so that this package imports; the task
 # environment gets the original value back (an empty value means "was not set").
@@ -113,6 +115,109 @@ def private_fds() -> None:
                 os.set_inheritable(fd, False)
             except OSError:
                 continue  # the listing's own fd, closed by now
+
+
+# Where a shim finds its lease pipe and its status pipe (see supervisor.workers.shim), and
+# where its command's exec wrapper (the limits one) reports a failed exec.
+SHIM_LEASE_FD = 3
+SHIM_STATUS_FD = 4
+SHIM_EXEC_STATUS_FD = 3
+
+
+# The shim's own module from this checkout, through the import system, so that its
+# compiled form is cached (a script run by path is compiled at every start).
+_SHIM_MAIN = (
+    f"import sys; sys.path.insert(0, {str(Path(shim.__file__).resolve().parents[2])!r}); "
+    "from supervisor.workers.shim import main; main()"
+)
+
+
+def shim_argv(
+    attempt_id: str,
+    *,
+    lease_s: float,
+    kill_grace_s: float,
+    spool: str,
+    cwd: str | None,
+    exec_wrapper: bool,
+) -> list[str]:
+    """The shim prefix for one step of a leased attempt; in isolated mode (-I -S, its
+    package found by its path), so that neither the task's working directory nor its
+    PYTHONPATH matter."""
+    argv = [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _SHIM_MAIN,
+        "--attempt-id",
+        attempt_id,
+        "--lease-fd",
+        str(SHIM_LEASE_FD),
+        "--status-fd",
+        str(SHIM_STATUS_FD),
+        "--lease-s",
+        repr(lease_s),
+        "--kill-grace-s",
+        repr(kill_grace_s),
+        "--spool",
+        spool,
+    ]
+    if cwd is not None:
+        argv += ["--cwd", cwd]
+    if exec_wrapper:
+        argv += ["--exec-status-fd", str(SHIM_EXEC_STATUS_FD)]
+    return [*argv, "--"]
+
+
+def spawn_shim(
+    argv: list[str], env: dict[str, str], *, stdin: int, out: int, lease_fd: int, status_fd: int
+) -> int:
+    """Start a shim (`shim_argv` + the command) in a new session: fds 0-2 as `spawn`, the
+    lease pipe on SHIM_LEASE_FD and the status pipe on SHIM_STATUS_FD. Its pid; raises
+    OSError when it could not start."""
+    # A source among the target numbers could be overwritten by an earlier dup2 (or keep
+    # its close-on-exec flag, dup2'd onto itself): such a one is copied out of the way.
+    copies: list[int] = []
+
+    def clear(fd: int) -> int:
+        if fd > SHIM_STATUS_FD:
+            return fd
+        copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SHIM_STATUS_FD + 1))
+        return copies[-1]
+
+    try:
+        return os.posix_spawn(
+            argv[0],
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, clear(stdin), 0),
+                (os.POSIX_SPAWN_DUP2, clear(out), 1),
+                (os.POSIX_SPAWN_DUP2, clear(out), 2),
+                (os.POSIX_SPAWN_DUP2, clear(lease_fd), SHIM_LEASE_FD),
+                (os.POSIX_SPAWN_DUP2, clear(status_fd), SHIM_STATUS_FD),
+            ],
+            setsid=True,
+            setsigdef=_RESTORED_SIGNALS,
+        )
+    finally:
+        for fd in copies:
+            os.close(fd)
+
+
+async def read_shim_status(fd: int) -> tuple[int, int] | str:
+    """What a shim said about its command's start: (pid, start ticks) once it runs, or the
+    reason it could not start."""
+    text = await read_exec_status(fd)
+    word, _, rest = text.strip().partition(" ")
+    if word == "started":
+        pid, _, ticks = rest.partition(" ")
+        with contextlib.suppress(ValueError):
+            return int(pid), int(ticks)
+    if word == "error" and rest:
+        return rest
+    return f"the attempt's shim ended before starting the command ({text.strip() or 'no word'})"
 
 
 def limits_argv(rl: Rlimits, status_fd: int) -> list[str]:
@@ -212,6 +317,12 @@ def utc_now() -> str:
     if seconds != _utc_second:
         _utc_second, _utc_prefix = seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     return f"{_utc_prefix}.{ns // 1_000_000:03d}Z"
+
+
+def utc_at(epoch_s: float) -> str:
+    """An epoch time as ISO 8601 UTC with milliseconds and a Z."""
+    ms = int(epoch_s * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{ms:03d}Z"
 
 
 _utc_second = -1

@@ -5,6 +5,14 @@ and stdout and its stderr appended to `logs/workers/<id>.log`. Every process the
 starts gets a generation number, and every message it reads is delivered to the inbox
 tagged with it, so the engine can tell a replaced process's late words from the current
 one's. The pool decides nothing: it reports, and it does what it is told.
+
+An agent on another host is started through its host's transport (`ssh … host --`, or
+any argv that gives a byte stream), with a lease: the pool sends it a Lease frame every
+heartbeat interval once its Sweep went out (unless told to hold its leases back: Renew),
+asks it to stream its attempts' output, and appends the Output frames to the task's log
+here (never through the engine: they are not state). The transport's stderr (ssh's
+errors, the agent's own log lines) goes to the worker's log, and its last line comes
+with the exit (`transport_failed` names it).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 import supervisor
 from supervisor import failpoints
 from supervisor.core import wire
+from supervisor.core.config import HostConfig
 from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.inputs import AgentExited, AgentMessage
 from supervisor.workers import cgroup as cgroups
@@ -41,6 +50,8 @@ log = structlog.get_logger("orchd.pool")
 
 # A send to an agent that does not read (stopped, wedged) must not stall the engine.
 SEND_TIMEOUT_S = 5.0
+# The longest line of a transport's stderr kept for its exit's event.
+STDERR_LINE_MAX = 500
 _PACKAGE_ROOT = str(Path(supervisor.__file__).resolve().parent.parent)
 
 
@@ -55,6 +66,14 @@ class _Agent:
     generation: int
     process: Process
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Remote agents only: the host, whether its leases are renewed (from its Sweep on,
+    # unless held back), the task log of each attempt it streams, its stderr's last line.
+    host: str = ""
+    leasing: bool = False
+    withheld: bool = False
+    logs: dict[str, str] = field(default_factory=dict)
+    stderr_tail: str = ""
+    stderr_done: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Pool:
@@ -85,6 +104,7 @@ class Pool:
         only once `shutdown_recorded` said the workers' shutdown is on record)."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._keepalive)
             task_status.started()
             try:
                 await anyio.sleep_forever()
@@ -93,16 +113,18 @@ class Pool:
                 with anyio.CancelScope(shield=True):
                     await self._stop_all()
 
-    async def spawn(self, worker_id: str) -> int:
-        """Start an agent for `worker_id` (replacing any previous one); its generation.
-        Raises OSError when the process cannot be started."""
+    async def spawn(
+        self, worker_id: str, host: HostConfig | None = None, *, lease_s: float = 0.0
+    ) -> int:
+        """Start an agent for `worker_id` (replacing any previous one), here or on `host`
+        through its transport with leases of `lease_s`; its generation. Raises OSError
+        when the process (the transport, for a remote one) cannot be started."""
         if self._tg is None:
             raise RuntimeError("Pool.run is not running")
         generation = next(self._generations)
         log_path = self._log_dir / "workers" / f"{worker_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [
-            self._python,
+        agent_args = [
             "-m",
             "supervisor.workers.agent",
             "--worker-id",
@@ -111,34 +133,65 @@ class Pool:
             repr(self._heartbeat_s),
             "--kill-grace-s",
             repr(self._kill_grace_s),
-            "--log",
-            str(log_path),
         ]
+        if host is None:
+            argv = [self._python, *agent_args, "--log", str(log_path)]
+        else:
+            argv = [
+                *remote_argv(host.transport, host.host),
+                host.python,
+                *agent_args,
+                "--lease-s",
+                repr(lease_s),
+            ]
         if failpoints.take("spawn_fail"):
             raise OSError(errno.EAGAIN, "spawn refused by the spawn_fail failpoint")
-        with open(log_path, "ab") as stderr:
+        with open(log_path, "ab") as log_file:
             process = await anyio.open_process(
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=stderr,
+                # A remote agent's stderr is read here: its transport's last words matter.
+                stderr=log_file if host is None else subprocess.PIPE,
                 env=self._env,
                 start_new_session=True,
             )
-        agent = _Agent(worker_id, generation, process)
+        agent = _Agent(worker_id, generation, process, host="" if host is None else host.host)
         previous = self._agents.get(worker_id)
         if previous is not None and previous.process.returncode is None:
             log.warning("agent_replaced_while_alive", worker_id=worker_id, pid=previous.process.pid)
         self._agents[worker_id] = agent
-        log.info("agent_spawned", worker_id=worker_id, generation=generation, pid=process.pid)
+        log.info(
+            "agent_spawned",
+            worker_id=worker_id,
+            generation=generation,
+            pid=process.pid,
+            host=agent.host or None,
+        )
+        if host is None:
+            agent.stderr_done.set()
+        else:
+            self._tg.start_soon(self._copy_stderr, agent, log_path)
         self._tg.start_soon(self._watch, agent)
         return generation
 
+    def renew(self, worker_id: str, on: bool) -> None:
+        """Go on sending the remote agent Lease frames (`on`), or hold them back (its
+        worker is unresponsive: its shims fence once agent_lease_s pass)."""
+        agent = self._agents.get(worker_id)
+        if agent is not None:
+            agent.withheld = not on
+
     async def send(self, worker_id: str, msg: wire.ToAgent) -> bool:
-        """Send one message to the worker's current agent; False if it is gone or not reading."""
+        """Send one message to the worker's current agent; False if it is gone or not reading.
+        A remote agent streams its attempts' output back (Run.stream_output), and its
+        leases are renewed from its Sweep on."""
         agent = self._agents.get(worker_id)
         if agent is None or agent.process.returncode is not None:
             return False
+        if agent.host and isinstance(msg, wire.Run):
+            agent.logs[msg.attempt_id] = msg.log_path
+            msg = msgspec.structs.replace(msg, stream_output=True)
         stdin = agent.process.stdin
         assert stdin is not None
         try:
@@ -148,6 +201,8 @@ class Pool:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, TimeoutError):
             log.warning("agent_send_failed", worker_id=worker_id, message=type(msg).__name__)
             return False
+        if isinstance(msg, wire.Sweep):
+            agent.leasing = True
         return True
 
     async def kill(
@@ -218,7 +273,8 @@ class Pool:
             for tree in trees:
                 tg.start_soon(one, tree, ran.get(tree.marker))
             for a in agents:
-                if a.worker_id in live and a.attempt_id not in markers:
+                # A remote agent's transport has no attempt under it here.
+                if a.worker_id in live and a.attempt_id not in markers and not a.remote:
                     tg.start_soon(orphans_of, live[a.worker_id])
         async with anyio.create_task_group() as tg:
             for wid, proc in live.items():
@@ -250,20 +306,24 @@ class Pool:
         closes the agents' pipes and they stop by themselves)."""
         self._may_kill = True
 
-    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> None:
+    async def stop(self, worker_id: str, grace_s: float, *, kill: bool = True) -> bool:
         """Ask the agent to stop (it kills its attempt first); kill it if it is not gone
-        within grace_s and a little more (only when `kill`: a record says why)."""
+        within grace_s and a little more (only when `kill`: a record says why). True when
+        it exited by itself, as asked."""
         agent = self._agents.get(worker_id)
         if agent is None or agent.process.returncode is not None:
-            return
-        if await self.send(worker_id, wire.Stop(grace_s=grace_s)):
+            return False
+        asked = await self.send(worker_id, wire.Stop(grace_s=grace_s))
+        if asked:
             with anyio.move_on_after(grace_s + 2.0):
                 await agent.process.wait()
+        by_itself = asked and agent.process.returncode == 0
         if agent.process.returncode is None:
             log.warning("agent_stop_timeout", worker_id=worker_id, pid=agent.process.pid, kill=kill)
             if kill:
                 await self._kill_agent(agent, 0.0)
         await _close(agent)
+        return by_itself
 
     def identity(self, worker_id: str) -> tuple[int, int] | None:
         """(pid, start ticks) of the worker's running agent, if there is one."""
@@ -290,6 +350,11 @@ class Pool:
                 header = await reader.receive_exactly(4)
                 body = await reader.receive_exactly(wire.frame_length(header))
                 msg: wire.FromAgent = wire.from_agent_decoder.decode(body)
+                if isinstance(msg, wire.Output):
+                    await self._output(agent, msg)
+                    continue
+                if isinstance(msg, wire.Finished):
+                    agent.logs.pop(msg.attempt_id, None)  # its Output came before it
                 await self._inbox.send(AgentMessage(agent.worker_id, agent.generation, msg))
         except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError):
             pass  # the agent closed its end: it is exiting
@@ -301,13 +366,74 @@ class Pool:
         except anyio.BrokenResourceError:
             inbox_open = False
         returncode = await agent.process.wait()
+        with anyio.move_on_after(2.0):  # the transport's last words (an escaped child may hold it)
+            await agent.stderr_done.wait()
         await _close(agent)
         if self._agents.get(agent.worker_id) is agent:
             del self._agents[agent.worker_id]
-        log.info("agent_exited", worker_id=agent.worker_id, returncode=returncode)
+        log.info(
+            "agent_exited",
+            worker_id=agent.worker_id,
+            returncode=returncode,
+            stderr=agent.stderr_tail or None,
+        )
         if inbox_open:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await self._inbox.send(AgentExited(agent.worker_id, agent.generation, returncode))
+                await self._inbox.send(
+                    AgentExited(agent.worker_id, agent.generation, returncode, agent.stderr_tail)
+                )
+
+    async def _output(self, agent: _Agent, msg: wire.Output) -> None:
+        """A piece of an attempt's output from a remote agent, appended to the task's log
+        here; only for an attempt that was given to that agent (the frame names no path)."""
+        path = agent.logs.get(msg.attempt_id)
+        if path is None:
+            log.warning(
+                "output_for_unknown_attempt", worker_id=agent.worker_id, attempt_id=msg.attempt_id
+            )
+            return
+        try:
+            await anyio.to_thread.run_sync(_append, path, msg.data)
+        except OSError as exc:  # a full disk loses log lines, never the daemon
+            log.warning("task_log_failed", attempt_id=msg.attempt_id, error=str(exc))
+
+    async def _copy_stderr(self, agent: _Agent, log_path: Path) -> None:
+        """A remote agent's stderr (its transport's errors, the agent's own log lines)
+        into the worker's log, keeping the last line for its exit."""
+        stream = agent.process.stderr
+        assert stream is not None
+        rest = b""
+        try:
+            with open(log_path, "ab", buffering=0) as out:
+                async for chunk in stream:
+                    out.write(chunk)
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()[-STDERR_LINE_MAX:]
+                    last = next((ln for ln in reversed(lines) if ln.strip()), None)
+                    if last is not None:
+                        agent.stderr_tail = _line(last)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            if rest.strip():
+                agent.stderr_tail = _line(rest)
+            agent.stderr_done.set()
+
+    async def _keepalive(self) -> None:
+        """A Lease to every remote agent each heartbeat interval (every frame renews its
+        attempts' leases), from its Sweep on and unless its leases are held back."""
+        while True:
+            await anyio.sleep(self._heartbeat_s)
+            assert self._tg is not None
+            for agent in list(self._agents.values()):
+                if (
+                    agent.host
+                    and agent.leasing
+                    and not agent.withheld
+                    and agent.process.returncode is None
+                    and not agent.lock.locked()  # a send is under way: that renews too
+                ):
+                    self._tg.start_soon(self.send, agent.worker_id, wire.Lease())
 
     async def _kill_agent(self, agent: _Agent, grace_s: float) -> None:
         process = agent.process
@@ -431,6 +557,30 @@ async def _close(agent: _Agent) -> None:
     # Closes the pipes of an exited agent (its asyncio transport warns if left open).
     with anyio.CancelScope(shield=True):
         await agent.process.aclose()
+
+
+def remote_argv(transport: list[str], host: str) -> list[str]:
+    """A host's transport argv with `{host}` put in (the agent's command line follows).
+    GNU env takes `--` only before its NAME=VALUE words, so a trailing `--` of an `env`
+    transport (`env ORCHD_FAKE_HOST={host} --`, for tests) is left out."""
+    argv = [arg.replace("{host}", host) for arg in transport]
+    if argv and os.path.basename(argv[0]) == "env" and argv[-1] == "--":
+        argv.pop()
+    return argv
+
+
+def _line(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").strip()[:STDERR_LINE_MAX]
+
+
+def _append(path: str, data: bytes) -> None:
+    try:
+        f = open(path, "ab")  # noqa: SIM115 - closed below
+    except FileNotFoundError:  # the task's first attempt: its workstream's log directory
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "ab")  # noqa: SIM115
+    with f:
+        f.write(data)
 
 
 def agent_env(environ: dict[str, str]) -> dict[str, str]:

@@ -36,6 +36,8 @@ import msgspec
 import psutil
 
 MARKER_ENV = "ORCHD_ATTEMPT_ID"
+# The spool of the agent that started a (leased) attempt: what a sweep is scoped to.
+SPOOL_ENV = "ORCHD_AGENT_SPOOL"
 _PR_SET_CHILD_SUBREAPER = 36
 # psutil derives create_time from start ticks (1/100 s), so a genuinely different process
 # differs by at least 0.01 s; half of that absorbs float noise only.
@@ -367,3 +369,72 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
         interval = min(interval * 2, 0.05)
         left = [p for p in left if alive(p)]
     return left
+
+
+class SweepReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What `sweep_foreign` did: the attempt ids it found alive and killed, the pids it
+    signalled, and the processes that outlived it as (pid, start ticks)."""
+
+    killed: tuple[str, ...]
+    pids: tuple[int, ...]
+    survivors: tuple[tuple[int, int], ...]
+
+
+def find_foreign(live: set[str], scope: str) -> dict[int, tuple[psutil.Process, str]]:
+    """Every process of this user (but this one) started by an agent with spool `scope`
+    and marked with an attempt id not in `live`."""
+    me, uid = os.getpid(), os.getuid()
+    found: dict[int, tuple[psutil.Process, str]] = {}
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.uids().real != uid:
+                continue
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        value = env.get(MARKER_ENV)
+        if value and value not in live and env.get(SPOOL_ENV) == scope:
+            found[proc.pid] = (proc, value)
+    return found
+
+
+def sweep_foreign(live: Iterable[str], scope: str, grace_s: float) -> SweepReport:
+    """Kill every process of this user that an agent with spool `scope` started, marked
+    with an attempt id not in `live`: SIGTERM (and SIGCONT), SIGKILL after `grace_s`, then
+    sweep again until none is left. For a newly started agent on a host where an earlier
+    one may have left attempts behind.
+
+    Scoped to the spool, because the host may hold attempts that are not the daemon's to
+    judge: those of workers on the daemon's own host (when it is this host), of agents
+    with a spool of their own (another daemon's, a test's)."""
+    keep = set(live)
+    signalled: set[int] = set()
+    killed: set[str] = set()
+    procs = find_foreign(keep, scope)
+    for proc, marker in procs.values():
+        killed.add(marker)
+        if _signal(proc, signal.SIGTERM):
+            signalled.add(proc.pid)
+            _signal(proc, signal.SIGCONT)
+    survivors = _wait_gone([p for p, _ in procs.values()], grace_s)
+    for proc in survivors:
+        _signal(proc, signal.SIGKILL)
+    _wait_gone(survivors, _SWEEP_WAIT_S)
+    left: list[psutil.Process] = []
+    for _ in range(_SWEEP_ROUNDS):
+        again = find_foreign(keep, scope)
+        left = [p for p, _ in again.values() if alive(p)]
+        if not left:
+            break
+        for proc, marker in again.values():
+            killed.add(marker)
+            if _signal(proc, signal.SIGKILL):
+                signalled.add(proc.pid)
+        left = _wait_gone(left, _SWEEP_WAIT_S)
+    return SweepReport(
+        killed=tuple(sorted(killed)),
+        pids=tuple(sorted(signalled)),
+        survivors=_identities(left),
+    )
