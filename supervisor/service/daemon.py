@@ -67,6 +67,8 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         cfg.state_dir,
         backups_keep=cfg.store.backups_keep,
         checkpoints_keep=cfg.store.checkpoints_keep,
+        segment_bytes=cfg.store.segment_bytes,
+        backups_full=cfg.store.backups_full,
     )
     try:
         state = await anyio.to_thread.run_sync(store.open)
