@@ -282,7 +282,9 @@ async def test_spooled_outcomes_of_live_attempts_stay(tmp_path: Path) -> None:
         first, second = await a.expect(wire.Finished), await a.expect(wire.Finished)
         assert [first.attempt_id, second.attempt_id] == [MARK + "a", MARK + "b"]
         assert first.fenced and first.exit_code == 0 and first.phase == "command"
-        assert sorted(p.name for p in where.iterdir()) == [f"{MARK}kept.json"]
+        with anyio.fail_after(5):  # each removed just after it was sent
+            while sorted(p.name for p in where.iterdir()) != [f"{MARK}kept.json"]:
+                await anyio.sleep(0.01)
 
 
 async def test_stream_output_delivers_every_byte_in_order(tmp_path: Path) -> None:
