@@ -21,7 +21,7 @@ import pytest
 from supervisor.core import wire
 from supervisor.core.model import Rlimits
 from supervisor.workers import attempt, cgroup, outstream, proctree, spool
-from supervisor.workers.pool import agent_env
+from supervisor.workers.pool import agent_env, daemon_id
 from tests.test_agent import MARK, Driver, _alive_marked, _until_marked, agent
 
 __all__ = ["MARK"]  # the leftover check (conftest.py) looks for this module's MARK
@@ -397,6 +397,19 @@ def test_the_default_spool_is_under_xdg_runtime_dir(tmp_path: Path) -> None:
     uid = os.getuid()
     assert spool.default_dir({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / f"orchd-agent-{uid}"
     assert spool.default_dir({}) == Path(f"/tmp/orchd-agent-{uid}")
+
+
+def test_each_daemon_has_a_spool_of_its_own(tmp_path: Path) -> None:
+    """Agents of two daemons (two state directories) on one host and user get two spools
+    under the user's one, both private: one's sweep is never scoped to the other's."""
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    ids = {daemon_id(tmp_path / "a"), daemon_id(tmp_path / "b")}
+    assert len(ids) == 2 and all(i.startswith("orchd-") for i in ids)
+    made = {spool.prepare_default(env, i) for i in ids}
+    parent = tmp_path / f"orchd-agent-{os.getuid()}"
+    assert made == {parent / i for i in ids}
+    for path in (parent, *made):
+        assert path.stat().st_mode & 0o777 == 0o700
 
 
 def _cgroup_missing() -> str | None:

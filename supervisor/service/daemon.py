@@ -27,7 +27,7 @@ from supervisor.service.reload import Reloader
 from supervisor.store.directory import Store
 from supervisor.workers.cgroup import Hierarchy, Unavailable
 from supervisor.workers.health import Health
-from supervisor.workers.pool import Pool
+from supervisor.workers.pool import Pool, daemon_id
 
 log = structlog.get_logger("orchd")
 
@@ -121,6 +121,7 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         heartbeat_s=cfg.health.heartbeat_interval_s,
         inbox=send,
         kill_grace_s=cfg.tasks.kill_grace_s,
+        daemon_id=daemon_id(store.state_dir),
     )
     engine = Engine(cfg, store, state, pool, recv, send, notify=notifier.send)
     engine.m.containment = containment

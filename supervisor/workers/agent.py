@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -62,12 +63,14 @@ class Agent:
         channel: FrameChannel,
         lease_s: float = 0.0,
         spool_dir: Path | None = None,
+        daemon_id: str = "",
     ) -> None:
         self._worker_id = worker_id
         self._heartbeat_s = heartbeat_s
         self._kill_grace_s = kill_grace_s
         self._channel = channel
         self._spool = spool_dir
+        self._daemon_id = daemon_id
         self._runner = AttemptRunner(
             worker_id=worker_id,
             kill_grace_s=kill_grace_s,
@@ -258,7 +261,7 @@ class Agent:
         if self._spool is None:
             # A sweep is scoped to the spool; an agent started without one uses the default.
             try:
-                self._spool = spool.prepare(spool.default_dir(os.environ))
+                self._spool = spool.prepare_default(os.environ, self._daemon_id)
             except spool.SpoolError as exc:
                 log.error("bad_spool", error=str(exc))
                 self._tg.start_soon(self._channel.send, wire.Swept())
@@ -327,7 +330,7 @@ class Agent:
             log_path = run.log_path
             if run.stream_output:
                 if self._spool is None:
-                    self._spool = spool.prepare(spool.default_dir(os.environ))
+                    self._spool = spool.prepare_default(os.environ, self._daemon_id)
                 log_path = str(spool.output_path(self._spool, run.attempt_id))
             with launch.open_log(log_path) as out:
                 if run.stream_output:
@@ -417,8 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         help="host-local directory for fence records and streamed output "
         "(default ${XDG_RUNTIME_DIR:-/tmp}/orchd-agent-<uid>)",
     )
+    parser.add_argument(
+        "--daemon-id",
+        default="",
+        help="the daemon's name for itself: the default spool is a directory of that name "
+        "in the one above, so agents of two daemons on one host keep apart",
+    )
     parser.add_argument("--log", help="append the agent's own log (and stderr) to this file")
     args = parser.parse_args(argv)
+    if args.daemon_id and not re.fullmatch(r"[A-Za-z0-9._-]+", args.daemon_id):
+        parser.error("--daemon-id must be letters, digits, '.', '_' or '-'")
     if args.lease_s < 0:
         parser.error("--lease-s must be 0 (no lease) or more")
     if args.log:
@@ -437,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     spool_dir: Path | None = None
     if args.lease_s > 0 or args.spool:
         try:
-            spool_dir = spool.prepare(
-                Path(args.spool) if args.spool else spool.default_dir(os.environ)
+            spool_dir = (
+                spool.prepare(Path(args.spool))
+                if args.spool
+                else spool.prepare_default(os.environ, args.daemon_id)
             )
         except spool.SpoolError as exc:
             log.error("bad_spool", error=str(exc))
@@ -450,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         channel=FrameChannel(rfd, wfd),
         lease_s=args.lease_s,
         spool_dir=spool_dir,
+        daemon_id=args.daemon_id,
     )
     return anyio.run(agent.run)
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -87,8 +89,10 @@ class Pool:
         heartbeat_s: float,
         inbox: Inbox,
         kill_grace_s: float = 5.0,
+        daemon_id: str = "",
     ) -> None:
         self._python = python
+        self._daemon_id = daemon_id
         self._log_dir = Path(log_dir)
         self._heartbeat_s = heartbeat_s
         self._inbox = inbox
@@ -143,6 +147,7 @@ class Pool:
                 *agent_args,
                 "--lease-s",
                 repr(lease_s),
+                *(["--daemon-id", self._daemon_id] if self._daemon_id else []),
             ]
         if failpoints.take("spawn_fail"):
             raise OSError(errno.EAGAIN, "spawn refused by the spawn_fail failpoint")
@@ -557,6 +562,16 @@ async def _close(agent: _Agent) -> None:
     # Closes the pipes of an exited agent (its asyncio transport warns if left open).
     with anyio.CancelScope(shield=True):
         await agent.process.aclose()
+
+
+def daemon_id(state_dir: str | os.PathLike[str]) -> str:
+    """This daemon's name on the hosts of its remote agents: its host name and state
+    directory hashed, so two daemons whose agents share a remote host and user (the same
+    state path on two build hosts, or two daemons on one) never share a spool, and one's
+    sweep never kills the other's attempts."""
+    real = os.path.realpath(state_dir)
+    digest = hashlib.sha256(f"{socket.gethostname()}:{real}".encode()).hexdigest()[:16]
+    return f"orchd-{digest}"
 
 
 def remote_argv(transport: list[str], host: str) -> list[str]:

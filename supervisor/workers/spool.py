@@ -34,10 +34,18 @@ class Fenced(msgspec.Struct, kw_only=True):
     survivors: list[tuple[int, int]] = []
 
 
-def default_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
-    """`${XDG_RUNTIME_DIR:-/tmp}/orchd-agent-<uid>`."""
-    base = environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return Path(base) / f"orchd-agent-{os.getuid()}"
+def default_dir(environ: dict[str, str] | os._Environ[str], daemon_id: str = "") -> Path:
+    """`${XDG_RUNTIME_DIR:-/tmp}/orchd-agent-<uid>`, and in it `<daemon_id>` when given:
+    two daemons whose agents share a host and a user never sweep each other's attempts."""
+    base = Path(environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"orchd-agent-{os.getuid()}"
+    return base / daemon_id if daemon_id else base
+
+
+def prepare_default(environ: dict[str, str] | os._Environ[str], daemon_id: str = "") -> Path:
+    """The default spool made and checked (its parent too, when it is a daemon's own)."""
+    if daemon_id:
+        prepare(default_dir(environ))
+    return prepare(default_dir(environ, daemon_id))
 
 
 def prepare(path: Path) -> Path:
