@@ -67,15 +67,6 @@ def missing() -> str | None:
 
 needs_remote_host = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
-# Why the tests that need a partitioned attempt's fence reported by the host's next agent
-# fail today (they are strict xfails, so the fix shows as an XPASS to remove them).
-SPOOL_TAKEN = (
-    "the old agent takes its shim's fence record from the spool (workers/attempt.py, "
-    "take_fenced) and sends it into the connection the partition broke, so the host's "
-    "next agent has nothing to report: the record must stay until a next agent reports it"
-)
-
-
 # pid 1 of the host's pid namespace: reaps every orphan, exits on SIGTERM.
 _INIT = """
 import os, signal, time

@@ -17,7 +17,7 @@ import pytest
 
 from supervisor.core import wire
 from supervisor.workers import proctree
-from tests.remote_host import SPOOL_TAKEN, RemoteHost, needs_remote_host
+from tests.remote_host import RemoteHost, needs_remote_host
 
 pytestmark = needs_remote_host
 M = TypeVar("M", bound=wire.FromAgent)
@@ -169,7 +169,6 @@ def _marked(attempt_id: str) -> list[psutil.Process]:
     return [p for p in proctree.find_marked(attempt_id) if proctree.alive(p)]
 
 
-@pytest.mark.xfail(strict=True, reason=SPOOL_TAKEN)
 def test_a_partitioned_attempt_is_fenced_and_the_next_agent_reports_it(
     host: RemoteHost, tmp_path: Path
 ) -> None:

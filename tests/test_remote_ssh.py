@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from tests.harness import FAST, Daemon, assert_no_leftovers, marker_processes, orchd_processes
-from tests.remote_host import SPOOL_TAKEN, RemoteHost, needs_remote_host
+from tests.remote_host import RemoteHost, needs_remote_host
 
 pytestmark = needs_remote_host
 
@@ -234,7 +234,6 @@ def test_heal_inside_the_server_alive_window_completes_the_same_attempt(
         assert not d.events("late_frame")
 
 
-@pytest.mark.xfail(strict=True, reason=SPOOL_TAKEN)
 def test_heal_after_the_client_gave_up_reports_the_fenced_attempt_late(
     tmp_path: Path, host: RemoteHost
 ) -> None:

@@ -15,7 +15,8 @@ down to one fork+exec and no helper thread. What a finished step leaves behind i
 With a lease (an agent on another host) each step runs under its own shim instead
 (supervisor.workers.shim), which leads the step's session, reports the command's pid, and
 fences the step on its own when the lease runs out; the runner renews the lease through a
-pipe, asks the shim for its kills, and takes a fence it recorded from the spool.
+pipe, asks the shim for its kills, and reads a fence it recorded in the spool (where it stays
+for the host's next agent to report).
 
 The agent (supervisor.workers.agent) decides when an attempt starts and when it is killed;
 the runner only carries that out and says how each step ended.
@@ -425,7 +426,10 @@ class AttemptRunner:
             os.close(lease_w)
             attempt.step_ended.set()
         if self._spool is not None:
-            fenced = spool.take_fenced(self._spool, run.attempt_id)
+            # The record stays in the spool: this agent's Finished may go into a link a
+            # partition broke, so a later agent's sweep reports it again (a late frame to a
+            # daemon that heard it already is one more event, never a completion).
+            fenced = spool.read_fenced(spool.fenced_path(self._spool, run.attempt_id))
             if fenced is not None:
                 attempt.fenced = fenced
                 log.warning("attempt_fenced", attempt_id=run.attempt_id, why=fenced.why)

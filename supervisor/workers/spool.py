@@ -2,15 +2,15 @@
 
 A directory private to the agent's user (default `${XDG_RUNTIME_DIR:-/tmp}/orchd-agent-<uid>`,
 mode 0700, refused when someone else owns it). An attempt's shim that fences writes
-`<attempt id>.json` there (supervisor.workers.shim); an agent reports and removes such
-outcomes: its own at once, those of an earlier agent on the host after its sweep. An
-attempt with `stream_output` writes its output to `<attempt id>.out` there, which the
+`<attempt id>.json` there (supervisor.workers.shim). The agent reports its own at once
+and leaves them there (its link may be broken); the next agent on the host, after its
+sweep, reports every one it is not told is live, and removes it. An attempt with
+`stream_output` writes its output to `<attempt id>.out` there, which the
 agent tails into Output frames and removes at the attempt's end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from pathlib import Path
@@ -91,15 +91,6 @@ def read_fenced(path: Path) -> Fenced | None:
         return _decoder.decode(path.read_bytes())
     except (OSError, msgspec.DecodeError):
         return None
-
-
-def take_fenced(spool: Path, attempt_id: str) -> Fenced | None:
-    """The attempt's recorded fence, removed from the spool; None when it was not fenced."""
-    path = fenced_path(spool, attempt_id)
-    found = read_fenced(path)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    return found
 
 
 def all_fenced(spool: Path) -> list[tuple[Path, Fenced]]:
