@@ -10,6 +10,7 @@ back as SpawnFailed).
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -99,6 +100,7 @@ class Effects:
         self.record_followers: Followers[list[Transition]] = Followers()
         self.tg: TaskGroup | None = None
         self._notes: dict[str, list[tuple[float, str]]] = {}
+        self._rotating: set[str] = set()  # workers whose log is being rotated
 
     async def run(self, eff: Effect) -> None:
         match eff:
@@ -154,14 +156,29 @@ class Effects:
         return bool(self._notes)
 
     def write_notes(self) -> None:
-        """The lines for the workers' own logs, written together (one open per worker)."""
+        """The lines for the workers' own logs, written together (one open per worker: a
+        short append); a log that has reached `rotation.worker_log_max_bytes` is rotated
+        in a worker thread (copy-truncate: its agent holds it open)."""
         notes, self._notes = self._notes, {}
+        limit = self.m.cfg.rotation.worker_log_max_bytes
         for wid, lines in notes.items():
             try:
                 with open(self.store.worker_log_path(wid), "a", encoding="utf-8") as f:
                     f.writelines(f"{iso_utc(ts)} {text}\n" for ts, text in lines)
+                    size = f.tell()
             except OSError as exc:  # a full disk is no reason to stop the engine
                 log.warning("worker_log_failed", worker_id=wid, error=str(exc))
+                continue
+            if limit and size >= limit and wid not in self._rotating and self.tg is not None:
+                self._rotating.add(wid)
+                self._background(partial(self._rotate_worker_log, wid))
+
+    async def _rotate_worker_log(self, wid: str) -> None:
+        try:
+            removed = await anyio.to_thread.run_sync(self.store.rotate_worker_log, wid)
+        finally:
+            self._rotating.discard(wid)
+        log.info("worker_log_rotated", worker_id=wid, removed=[str(p) for p in removed])
 
     # -- slow effects, each a task of its own ------------------------------------------
 

@@ -198,13 +198,22 @@ class Engine:
         effects = step.effects
         if step.records and self.fx.record_followers:
             effects = [*effects, Published(step.records)]
-        self.commit.submit(effects, calls, urgent=step.urgent)
+        waiting = []
+        for call in calls:
+            if call.query:
+                call.finish()  # a query: nothing of its own to make durable
+            else:
+                waiting.append(call)
+        self.commit.submit(effects, waiting, urgent=step.urgent)
 
     def _run_call(self, call: Call) -> None:
+        before = len(self.m.txn.records)
         try:
             call.result = self.m.run(call.fn, *call.args)
         except Exception as exc:  # refused, or a bug: it travels back to the caller
             call.error = exc
+        if call.query and len(self.m.txn.records) != before:
+            call.query = False  # it recorded something after all: answered once durable
 
     def _answer_read_only(self, calls: list[Call]) -> None:
         """After a refused append: queries are answered from the state as the log has it;
@@ -255,9 +264,10 @@ class Engine:
 
     # -- group commit, then effects ------------------------------------------------------
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(machine, *args)` inside a step; its result once durable."""
-        c = Call(fn, *args)
+    async def call(self, fn: Callable[..., Any], *args: Any, query: bool = False) -> Any:
+        """Run `fn(machine, *args)` inside a step; its result once durable (a `query`: at
+        the end of the step, see Call)."""
+        c = Call(fn, *args, query=query)
         await self.inbox_send.send(c)
         return await c.wait()
 
@@ -337,8 +347,20 @@ class Engine:
         return self.fx.record_followers.add()
 
     def record_intervention(self, entry: dict[str, Any]) -> None:
-        """Append an operator's action to interventions.log (an OSError is the caller's)."""
-        self.store.append_intervention(entry)
+        """Append an operator's action to interventions.log (an OSError is the caller's);
+        a rotated file removed to make room (only with `rotation.interventions_keep` set)
+        is said in an event and the journal: the audit trail never loses one silently."""
+        for path in self.store.append_intervention(entry):
+            self.fx.publish(
+                Event(
+                    event="interventions_removed",
+                    severity="warning",
+                    ts=self.wall(),
+                    message=f"{path.name} removed: older than the "
+                    "rotation.interventions_keep rotated files kept",
+                    data={"path": str(path)},
+                )
+            )
 
     def probe_targets(self) -> list[tuple[str, int, int | None]]:
         """(worker, pid, start ticks) of every worker whose agent health probes watch."""
