@@ -1,9 +1,9 @@
 """Pipelined group commit: the loop appends each step's records and hands over the step's
-effects and replies; this task makes the records durable (fdatasync: on the loop while
-the disk is fast, else in a worker thread) and then releases, in order, the effects and
-replies that waited on them (the write-ahead rule). The loop goes on deciding while a
-sync runs in a thread, so the next sync covers every step appended meanwhile, and a slow
-disk does not stall heartbeats or the socket.
+effects and replies; this task makes the records durable (fdatasync, always in a worker
+thread: one slow sync after fast ones must not freeze the loop) and then releases, in
+order, the effects and replies that waited on them (the write-ahead rule). The loop goes
+on deciding while a sync runs, so the next sync covers every step appended meanwhile,
+and a slow disk does not stall heartbeats, the socket or the watchdog.
 
 Records that nothing waits on (a pid learnt from Started) ride along with the next sync,
 at most SYNC_LAG_S later. A failed fdatasync is never retried: StoreFsyncError ends the
@@ -27,9 +27,6 @@ log = structlog.get_logger("orchd.engine")
 
 # Longest a record that no effect waits on stays unsynced.
 SYNC_LAG_S = 0.05
-# An fdatasync faster than this runs on the loop; a slower disk gets a worker thread, so
-# the loop keeps deciding (and heartbeats keep being read) while it waits.
-INLINE_SYNC_S = 0.002
 
 
 class GroupCommit:
@@ -48,7 +45,10 @@ class GroupCommit:
         self._kick = anyio.Event()
         self._progress = anyio.Event()
         self.last_sync = clock()
-        self._sync_s = 0.0  # how long the last fdatasync took
+        self.sync_s = 0.0  # how long the last fdatasync took
+        self.syncing = False  # an fdatasync is in its thread now
+        # One thread syncs at a time: a sync covers everything appended before it began.
+        self._syncer = anyio.CapacityLimiter(1)
 
     def submit(self, effects: list[Effect], calls: list[Call], *, urgent: bool) -> None:
         """A step is appended: release its effects and replies once it is durable."""
@@ -91,12 +91,13 @@ class GroupCommit:
             if store.written_seq > store.synced_seq and (self._urgent or self._waiting):
                 self._urgent = False
                 started = self.clock()
-                if self._sync_s < INLINE_SYNC_S:
-                    store.sync()  # a fast disk: waking a thread costs more than the sync
-                else:
-                    await anyio.to_thread.run_sync(store.sync)
+                self.syncing = True
+                try:
+                    await anyio.to_thread.run_sync(store.sync, limiter=self._syncer)
+                finally:
+                    self.syncing = False
                 self.last_sync = self.clock()
-                self._sync_s = self.last_sync - started
+                self.sync_s = self.last_sync - started
             synced = store.synced_seq
             while self._waiting and self._waiting[0][0] <= synced:
                 _, effects, calls = self._waiting.popleft()

@@ -11,6 +11,8 @@ agents' messages in order, and tries again every WRITE_RETRY_S until the log tak
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import time
 from collections import deque
@@ -52,6 +54,10 @@ RECENT_RECORDS = 4096
 Inbox = MemoryObjectReceiveStream[Input | Call]
 
 
+def _nothing(_: Machine) -> None:
+    """A call that only makes the loop step (`Engine.wake`)."""
+
+
 class Engine:
     """Owns the machine; runs steps until stopped (see the module docstring)."""
 
@@ -84,7 +90,7 @@ class Engine:
         now = self.m.now
         self.last_step = now
         self.steps = 0  # how many times the loop turned (a figure for tests and metrics)
-        self.derived = DerivedFiles(self.m, store, self.fx, clock)
+        self.derived = DerivedFiles(self.m, store, self.fx, clock, self.commit.settle, self.wake)
         self._recent: deque[Transition] = deque(maxlen=RECENT_RECORDS)
 
     @property
@@ -130,6 +136,9 @@ class Engine:
         return min(due)
 
     async def _step(self) -> None:
+        if (stall := failpoints.arg("loop_stall_file")) is not None:
+            while os.path.exists(stall):  # a stuck engine (a test hook)
+                await anyio.sleep(0.02)
         self.last_step = self.clock()
         self.steps += 1
         wait = max(0.0, self._wake_at() - self.last_step)
@@ -169,7 +178,12 @@ class Engine:
                 calls=[getattr(c.fn, "__name__", "?") for c in calls],
             )
         self.commit.sync_lagging()
-        await self.derived.write(self.commit.settle, writable=self.read_only is None)
+        await self.derived.write(writable=self.read_only is None)
+
+    def wake(self) -> None:
+        """Make the loop step soon (a background write is done: the next may be due)."""
+        with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+            self.inbox_send.send_nowait(Call(_nothing))
 
     def _decide(self, now: float, inputs: list[Input], calls: list[Call], *, settle: bool) -> None:
         m = self.m
