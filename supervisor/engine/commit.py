@@ -6,8 +6,9 @@ on deciding while a sync runs, so the next sync covers every step appended meanw
 and a slow disk does not stall heartbeats, the socket or the watchdog.
 
 Records that nothing waits on (a pid learnt from Started) ride along with the next sync,
-at most SYNC_LAG_S later. A failed fdatasync is never retried: StoreFsyncError ends the
-task, and with it the daemon (the next start recovers from what the log really holds).
+at most SYNC_LAG_S after the last one (this task keeps that timer). A failed fdatasync is
+never retried: StoreFsyncError ends the task, and with it the daemon (the next start
+recovers from what the log really holds).
 """
 
 from __future__ import annotations
@@ -55,20 +56,8 @@ class GroupCommit:
         if effects or calls:
             self._waiting.append((self.store.written_seq, effects, calls))
         self._urgent = self._urgent or urgent
-        if self._waiting or self._urgent:
-            self._kick.set()
-
-    def lag_due(self) -> float | None:
-        """When written-but-unsynced records must be synced with nobody waiting on them."""
-        if self.store.written_seq > self.store.synced_seq:
-            return self.last_sync + SYNC_LAG_S
-        return None
-
-    def sync_lagging(self) -> None:
-        """Sync what waited SYNC_LAG_S (called by the loop when `lag_due` has passed)."""
-        due = self.lag_due()
-        if due is not None and self.clock() >= due:
-            self._urgent = True
+        # Records nothing waits on start the lag timer of an idle commit task.
+        if self._waiting or self._urgent or self.store.written_seq > self.store.synced_seq:
             self._kick.set()
 
     async def settle(self) -> None:
@@ -85,7 +74,7 @@ class GroupCommit:
     ) -> None:
         task_status.started()
         while True:
-            await self._kick.wait()
+            await self._next_round()
             self._kick = anyio.Event()
             store = self.store
             if store.written_seq > store.synced_seq and (self._urgent or self._waiting):
@@ -109,6 +98,19 @@ class GroupCommit:
                 self._kick.set()  # appended while this round ran: another round
             progress, self._progress = self._progress, anyio.Event()
             progress.set()
+
+    async def _next_round(self) -> None:
+        """Wait for a step to hand something over; records that nothing waits on are
+        synced SYNC_LAG_S after the last sync at the latest."""
+        store = self.store
+        if store.written_seq > store.synced_seq and not (self._urgent or self._waiting):
+            lag = self.last_sync + SYNC_LAG_S - self.clock()
+            with anyio.move_on_after(max(0.0, lag)) as scope:
+                await self._kick.wait()
+            if scope.cancelled_caught:
+                self._urgent = True
+        else:
+            await self._kick.wait()
 
     async def _carry_out(self, eff: Effect) -> None:
         try:

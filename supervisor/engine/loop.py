@@ -130,9 +130,6 @@ class Engine:
             due.append(self._retry_at)
         elif (timer := self.m.rt.next_due()) is not None:
             due.append(timer)
-        lag = self.commit.lag_due()
-        if lag is not None:
-            due.append(lag)
         return min(due)
 
     async def _step(self) -> None:
@@ -177,7 +174,6 @@ class Engine:
                 inputs=len(inputs),
                 calls=[getattr(c.fn, "__name__", "?") for c in calls],
             )
-        self.commit.sync_lagging()
         await self.derived.write(writable=self.read_only is None)
 
     def wake(self) -> None:
