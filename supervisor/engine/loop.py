@@ -178,7 +178,9 @@ class Engine:
 
     def wake(self) -> None:
         """Make the loop step soon (a background write is done: the next may be due)."""
-        with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+        with contextlib.suppress(
+            anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError
+        ):
             self.inbox_send.send_nowait(Call(_nothing))
 
     def _decide(self, now: float, inputs: list[Input], calls: list[Call], *, settle: bool) -> None:
@@ -308,7 +310,7 @@ class Engine:
             # An agent did not answer in time: kill those trees from here.
             await self._call_until(drain.begin, True, within=grace)
             await self._settled(self.cfg.tasks.kill_grace_s + 5.0)
-        self.fx.write_notes()
+        await self.fx.flush_notes()
         await self._call_until(drain.end, within=grace)
         # The workers' shutdown is on record: an agent that does not stop may be killed.
         self.pool.shutdown_recorded()
