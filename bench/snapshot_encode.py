@@ -1,7 +1,8 @@
 """What the loop pays for a snapshot and a checkpoint now that their writing is off it:
-the encoding alone (`Store.snapshot_blob`, `Store.checkpoint_blob`), which runs between
-two steps, set beside the whole write (`install_snapshot`: fsyncs, renames, a backup),
-which runs in a worker thread.
+the snapshot's encoding (`Store.snapshot_blob`) and the checkpoint's document
+(`Store.checkpoint_blob`; it is encoded later, in the thread), which run between two
+steps, set beside the snapshot's whole write (`install_snapshot`: fsyncs, renames, a
+backup), which runs in a worker thread.
 
     python bench/snapshot_encode.py            # 10,000, 50,000 and 100,000 live tasks
     python bench/snapshot_encode.py 20000
@@ -47,7 +48,7 @@ def main() -> None:
                 print(
                     f"{len(state.data.tasks):,} tasks: snapshot {len(blob.data) / 1e6:.1f} MB, "
                     f"encoded on the loop in {enc * 1e3:.1f} ms, written in a thread in "
-                    f"{inst * 1e3:.1f} ms; a 10,000-task workstream's checkpoint encoded in "
+                    f"{inst * 1e3:.1f} ms; a 10,000-task workstream's checkpoint taken on the loop in "
                     f"{ck * 1e3:.1f} ms"
                 )
             finally:

@@ -54,11 +54,12 @@ class SnapshotBlob(msgspec.Struct, frozen=True):
 
 
 class CheckpointBlob(msgspec.Struct, frozen=True):
-    """A workstream checkpoint encoded on the loop, to be written in a thread."""
+    """A workstream checkpoint taken on the loop, to be encoded and written in a thread
+    (`doc` is made of fresh lists and plain values: nothing in it changes with the state)."""
 
     ws_id: str
     seq: int
-    data: bytes
+    doc: dict[str, Any]
 
 
 _DIRS: Final = ("backups", "checkpoints", "archive", "logs", "logs/workers")
@@ -205,17 +206,18 @@ class Store:
         return self.install_checkpoint(self.checkpoint_blob(ws_id, state))
 
     def checkpoint_blob(self, ws_id: str, state: State) -> CheckpointBlob:
-        """A workstream's checkpoint encoded now (see `snapshot_blob`)."""
+        """A workstream's checkpoint taken now (see `snapshot_blob`); its encoding is left
+        to `install_checkpoint`."""
         _check_name(ws_id)
         doc = checkpoint_doc(ws_id, state)
-        return CheckpointBlob(ws_id=ws_id, seq=state.last_seq, data=seal(_json_encoder.encode(doc)))
+        return CheckpointBlob(ws_id=ws_id, seq=state.last_seq, doc=doc)
 
     def install_checkpoint(self, blob: CheckpointBlob) -> Path:
-        """Write an encoded checkpoint and point <ws>_latest.json at it, in any thread."""
+        """Encode a checkpoint, write it and point <ws>_latest.json at it, in any thread."""
         ws_id = blob.ws_id
         cdir = self._dir / "checkpoints"
         path = cdir / f"{ws_id}_{blob.seq}.json"
-        write_atomic(path, blob.data, fsync=self._fsync)
+        write_atomic(path, seal(msgspec.json.encode(blob.doc)), fsync=self._fsync)
         # `latest` is a second name for the same file, switched atomically.
         tmp = cdir / f"{ws_id}_latest.json.{os.getpid()}{TMP_SUFFIX}"
         tmp.unlink(missing_ok=True)
