@@ -48,8 +48,8 @@ def main() -> None:
                 print(
                     f"{len(state.data.tasks):,} tasks: snapshot {len(blob.data) / 1e6:.1f} MB, "
                     f"encoded on the loop in {enc * 1e3:.1f} ms, written in a thread in "
-                    f"{inst * 1e3:.1f} ms; a 10,000-task workstream's checkpoint taken on the loop in "
-                    f"{ck * 1e3:.1f} ms"
+                    f"{inst * 1e3:.1f} ms; a 10,000-task workstream's checkpoint taken on the "
+                    f"loop in {ck * 1e3:.1f} ms"
                 )
             finally:
                 store.close()

@@ -417,8 +417,10 @@ class Server:
                 "ok": resp.ok,
                 "result": resp.result if resp.ok else msgspec.to_builtins(resp.error),
             }
-            with contextlib.suppress(OSError):
+            try:
                 self.engine.record_intervention(entry)
+            except OSError as exc:  # a full disk: the journal keeps the line instead
+                log.error("intervention_not_written", error=str(exc), entry=entry)
         return resp, big
 
     def _readers(self) -> anyio.CapacityLimiter:
