@@ -131,7 +131,7 @@ def write_log(
     `snapshot_before_end`, a snapshot is taken that many records before the end."""
     gen = Gen()
     total = sum(1 for _ in Gen().records(n_tasks)) if snapshot_before_end else 0
-    store = Store(d, fsync=False)
+    store = Store(d, fsync=False, segment_bytes=0)  # one file: the bare decode reads it
     state = store.open()
     keep_state = bool(snapshot_before_end)
     n = 0

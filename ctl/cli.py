@@ -174,8 +174,12 @@ def _commands() -> argparse.ArgumentParser:
     ws = sub.add_parser("ws", help="workstreams").add_subparsers(
         dest="ws_cmd", required=True, metavar="ACTION"
     )
-    ws.add_parser("list").add_argument(
+    sp = ws.add_parser("list")
+    sp.add_argument(
         "--name", help="only the runs of this pipeline (the files' `name`), newest first"
+    )
+    sp.add_argument(
+        "--archived", action="store_true", help="the retired workstreams in archive/ instead"
     )
     for name, text in (
         ("show", "a workstream and its tasks"),
@@ -193,6 +197,13 @@ def _commands() -> argparse.ArgumentParser:
             sp.add_argument("--from-task", required=True, metavar="TASK")
         if name == "rollback":
             sp.add_argument("--to-checkpoint", required=True, metavar="latest|N")
+        if name == "show":
+            sp.add_argument(
+                "--archived", action="store_true", help="a retired workstream, from its archive"
+            )
+    sp = ws.add_parser("retire", help="archive a finished workstream now and drop it from memory")
+    sp.add_argument("workstream")
+    sp.add_argument("--reason")
     for name, text in (
         ("pause", "start nothing new in it (running tasks finish); undo with unpause"),
         ("unpause", "a paused workstream starts tasks again"),
@@ -300,13 +311,17 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return "cancel", {"task_id": args.task, "workstream": args.workstream}
         case "ws":
             if args.ws_cmd == "list":
+                if args.archived:
+                    return "ws_list_archived", {}
                 return "ws_list", {"name": args.name}
+            if args.ws_cmd == "show" and args.archived:
+                return "ws_show_archived", {"workstream": args.workstream}
             params: dict[str, Any] = {"workstream": args.workstream}
             if args.ws_cmd == "resume":
                 params["from_task"] = args.from_task
             if args.ws_cmd == "rollback":
                 params["to_checkpoint"] = args.to_checkpoint
-            if args.ws_cmd in ("pause", "unpause"):
+            if args.ws_cmd in ("pause", "unpause", "retire"):
                 params["reason"] = args.reason
             return "ws_" + args.ws_cmd.replace("-", "_"), params
         case "worker":
@@ -353,7 +368,7 @@ def _human(method: str, result: Any, colour: bool) -> str:
             return render.task_detail(result)
         case "worker_check":
             return render.worker_detail(result)
-        case "logs" | "worker_logs":
+        case "logs" | "worker_logs" | "logs_archived":
             return "\n".join(result["lines"])
         case "ws_list":
             return render.table(
@@ -371,6 +386,28 @@ def _human(method: str, result: Any, colour: bool) -> str:
                 ],
                 colour=colour,
                 state_col=2,
+            )
+        case "ws_list_archived":
+            return render.table(
+                ["workstream", "name", "state", "tasks", "bytes", "archived"],
+                [
+                    (
+                        a["id"],
+                        a.get("name") or "-",
+                        a.get("state") or "?",
+                        a.get("tasks", "?"),
+                        a["bytes"],
+                        render.local_time(a["archived_at"]),
+                    )
+                    for a in result
+                ],
+                colour=colour,
+                state_col=2,
+            )
+        case "ws_show_archived":
+            return (
+                f"workstream {result['id']}: {result['state']} (retired; archive "
+                f"{result['archive']})\n" + render.tasks_table(result["tasks"], colour)
             )
         case "ws_show":
             paused = " (paused: nothing new starts)" if result.get("paused") else ""
@@ -500,6 +537,52 @@ def _confirm(client: Client, method: str, params: dict[str, Any]) -> tuple[int |
     return confirm.ask(what, confirm.plan_lines(plan), yes=False), plan["digest"]
 
 
+def _logs(client: Client, params: dict[str, Any]) -> Any:
+    """A task's log; for a retired workstream's task (or one whose log file is gone), the
+    copy in its archive."""
+    try:
+        result = client.call("logs", **params)
+    except RemoteError as exc:
+        if exc.code != "not_found" or "/" not in params["task_id"]:
+            raise
+        try:
+            return client.call("logs_archived", task_id=params["task_id"], lines=params["lines"])
+        except RemoteError:
+            raise exc from None
+    if not result["lines"]:
+        try:
+            return client.call("logs_archived", task_id=result["task_id"], lines=params["lines"])
+        except RemoteError:
+            pass
+    return result
+
+
+def _show(client: Client, params: dict[str, Any]) -> Any:
+    """A task; one of a retired workstream (named WS/TASK) from its archive."""
+    try:
+        return client.call("show", **params)
+    except RemoteError as exc:
+        ws_id, slash, bare = params["task_id"].partition("/")
+        if exc.code != "not_found" or not slash:
+            raise
+        try:
+            ws = client.call("ws_show_archived", workstream=ws_id)
+        except RemoteError:
+            raise exc from None
+    found = [t for t in ws["tasks"] if t.get("name") == bare or t.get("id") == params["task_id"]]
+    if not found:
+        raise RemoteError("not_found", f"no task {bare!r} in retired workstream {ws_id}")
+    task: dict[str, Any] = found[0]
+    task["log_path"] = f"{ws['archive']}:logs/{bare}.log"
+    if params.get("logs"):
+        try:
+            logs = client.call("logs_archived", task_id=params["task_id"], lines=params["lines"])
+            task["log_tail"] = logs["lines"]
+        except RemoteError:
+            task["log_tail"] = []
+    return task
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -527,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
                     return refused
             if method == "submit":
                 result = client.submit(**params)
+            elif method == "logs":
+                result = _logs(client, params)
+            elif method == "show":
+                result = _show(client, params)
             else:
                 result = client.call(method, **params)
             if method == "drain" and args.wait:

@@ -39,6 +39,11 @@ def paint(text: str, colour: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text
 
 
+def local_time(ts: float) -> str:
+    """A wall time as the operator reads it (local, to the second)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 def table(
     headers: Sequence[str],
     rows: Sequence[Sequence[Any]],

@@ -35,10 +35,10 @@ def add_commands(sub: Any) -> None:
         "state", help="state directory tools (the daemon's, or --state-dir offline)"
     ).add_subparsers(dest="state_cmd", required=True, metavar="ACTION")
     for name, text in (
-        ("validate", "check the log, snapshot, backups and checkpoints"),
-        ("backups", "list the snapshot backups"),
+        ("validate", "check the log segments, snapshot, backups and checkpoints"),
+        ("backups", "list the backups (full copies and restore points), oldest first"),
         ("repair", "cut a torn log tail, rebuild a damaged snapshot (daemon stopped)"),
-        ("restore", "make current.json from a backup or the whole log (daemon stopped)"),
+        ("restore", "make current.json from any listed backup or the kept log (daemon stopped)"),
     ):
         sp = st.add_parser(name, help=text)
         sp.add_argument(

@@ -24,6 +24,7 @@ from supervisor.core.config import WorkersConfig as WorkersCfg
 from supervisor.core.effects import (
     Archive,
     CheckSurvivors,
+    DropFiles,
     Effect,
     Emit,
     KillStarting,
@@ -32,9 +33,11 @@ from supervisor.core.effects import (
     Retire,
     Send,
     Spawn,
+    WriteArchive,
 )
 from supervisor.core.errors import StoreWriteError
 from supervisor.core.inputs import (
+    Archived,
     Input,
     Replace,
     Retired,
@@ -102,6 +105,14 @@ class Rig:
         self.notes: list[Note] = []
         self.effects: list[Effect] = []  # every effect carried out, in order
         self.aborted = 0
+        # Retention: the archive documents "written", the workstreams whose files went.
+        self.archives: dict[str, bytes] = {}
+        self.dropped: list[str] = []
+        # With `hold_archived`, an archive's Archived waits in `held` (still being written).
+        self.hold_archived = False
+        # When set, every archive "fails" with this error.
+        self.archive_error: str | None = None
+        self.held: list[Input] = []
         # Send(Run) effects whose attempt was not the task's running attempt when sent.
         self.bad_runs: list[str] = []
         if boot:
@@ -251,6 +262,20 @@ class Rig:
                 self.box.send_nowait(SurvivorsChecked(tid, left))
             case Archive(workstream_id=ws_id, payload=payload):
                 self.store.write_json(f"archive/{ws_id}.json", payload)
+            case WriteArchive(workstream_id=ws_id, document=doc):
+                # The archive is "written" at once: the machine hears so in the next step.
+                self.archives[ws_id] = doc
+                done = (
+                    Archived(ws_id, error=self.archive_error)
+                    if self.archive_error
+                    else Archived(ws_id, path=f"archive/{ws_id}.tar.gz")
+                )
+                if self.hold_archived:
+                    self.held.append(done)
+                else:
+                    self.box.send_nowait(done)
+            case DropFiles(workstream_id=ws_id):
+                self.dropped.append(ws_id)
 
     def _spawn(self, wid: str) -> None:
         try:

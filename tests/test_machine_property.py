@@ -4,7 +4,8 @@ A Hypothesis state machine drives the Machine through tests/rig.py (a MemoryStor
 FakePool, a FakeClock): it submits random DAG workstreams, lets agents finish attempts
 (success, failure, a failed validation or spawn), lets time pass (timeouts, back-offs),
 steps the wall clock, kills agents, silences their heartbeats, cancels and retries tasks,
-pauses and unpauses workstreams, drains and undrains the daemon, and makes the log refuse
+pauses and unpauses workstreams, drains and undrains the daemon, retires finished
+workstreams (by hand, and by age after a wall step), and makes the log refuse
 writes at random (a refused step is taken back and its inputs
 are handled again later). After every step:
 
@@ -30,6 +31,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -37,6 +39,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from supervisor.control import actions
 from supervisor.control import protocol as p
 from supervisor.control import quiesce_actions as hold
+from supervisor.control import ws_actions as ws_ops
+from supervisor.core.config import RetentionConfig
 from supervisor.core.inputs import HealthReport, Probe
 from supervisor.core.model import TaskState, WorkerState, equal_states
 from tests.rig import Rig, config
@@ -68,7 +72,12 @@ def checked(fn: F) -> F:
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.rig = Rig(config(workers=WORKERS, resources=RESOURCES, backoff_max_s=8.0))
+        cfg = config(workers=WORKERS, resources=RESOURCES, backoff_max_s=8.0)
+        # Finished workstreams are retired 600 s after they ended: a wall step does it.
+        cfg = msgspec.structs.replace(
+            cfg, retention=RetentionConfig(keep_finished_s=600.0, keep_failed_s=600.0)
+        )
+        self.rig = Rig(cfg)
         self.ws_count = 0
         self.silent: set[str] = set()
         self.broken = False  # an invariant failed: teardown adds nothing to the report
@@ -203,6 +212,15 @@ class CoreMachine(RuleBasedStateMachine):
                 self.rig.run(hold.ws_pause, p.WsPauseParams(workstream=ws))
             else:
                 self.rig.run(hold.ws_unpause, p.WsUnpauseParams(workstream=ws))
+            self.rig.deliver()
+
+    @rule(data=st.data())
+    def operator_retires(self, data: st.DataObject) -> None:
+        """`ws retire` (refused unless the workstream is finished and nothing of it runs)."""
+        wss = sorted(self.rig.state.data.workstreams)
+        if wss:
+            ws = data.draw(st.sampled_from(wss))
+            self.rig.run(ws_ops.ws_retire, p.WsRetireParams(workstream=ws))
             self.rig.deliver()
 
     @rule(drain=st.booleans())

@@ -2,10 +2,11 @@
 
 A Hypothesis state machine performs random legal operations (submit DAG workstreams,
 queue, dispatch, pid updates, complete, fail with retry, skip, cancel, operator retry,
-worker moves), writing each record through a real Store while an in-memory State is the
-model. It snapshots, checkpoints and crashes at random (with or without a torn partial
-line), reopening from disk. After every step the on-disk state, read from snapshot+tail
-and by a full replay, equals the model. Size: ORCHD_TORTURE_SIZE examples (default 30).
+worker moves, retirement of finished workstreams), writing each record through a real
+Store while an in-memory State is the model. It snapshots, checkpoints and crashes at
+random (with or without a torn partial line), reopening from disk. After every step the
+on-disk state, read from snapshot+tail and by a full replay, equals the model.
+Size: ORCHD_TORTURE_SIZE examples (default 30).
 """
 
 from __future__ import annotations
@@ -209,6 +210,20 @@ class ReplayMachine(RuleBasedStateMachine):
         nxt = {"pending": "running", "running": "completed", "completed": "merged"}.get(cur or "")
         if nxt:
             self.drv.do("workstream", ws, nxt, ended_at=self.drv.ts if nxt == "completed" else None)
+
+    @rule(data=st.data())
+    def retire(self, data: st.DataObject) -> None:
+        """A workstream with nothing of it running is finished (if it is not yet) and
+        leaves the state with its tasks."""
+        model = self.model
+        cands = [w for w in sorted(model.data.workstreams) if model.retire_problem(w) is None]
+        if cands:
+            ws = data.draw(st.sampled_from(cands))
+            if model.current("workstream", ws) in ("pending", "running"):
+                self.drv.do("workstream", ws, "completed", ended_at=self.drv.ts)
+            self.drv.do("workstream", ws, "retired", archive=f"archive/{ws}.tar.gz")
+            assert ws not in model.data.workstreams
+            assert not any(t.workstream_id == ws for t in model.data.tasks.values())
 
     @rule(
         w=st.sampled_from(WORKERS),

@@ -107,8 +107,9 @@ def test_snapshot_beyond_the_log_is_refused(tmp_path: Path) -> None:
 
 
 def test_101_snapshots_leave_exactly_100_backups(tmp_path: Path) -> None:
-    """Backups are pruned to the newest 100, with unique names even within one second."""
-    store = Store(tmp_path, fsync=False)
+    """With every backup a full copy (backups_full = backups_keep), backups are pruned to
+    the newest 100, with unique names even within one second."""
+    store = Store(tmp_path, fsync=False, backups_full=100)
     drv = Driver(store, store.open())
     seen: set[str] = set()
     for i in range(103):

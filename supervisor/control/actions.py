@@ -428,6 +428,7 @@ HANDLERS: dict[str, Any] = {
     "ws_checkpoints": ws_ops.ws_checkpoints,
     "ws_rollback": ws_ops.ws_rollback,
     "ws_mark_merged": ws_ops.ws_mark_merged,
+    "ws_retire": ws_ops.ws_retire,
     "ws_analyze": ws_ops.ws_analyze,
     "ws_pause": hold_ops.ws_pause,
     "ws_unpause": hold_ops.ws_unpause,

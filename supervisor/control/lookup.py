@@ -117,7 +117,11 @@ def get_ws(s: Machine, ref: str) -> Workstream:
     pipeline's most recent run."""
     ws = _find_ws(s, ref)
     if ws is None:
-        raise OperatorError("not_found", f"no workstream {ref!r} (see `orchctl ws list`)")
+        raise OperatorError(
+            "not_found",
+            f"no workstream {ref!r} (see `orchctl ws list`; a retired one is shown by "
+            f"`orchctl ws show --archived {ref}`)",
+        )
     return ws
 
 

@@ -81,6 +81,23 @@ class WsShowParams(_Params):
     workstream: str
 
 
+class WsShowArchivedParams(_Params):
+    """A retired workstream as its archive holds it (read off the loop)."""
+
+    workstream: str
+
+
+class WsListArchivedParams(_Params):
+    """The archives in archive/ (read off the loop)."""
+
+
+class LogsArchivedParams(_Params):
+    """An archived task log: `task_id` is WS/TASK, WS the retired workstream's id."""
+
+    task_id: str
+    lines: int = 100
+
+
 class WorkerCheckParams(_Params):
     worker_id: str
 
@@ -251,6 +268,11 @@ class WsMarkMergedParams(_Params):
     reason: str | None = None
 
 
+class WsRetireParams(_Params):
+    workstream: str
+    reason: str | None = None
+
+
 class RevalidateParams(_Params):
     task_id: str
     reason: str | None = None
@@ -298,6 +320,9 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "debug": (DebugParams, False),
     "state_validate": (StateValidateParams, False),
     "state_backups": (StateBackupsParams, False),
+    "ws_show_archived": (WsShowArchivedParams, False),
+    "ws_list_archived": (WsListArchivedParams, False),
+    "logs_archived": (LogsArchivedParams, False),
     "submit": (SubmitParams, True),
     "retry": (RetryParams, True),
     "skip": (SkipParams, True),
@@ -311,6 +336,7 @@ METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "ws_resume": (WsResumeParams, True),
     "ws_rollback": (WsRollbackParams, True),
     "ws_mark_merged": (WsMarkMergedParams, True),
+    "ws_retire": (WsRetireParams, True),
     "revalidate": (RevalidateParams, True),
     "ws_pause": (WsPauseParams, True),
     "ws_unpause": (WsUnpauseParams, True),

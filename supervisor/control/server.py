@@ -391,9 +391,12 @@ class Server:
                     handler = rehearsal(handler)
                 elif expect is not None:
                     handler = confirmed(handler, expect)
-                # A query (nothing changed) is answered without waiting for a slow sync.
-                result = await self.engine.call(handler, params, query=not changes)
-                result, big = await finish(result, self._readers())
+                if isinstance(params, p.WsRetireParams) and not dry_run:
+                    result = await self._retire(handler, params)
+                else:
+                    # A query (nothing changed) is answered without waiting for a slow sync.
+                    result = await self.engine.call(handler, params, query=not changes)
+                    result, big = await finish(result, self._readers())
             if req.method == "status":
                 result["uploads"] = self.uploads.figures()
             resp = p.Response(id=req.id, ok=True, result=result)
@@ -429,6 +432,33 @@ class Server:
         if self._query_readers is None:
             self._query_readers = anyio.CapacityLimiter(QUERY_READERS)
         return self._query_readers
+
+    async def _retire(self, handler: Any, params: p.WsRetireParams) -> dict[str, Any]:
+        """`ws retire`: the archive is asked for in a step, written in a thread, then the
+        retirement is recorded in another step; the answer waits for that record."""
+        recv = self.engine.follow_records()  # before the call: no record falls between
+        async with recv:
+            result: dict[str, Any] = await self.engine.call(handler, params)
+            ws_id = result["workstream_id"]
+            async for records in recv:
+                for rec in records:
+                    if rec.entity != "workstream" or rec.id != ws_id:
+                        continue
+                    if rec.to == "retired":
+                        return {
+                            "workstream_id": ws_id,
+                            "state": "retired",
+                            "archive": rec.changes.get("archive"),
+                            "seq": rec.seq,
+                        }
+                    raise OperatorError(
+                        "wrong_state",
+                        f"workstream {ws_id} changed while it was archived (now {rec.to}); "
+                        "it was not retired",
+                    )
+        raise OperatorError(
+            "unavailable", f"lost track of workstream {ws_id}'s retirement: see `orchctl events`"
+        )
 
     async def _off_loop(self, method: str, params: p.Params) -> Any:
         """A request that reads the state directory's files: in a worker thread, one at a

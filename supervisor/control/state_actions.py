@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.control import protocol as p
+from supervisor.control.archive_queries import QUERIES
 from supervisor.store import maintenance
 
 
@@ -28,3 +29,6 @@ OFF_LOOP: dict[str, Callable[[Path, Any], Any]] = {
     "state_validate": state_validate,
     "state_backups": state_backups,
 }
+
+# Reading archive/ (retired workstreams) is the same kind of request.
+OFF_LOOP |= QUERIES

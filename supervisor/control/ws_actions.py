@@ -21,6 +21,7 @@ from supervisor.core.lifecycle import stop_task
 from supervisor.core.machine import Machine
 from supervisor.core.model import TASK_TRANSITIONS, FailureKind, Task, TaskState
 from supervisor.core.policy import StopReason
+from supervisor.core.retention import retire_by_hand
 
 
 def _result(s: Machine, ws_id: str, before: int, **extra: Any) -> dict[str, Any]:
@@ -84,6 +85,14 @@ def ws_mark_merged(s: Machine, params: p.WsMarkMergedParams) -> dict[str, Any]:
     s.rt.mark_dirty(ws.id)
     s.emit("workstream_merged", "info", workstream_id=ws.id, message=params.reason)
     return {"workstream_id": ws.id, "state": "merged", "seq": rec.seq}
+
+
+def ws_retire(s: Machine, params: p.WsRetireParams) -> dict[str, Any]:
+    """`orchctl ws retire WS`: archive a finished workstream now and retire it (the server
+    waits for the retirement record and answers with its seq)."""
+    ws = get_ws(s, params.workstream)
+    retire_by_hand(s, ws.id)
+    return {"workstream_id": ws.id, "state": str(ws.state), "archiving": True}
 
 
 # --- checkpoints and rollback -----------------------------------------------------------

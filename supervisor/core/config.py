@@ -85,6 +85,10 @@ class TasksConfig(_Section):
 class StoreConfig(_Section):
     snapshot_interval_s: float = 60.0
     backups_keep: int = 100
+    # Of the kept backups, about this many are full copies; the rest are restore points.
+    backups_full: int = 4
+    # The active log file is sealed as a segment once it reaches this size.
+    segment_bytes: int = 16 * 1024 * 1024
     checkpoint_interval_s: float = 1.0
     checkpoints_keep: int = 20
     metrics_interval_s: float = 10.0
@@ -100,6 +104,17 @@ class RotationConfig(_Section):
     interventions_keep: int = 0
     worker_log_max_bytes: int = 16 * 1024 * 1024
     worker_logs_keep: int = 3
+
+
+class RetentionConfig(_Section):
+    """How long finished workstreams stay live before they are archived and retired."""
+
+    # A completed, cancelled or merged run leaves after this long ...
+    keep_finished_s: float = 7 * 24 * 3600.0
+    # ... or once this many newer finished runs of its pipeline (`name`) exist.
+    keep_finished: int = 50
+    # A failed run waits for an operator: it leaves only after this long.
+    keep_failed_s: float = 30 * 24 * 3600.0
 
 
 class ControlConfig(_Section):
@@ -143,6 +158,7 @@ class Config(_Section):
     rotation: RotationConfig = msgspec.field(default_factory=RotationConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     resources: dict[str, ResourceConfig] = {}
 
     @property
@@ -164,7 +180,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
             )
 
     positive("workers.count", cfg.workers.count, zero_ok=True)
-    for section in ("health", "tasks", "store"):
+    for section in ("health", "tasks", "store", "retention"):
         sub = getattr(cfg, section)
         for name in sub.__struct_fields__:
             value = getattr(sub, name)

@@ -20,6 +20,7 @@ import msgspec
 from supervisor.core.config import Config
 from supervisor.core.effects import Archive, Effect, Emit, Note
 from supervisor.core.model import (
+    RETIRED,
     Cause,
     Entity,
     Event,
@@ -125,6 +126,7 @@ class Core:
         """Settings reloaded, as part of the open step (taken back with it)."""
         old, self.cfg = self.cfg, new
         self.rt.on_undo(lambda: setattr(self, "cfg", old))
+        self.rt.retention_changed()
 
     # -- acting --------------------------------------------------------------------------
 
@@ -146,6 +148,12 @@ class Core:
         )
         self.txn.record(rec)
         self.rt.count("transitions")
+        if entity == "workstream":
+            self.rt.retention_changed()
+            if to != RETIRED:
+                # It changed while its archive is written: that archive is not the one
+                # to retire it with (it is asked for again when the workstream is due).
+                self.rt.set_archiving(id_, None)
         if entity == "task":
             self._after_task(self.state.data.tasks[id_], frm or "")
         return rec
@@ -168,6 +176,8 @@ class Core:
     def _after_task(self, task: Task, frm: str) -> None:
         rt = self.rt
         rt.mark_dirty(task.workstream_id)
+        if rt.archiving(task.workstream_id) is not None:
+            rt.set_archiving(task.workstream_id, None)  # see `commit`
         if frm == "running" and task.state != TaskState.RUNNING:
             rt.disarm("timeout", task.id)
             for r in task.resources:
@@ -179,6 +189,8 @@ class Core:
         if frm == "queued":
             rt.set_queued_at(task.id, None)
         ws = self.state.data.workstreams[task.workstream_id]
+        if frm == "running" and ws.state not in ("pending", "running"):
+            rt.retention_changed()  # a finished workstream may be retired once nothing runs
         if frm == "failed" and rt.is_blocked(ws.id):
             # Dispatch stopped for a critical task's final failure; it resumes once no
             # critical task of the workstream is failed (retried, skipped, cancelled).

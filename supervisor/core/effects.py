@@ -114,6 +114,22 @@ class Archive(msgspec.Struct, tag=True):
     payload: dict[str, Any]
 
 
+class WriteArchive(msgspec.Struct, tag=True):
+    """Write archive/<ws>.tar.gz: `document` (the workstream, its tasks and their attempts
+    as JSON, encoded in the step that decided it) with the workstream's checkpoints and
+    task logs; then report Archived. Nothing is deleted yet."""
+
+    workstream_id: str
+    document: bytes
+
+
+class DropFiles(msgspec.Struct, tag=True):
+    """The workstream's retirement is durable: delete its checkpoints and task logs (its
+    archive holds them)."""
+
+    workstream_id: str
+
+
 class Published(msgspec.Struct, tag=True):
     """Hand a step's records, now durable, to the followers of transitions (`ws_follow`).
     The engine adds it to a step while someone follows; the rules never ask for it."""
@@ -131,5 +147,7 @@ Effect = (
     | Emit
     | Note
     | Archive
+    | WriteArchive
+    | DropFiles
     | Published
 )

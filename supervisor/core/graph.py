@@ -155,6 +155,26 @@ class Graph:
             self.dependents.setdefault(dep, []).append(task.id)
         self._recount(task, tasks)
 
+    def forget(self, tasks: Iterable[Task], ws_id: str) -> None:
+        """Drop every trace of `tasks` (the whole of workstream `ws_id`, leaving the state)."""
+        dependents, unmet, ready = self.dependents, self.unmet, self.ready
+        for task in tasks:
+            tid = task.id
+            dependents.pop(tid, None)
+            unmet.pop(tid, None)
+            ready.pop(tid, None)
+            for dep in task.depends_on:
+                lst = dependents.get(dep)
+                if lst is not None and tid in lst:
+                    lst.remove(tid)
+                    if not lst:
+                        del dependents[dep]
+            if task.state == "running":
+                self._release(task)
+        for r in [r for r, held in self.holders.items() if not held]:
+            del self.holders[r]
+        self.ws_counts.pop(ws_id, None)
+
     def mark_ready(self, task_id: str) -> None:
         """`task_id` may be ready now (its back-off ended, an operator changed it)."""
         self.ready[task_id] = None

@@ -79,6 +79,15 @@ class Replace(msgspec.Struct, tag=True):
     cause: Cause
 
 
+class Archived(msgspec.Struct, tag=True):
+    """The archive of a workstream that retention (or an operator) retires is written and
+    durable (`error` None), or could not be written (`error` says why)."""
+
+    workstream_id: str
+    path: str = ""
+    error: str | None = None
+
+
 class Probe(msgspec.Struct, kw_only=True, omit_defaults=True):
     """psutil's view of one worker's agent process."""
 
@@ -109,4 +118,5 @@ Input = (
     | Retired
     | Replace
     | HealthReport
+    | Archived
 )

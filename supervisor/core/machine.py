@@ -23,6 +23,7 @@ from supervisor.core.health import evaluate
 from supervisor.core.inputs import (
     AgentExited,
     AgentMessage,
+    Archived,
     HealthReport,
     Input,
     Replace,
@@ -45,6 +46,7 @@ from supervisor.core.lifecycle import (
 )
 from supervisor.core.model import Task, Transition
 from supervisor.core.outcome import on_finished
+from supervisor.core.retention import on_archived, sweep
 from supervisor.core.survivors import hold, on_checked
 from supervisor.core.timers import on_timers
 from supervisor.core.txn import Txn
@@ -112,6 +114,8 @@ class Machine(Core):
                 on_replace(self, wid, same, cause)
             case HealthReport():
                 evaluate(self, inp)
+            case Archived(workstream_id=ws_id, path=path, error=error):
+                on_archived(self, ws_id, path, error)
 
     def _finished(
         self, wid: str, msg: wire.Finished, left: tuple[tuple[int, int], ...] = ()
@@ -161,10 +165,12 @@ class Machine(Core):
             raise
 
     def settle(self) -> None:
-        """What follows from the time and from the inputs: due timers, readiness, dispatch."""
+        """What follows from the time and from the inputs: due timers, readiness, dispatch,
+        finished workstreams due to be retired."""
         on_timers(self)
         promote(self)
         dispatch(self)
+        sweep(self)
 
     def decided(self) -> Step:
         """What the open step decided; then `keep` it (its records were written) or

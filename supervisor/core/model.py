@@ -80,11 +80,14 @@ WORKSTREAM_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
     None: frozenset({"pending"}),
     "pending": frozenset({"pending", "running", "completed", "failed", "cancelled"}),
     "running": frozenset({"running", "completed", "failed", "cancelled"}),
-    "completed": frozenset({"completed", "running", "merged"}),
-    "failed": frozenset({"failed", "running", "completed", "cancelled"}),
-    "cancelled": frozenset({"cancelled", "running"}),
-    "merged": frozenset({"merged"}),
+    "completed": frozenset({"completed", "running", "merged", "retired"}),
+    "failed": frozenset({"failed", "running", "completed", "cancelled", "retired"}),
+    "cancelled": frozenset({"cancelled", "running", "retired"}),
+    "merged": frozenset({"merged", "retired"}),
 }
+# Not a state anything is in: the record that takes a finished workstream and its tasks
+# out of the live state (core/retention.py), once its archive is written.
+RETIRED: Final = "retired"
 WORKER_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
     None: frozenset({"starting"}),
     "starting": frozenset({"starting", "idle", "unresponsive", "shutdown"}),
@@ -306,7 +309,7 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
     "task": frozenset(Task.__struct_fields__) - {"id", "state", "workstream_id"}
     | {"attempt", "attempt_update"},
     "workstream": frozenset(Workstream.__struct_fields__) - {"id", "state", "task_ids"}
-    | {"workstream", "tasks"},
+    | {"workstream", "tasks", "archive"},
     "worker": frozenset(Worker.__struct_fields__) - {"id", "state"},
     "resource": frozenset(Resource.__struct_fields__) - {"id", "state"},
     "daemon": frozenset(Daemon.__struct_fields__) - {"id", "state"},
@@ -395,7 +398,24 @@ class State:
             # Only tasks have "attempt_update" among their fields, and a task exists here.
             if "attempt_update" in changes and not obj.attempts:
                 raise IllegalTransition(entity, rec.id, from_, to, "no attempt to update")
+        if to == RETIRED and entity == "workstream":
+            why = self.retire_problem(rec.id)
+            if why is not None:
+                raise IllegalTransition(entity, rec.id, from_, to, why)
         return obj
+
+    def retire_problem(self, ws_id: str) -> str | None:
+        """Why workstream `ws_id` may not leave the state now (a task of it runs, or a
+        worker still names one), or None."""
+        if self.graph.ws_counts.get(ws_id, {}).get("running"):
+            return "a task of it is running"
+        tasks = self.data.tasks
+        for w in self.data.workers.values():
+            if w.task_id is not None:
+                t = tasks.get(w.task_id)
+                if t is not None and t.workstream_id == ws_id:
+                    return f"worker {w.id} still names its task {t.id}"
+        return None
 
     def apply(self, rec: Transition) -> None:
         """Check and perform one transition; an illegal one raises and changes nothing."""
@@ -446,6 +466,9 @@ class State:
         self.data.last_seq = rec.seq
 
     def _apply_workstream(self, rec: Transition) -> None:
+        if rec.to == RETIRED:
+            self._retire_workstream(rec.id)
+            return
         if rec.from_ is None:
             ws = msgspec.convert(rec.changes["workstream"], Workstream)
             tasks = msgspec.convert(rec.changes["tasks"], list[Task])
@@ -462,6 +485,14 @@ class State:
         for key, value in rec.changes.items():
             setattr(ws, key, value)
         ws.state = _WORKSTREAM_STATE[rec.to]
+
+    def _retire_workstream(self, ws_id: str) -> None:
+        """The workstream and its tasks leave the state (and the graph); `run_numbers`
+        keeps its number, so NAME-N is never given again."""
+        ws = self.data.workstreams.pop(ws_id)
+        tasks = self.data.tasks
+        gone = [t for tid in ws.task_ids if (t := tasks.pop(tid, None)) is not None]
+        self.graph.forget(gone, ws_id)
 
     def _apply_daemon(self, rec: Transition) -> None:
         d = self.data.daemon.get(rec.id)

@@ -8,7 +8,7 @@ resource frees up, so a scheduling step only touches what changed.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Entry = tuple[int, int, str]  # (-priority, order, task_id)
 
@@ -77,6 +77,35 @@ class DispatchQueue:
     def repark_ws(self, ws_id: str, entries: list[Entry]) -> None:
         self._parked_ws.setdefault(ws_id, []).extend(entries)
 
+    def forget(self, task_ids: set[str], ws_id: str) -> Callable[[], None] | None:
+        """Drop every entry of `task_ids` (heap, resource parking) and the parking of
+        `ws_id`; returns what takes it back, or None when nothing was there."""
+        heap, parked, parked_ws = self._heap, self._parked, self._parked_ws
+        hit_heap = any(e[2] in task_ids for e in heap)
+        hit_res = [r for r, es in parked.items() if any(e[2] in task_ids for e in es)]
+        if not hit_heap and not hit_res and ws_id not in parked_ws:
+            return None
+        old_heap = list(heap)
+        old_parked = {r: list(parked[r]) for r in hit_res}
+        old_ws = parked_ws.pop(ws_id, None)
+        if hit_heap:
+            heap[:] = [e for e in heap if e[2] not in task_ids]
+            heapq.heapify(heap)
+        for r in hit_res:
+            left = [e for e in parked[r] if e[2] not in task_ids]
+            if left:
+                parked[r] = left
+            else:
+                del parked[r]
+
+        def undo() -> None:
+            heap[:] = old_heap
+            parked.update(old_parked)
+            if old_ws is not None:
+                parked_ws[ws_id] = old_ws
+
+        return undo
+
     def waiting_on(self, resource_id: str) -> list[str]:
         return [e[2] for e in self._parked.get(resource_id, ())]
 
@@ -98,7 +127,17 @@ class Timers:
         heapq.heappush(self._heap, (when, kind, key))
 
     def disarm(self, kind: str, key: str) -> None:
-        self._armed.pop((kind, key), None)
+        if self._armed.pop((kind, key), None) is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the heap's stale entries once they outnumber the armed ones: a timeout
+        disarmed when its attempt ends long before it would fire (most of them) must not
+        stay in memory for the whole timeout."""
+        heap, armed = self._heap, self._armed
+        if len(heap) > 2 * len(armed) + 1024:
+            heap[:] = [e for e in heap if armed.get((e[1], e[2])) == e[0]]
+            heapq.heapify(heap)
 
     def armed(self, kind: str, key: str) -> float | None:
         return self._armed.get((kind, key))

@@ -39,6 +39,12 @@ class Runtime:
         self._dirty_ws: set[str] = set()
         self._queued_at: dict[str, float] = {}
         self._backoff_until: dict[str, float] = {}
+        # Retention: workstreams whose archive is being written (and by whose cause), the
+        # wall time the next one falls due, and whether that must be worked out again.
+        self._archiving: dict[str, str] = {}
+        self._archive_retry: dict[str, float] = {}  # ws -> wall time of the next try
+        self._retention_at: float | None = None
+        self._retention_stale = True
         self.counters: dict[str, int] = {}
         self.queue_waits: list[float] = []
         self.draining = False
@@ -304,6 +310,62 @@ class Runtime:
             self._del(self._backoff_until, task_id)
         else:
             self._set(self._backoff_until, task_id, when)
+
+    # -- retention -------------------------------------------------------------------
+
+    def archiving(self, ws_id: str) -> str | None:
+        """The cause of the archive being written for `ws_id`, None when there is none."""
+        return self._archiving.get(ws_id)
+
+    def set_archiving(self, ws_id: str, cause: str | None) -> None:
+        if cause is None:
+            self._del(self._archiving, ws_id)
+        else:
+            self._set(self._archiving, ws_id, cause)
+
+    def archive_retry_at(self, ws_id: str) -> float | None:
+        """After a failed archive: the wall time before which it is not tried again."""
+        return self._archive_retry.get(ws_id)
+
+    def set_archive_retry_at(self, ws_id: str, wall: float | None) -> None:
+        if wall is None:
+            self._del(self._archive_retry, ws_id)
+        else:
+            self._set(self._archive_retry, ws_id, wall)
+
+    def retention_due(self, wall: float) -> bool:
+        """Retention has something to look at: the workstreams changed, or the wall time
+        of the next one due has come."""
+        at = self._retention_at
+        return self._retention_stale or (at is not None and wall >= at)
+
+    def retention_changed(self) -> None:
+        """A workstream moved (no undo: one more look is harmless)."""
+        self._retention_stale = True
+
+    def set_retention_at(self, wall: float | None) -> None:
+        """Looked at: the next look is due at wall time `wall` (None: only on a change)."""
+        self._retention_stale = False
+        self._retention_at = wall
+
+    def forget_tasks(self, ws_id: str, task_ids: Iterable[str]) -> None:
+        """Workstream `ws_id` and its tasks left the state: nothing of them stays here
+        (taken back whole with the step)."""
+        ids = set(task_ids)
+        self.set_archive_retry_at(ws_id, None)
+        for tid in ids & self._parked_on.keys():
+            self._del(self._parked_on, tid)
+        for times in (self._queued_at, self._backoff_until):
+            for tid in ids & times.keys():
+                self._del(times, tid)
+        self._discard(self._blocked_ws, ws_id)
+        self._dirty_ws.discard(ws_id)
+        for tid in ids:
+            for kind in ("timeout", "backoff", "survivors", "queue_alert", "resource_alert"):
+                self.disarm(kind, tid)
+        undo = self._queue.forget(ids, ws_id)
+        if undo is not None:
+            self._undo(undo)
 
     # -- figures -----------------------------------------------------------------------
 

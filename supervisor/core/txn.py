@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor.core.model import State, Task, Transition
+from supervisor.core.model import RETIRED, State, Task, Transition
 
 _replace = msgspec.structs.replace
 _ATTR = {
@@ -41,7 +41,7 @@ def _copy(obj: Any) -> Any:
 class Txn:
     """The open step: its records, and what takes them back."""
 
-    __slots__ = ("_pre", "_start_seq", "_touched", "records", "state")
+    __slots__ = ("_orders", "_pre", "_start_seq", "_touched", "records", "state")
 
     def __init__(self, state: State) -> None:
         self.state = state
@@ -50,6 +50,8 @@ class Txn:
         # (entity, id, copy or None when the step created it), in the order first touched.
         self._pre: list[tuple[str, str, Any]] = []
         self._touched: set[tuple[str, str]] = set()
+        # (index in _pre, the workstreams' and tasks' ids in order) before a retirement.
+        self._orders: list[tuple[int, list[str], list[str]]] = []
 
     def record(self, rec: Transition) -> None:
         """Check `rec` (IllegalTransition changes nothing) and apply it."""
@@ -59,6 +61,18 @@ class Txn:
         if key not in self._touched:
             self._touched.add(key)
             self._pre.append((rec.entity, rec.id, None if obj is None else _copy(obj)))
+        if rec.to == RETIRED and rec.entity == "workstream":
+            # Its tasks leave the state with it: a rollback puts them back as they are
+            # (nothing changes them once they are out).
+            self._touched.add(key)
+            data = state.data
+            # Their places too: the dicts' order is the submission order (lookups and
+            # listings rely on it), and a rollback must not move them to the end.
+            self._orders.append((len(self._pre), list(data.workstreams), list(data.tasks)))
+            self._pre.append(("workstream", rec.id, _copy(obj)))
+            for tid in obj.task_ids:
+                if (t := data.tasks.get(tid)) is not None:
+                    self._pre.append(("task", tid, t))
         state.apply_checked(rec, obj)
         self.records.append(rec)
 
@@ -82,10 +96,15 @@ class Txn:
                 if entity == "workstream" and gone is not None:
                     for tid in gone.task_ids:
                         data.tasks.pop(tid, None)
+            elif (live := table.get(id_)) is None:
+                table[id_] = pre  # it had left the state (a retirement)
             else:
-                live = table[id_]
                 for field in pre.__struct_fields__:
                     setattr(live, field, getattr(pre, field))
+        while self._orders and self._orders[-1][0] >= n_pre:
+            _, ws_order, task_order = self._orders.pop()
+            _reorder(data.workstreams, ws_order)
+            _reorder(data.tasks, task_order)
         del self._pre[n_pre:]
         del self.records[n_records:]
         self._touched = set()
@@ -93,3 +112,13 @@ class Txn:
         # The indexes are derived: rebuilt rather than unwound (a rollback is rare).
         self.state.graph.rebuild(data.tasks.values(), data.tasks)
         return True
+
+
+def _reorder(table: dict[str, Any], order: list[str]) -> None:
+    """Put `table`'s entries back in `order` (in place; entries not in it go last)."""
+    items = [(k, table[k]) for k in order if k in table]
+    placed = set(order)
+    rest = [(k, v) for k, v in table.items() if k not in placed]
+    table.clear()
+    table.update(items)
+    table.update(rest)

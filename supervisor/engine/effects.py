@@ -17,10 +17,12 @@ import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from supervisor import failpoints
 from supervisor.core import lifecycle
 from supervisor.core.effects import (
     Archive,
     CheckSurvivors,
+    DropFiles,
     Effect,
     Emit,
     KillStarting,
@@ -30,8 +32,10 @@ from supervisor.core.effects import (
     Retire,
     Send,
     Spawn,
+    WriteArchive,
 )
 from supervisor.core.inputs import (
+    Archived,
     Replace,
     Retired,
     Spawned,
@@ -42,6 +46,7 @@ from supervisor.core.inputs import (
 from supervisor.core.machine import Machine
 from supervisor.core.model import Event, Transition, WorkerState
 from supervisor.engine.ports import Agents, Durable
+from supervisor.store import archive
 from supervisor.store.snapshot import iso_utc
 
 log = structlog.get_logger("orchd.engine")
@@ -121,6 +126,15 @@ class Effects:
                 self._background(lambda: self._kill_starting(eff))
             case CheckSurvivors():
                 self._background(lambda: self._check_survivors(eff))
+            case WriteArchive():
+                self._background(lambda: self._write_archive(eff))
+            case DropFiles(workstream_id=ws_id):
+                failpoints.crash_point("retire_recorded")
+                self._background(
+                    lambda: anyio.to_thread.run_sync(
+                        archive.drop_files, self.store.state_dir, ws_id
+                    )
+                )
             case Archive(workstream_id=ws_id, payload=payload):
                 self._background(
                     lambda: anyio.to_thread.run_sync(
@@ -242,6 +256,20 @@ class Effects:
         await self.inbox.send(Retired(eff.worker_id))
         if eff.replace:
             await self.inbox.send(Replace(eff.worker_id, eff.same_id, eff.cause))
+
+    async def _write_archive(self, eff: WriteArchive) -> None:
+        """A retiring workstream's archive, in a worker thread; the loop hears how it went."""
+        ws_id = eff.workstream_id
+        try:
+            path = await anyio.to_thread.run_sync(
+                archive.write_archive, self.store.state_dir, ws_id, eff.document
+            )
+        except (OSError, ValueError) as exc:
+            log.error("archive_not_written", workstream_id=ws_id, error=str(exc))
+            await self.inbox.send(Archived(ws_id, error=str(exc)))
+            return
+        rel = str(path.relative_to(self.store.state_dir))
+        await self.inbox.send(Archived(ws_id, path=rel))
 
     async def _kill_starting(self, eff: KillStarting) -> None:
         w = self.m.state.data.workers.get(eff.worker_id)

@@ -39,6 +39,7 @@ from supervisor.engine.derived import DerivedFiles
 from supervisor.engine.effects import Effects
 from supervisor.engine.ports import Agents, Durable
 from supervisor.engine.recovery import recover
+from supervisor.store import archive
 
 log = structlog.get_logger("orchd.engine")
 
@@ -115,6 +116,10 @@ class Engine:
         async with anyio.create_task_group() as tg:
             self.fx.tg = tg
             await tg.start(self.commit.run)
+            # Files of workstreams retired by a daemon that died before deleting them.
+            await anyio.to_thread.run_sync(
+                archive.drop_leftovers, self.store.state_dir, set(self.state.data.workstreams)
+            )
             await recover(self.m, self.transact, self.pool, self.notify)
             task_status.started()
             while not self.stopped.is_set():

@@ -69,6 +69,8 @@ async def run(cfg: Config, config_path: Path | None) -> int:
         cfg.state_dir,
         backups_keep=cfg.store.backups_keep,
         checkpoints_keep=cfg.store.checkpoints_keep,
+        segment_bytes=cfg.store.segment_bytes,
+        backups_full=cfg.store.backups_full,
         events=Rotation(rot.events_max_bytes, rot.events_keep),
         interventions=Rotation(rot.interventions_max_bytes, rot.interventions_keep),
         worker_logs=Rotation(rot.worker_log_max_bytes, rot.worker_logs_keep),

@@ -2,14 +2,18 @@
 events, interventions, metrics and archive files (the offline `orchctl state` helpers are
 in supervisor/maintenance.py and re-exported here).
 
-The transitions log is the source of truth; everything else is derived from it and is
-rebuilt when missing or damaged. `Store.open` takes the directory's lock and returns the
-recovered State; whatever it had to repair on the way is in `Store.repairs`.
+The transitions log (a chain of segments, supervisor.store.segments) is the source of
+truth; everything else is derived from it and is rebuilt when missing or damaged.
+`Store.open` takes the directory's lock and returns the recovered State; whatever it had
+to repair on the way is in `Store.repairs`. Each snapshot installed may turn the previous
+one into a backup (a full copy or a restore point, supervisor.store.backups), prune the
+backups and delete the segments no kept backup needs any more.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -17,22 +21,30 @@ from typing import Any, Final, Literal
 import msgspec
 import structlog
 
+from supervisor import failpoints
 from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import Event, State, Transition
+from supervisor.store.backups import (
+    POINT_SUFFIX,
+    Backup,
+    full_every,
+    list_kinds,
+    needed_from,
+    next_is_full,
+    point_data,
+    to_prune,
+)
 from supervisor.store.files import (
     LOG_NAME,
     SNAPSHOT_NAME,
     TMP_SUFFIX,
-    cut_torn_tail,
     cut_torn_text,
-    fsync_dir,
-    list_backup_files,
     lock_dir,
     next_backup_path,
     prune_oldest,
     write_atomic,
 )
-from supervisor.store.logfile import LogWriter, is_sealed, seal
+from supervisor.store.logfile import SEGMENTS_DIR, LogWriter, fsync_dir, is_sealed, seal
 from supervisor.store.maintenance import (
     list_backups,
     repair_state,
@@ -40,6 +52,7 @@ from supervisor.store.maintenance import (
     restore_from_transitions,
     validate_state,
 )
+from supervisor.store.segments import compact, settle
 from supervisor.store.sidelog import NO_ROTATION, AppendLog, LineCut, Rotation, copy_truncate
 from supervisor.store.snapshot import checkpoint_doc, encode_snapshot, gc_paused, iso_utc, load
 
@@ -62,7 +75,8 @@ class CheckpointBlob(msgspec.Struct, frozen=True):
     doc: dict[str, Any]
 
 
-_DIRS: Final = ("backups", "checkpoints", "archive", "logs", "logs/workers")
+_DIRS: Final = ("backups", "checkpoints", "archive", "logs", "logs/workers", SEGMENTS_DIR)
+SEGMENT_BYTES: Final = 16 << 20
 _event_decoder = msgspec.json.Decoder(Event)
 _json_encoder = msgspec.json.Encoder()
 
@@ -80,6 +94,8 @@ class Store:
         events: Rotation = NO_ROTATION,
         interventions: Rotation = NO_ROTATION,
         worker_logs: Rotation = NO_ROTATION,
+        segment_bytes: int = SEGMENT_BYTES,
+        backups_full: int = 4,
     ) -> None:
         self._dir = Path(state_dir)
         self.backups_keep, self.checkpoints_keep, self._fsync = (
@@ -87,13 +103,17 @@ class Store:
             checkpoints_keep,
             fsync,
         )
+        self.segment_bytes, self.backups_full = segment_bytes, backups_full
         self.repairs: list[str] = []
         self._lock_fd = -1
         self._log: LogWriter | None = None
         self.worker_logs = worker_logs
         self._events = AppendLog(self._dir / "events.jsonl", events)
         self._interventions = AppendLog(self._dir / "interventions.log", interventions)
-        self._last_backup: Path | None = None
+        # The seq of the current.json this store wrote or loaded (None: damaged or none).
+        self._current_seq: int | None = None
+        # Installs (snapshot, backups, compaction) one at a time, in whichever thread.
+        self._install_lock = threading.Lock()
 
     @property
     def state_dir(self) -> Path:
@@ -133,23 +153,35 @@ class Store:
         for sub in ("", "backups", "checkpoints", "archive"):
             for p in (self._dir / sub).glob(f"*{TMP_SUFFIX}"):
                 p.unlink(missing_ok=True)
-        new_log = not self.log_path.exists()
         with gc_paused(freeze=True):
             loaded = load(self._dir)
         self.repairs = list(loaded.repairs)
-        scan = loaded.scan
-        if scan.torn_line is not None:
-            self.repairs[-1] += "; " + cut_torn_tail(self._dir, scan, fsync=self._fsync)
+        found = loaded.log
+        self.repairs += settle(self._dir, found, fsync=self._fsync)
         for name in ("events.jsonl", "interventions.log"):
             cut_torn_text(self._dir / name)
+        scan = found.scan
+        new_log = not self.log_path.exists()
+        if found.tail is None or found.tail.last is not None:
+            # No active file (a new directory, or one whose last file is sealed): a new
+            # empty one, starting after the last record.
+            end, crc, first = 0, 0, scan.last_seq + 1
+        else:
+            end, crc, first = scan.end, scan.crc, found.tail.first
         self._log = LogWriter(
-            self.log_path, end=scan.end, crc=scan.crc, seq=scan.last_seq, fsync=self._fsync
+            self.log_path,
+            end=end,
+            crc=crc,
+            seq=scan.last_seq,
+            fsync=self._fsync,
+            first=first,
+            segment_bytes=self.segment_bytes,
         )
         self._writer.sync()
         if new_log and self._fsync:
             fsync_dir(self._dir)
-        backups = list_backup_files(self._dir / "backups")
-        self._last_backup = backups[-1] if backups else None
+        if loaded.source == SNAPSHOT_NAME:
+            self._current_seq = loaded.base_seq
         return loaded.state
 
     # -- the log ---------------------------------------------------------------------
@@ -179,26 +211,59 @@ class Store:
     def snapshot_blob(self, state: State) -> SnapshotBlob:
         """`state` encoded as a snapshot, now (the caller owns `state`: the loop, between
         its steps); `install_snapshot` writes it, in any thread."""
-        w = self._writer
-        if state.last_seq > w.written_seq:
-            raise ValueError(f"state at seq {state.last_seq} is ahead of the log ({w.written_seq})")
-        at_end = state.last_seq == w.written_seq
+        written, first, end, crc = self._writer.position()
+        if state.last_seq > written:
+            raise ValueError(f"state at seq {state.last_seq} is ahead of the log ({written})")
+        at_end = state.last_seq == written
         data = encode_snapshot(
-            state, log_offset=w.end if at_end else None, log_crc=w.crc if at_end else None
+            state,
+            log_offset=end if at_end else None,
+            log_crc=crc if at_end else None,
+            log_first=first if at_end else None,
         )
         return SnapshotBlob(seq=state.last_seq, data=data)
 
     def install_snapshot(self, blob: SnapshotBlob) -> Path:
-        """Make `blob` current.json, keeping the old one in backups/ (after a sync: a
-        snapshot never covers records that are not durable yet)."""
-        self._writer.sync()
+        """Make `blob` current.json, in any thread: after a sync (a snapshot never covers
+        records that are not durable yet), the old one becomes a backup (a full copy or a
+        restore point), the backups beyond `backups_keep` are deleted, then the sealed
+        segments no kept backup needs. Each step leaves a valid directory (crash points
+        `backup_point_written`, `snapshot_installed`, `backup_prune`, `compact_unlink`).
+        A blob older than the installed snapshot is not installed."""
+        if self._writer.synced_seq < blob.seq:
+            self._writer.sync()  # usually done already by the group commit
         path = self._dir / SNAPSHOT_NAME
-        backups = self._dir / "backups"
-        keep = next_backup_path(backups, self._last_backup) if path.exists() else None
-        write_atomic(path, blob.data, fsync=self._fsync, keep_as=keep)
-        if keep is not None:
-            self._last_backup = keep
-            prune_oldest(list_backup_files(backups), self.backups_keep)
+        with self._install_lock:
+            if self._current_seq is not None and blob.seq < self._current_seq:
+                return path
+            backups = self._dir / "backups"
+            kinds = list_kinds(backups)
+            last = kinds[-1].path if kinds else None
+            old = self._current_seq if path.exists() else None
+            fsync = self._fsync
+            if old is None:
+                write_atomic(path, blob.data, fsync=fsync)
+            elif next_is_full(kinds, full_every(self.backups_keep, self.backups_full)):
+                keep = next_backup_path(backups, last)
+                write_atomic(path, blob.data, fsync=fsync, keep_as=keep)
+                kinds.append(Backup(keep, old, True))
+            else:
+                point = next_backup_path(backups, last, suffix=POINT_SUFFIX)
+                write_atomic(point, point_data(old, iso_utc()), fsync=fsync)
+                failpoints.crash_point("backup_point_written")
+                write_atomic(path, blob.data, fsync=fsync)
+                kinds.append(Backup(point, old, False))
+            self._current_seq = blob.seq
+            failpoints.crash_point("snapshot_installed")
+            for b in to_prune(kinds, self.backups_keep):
+                failpoints.crash_point("backup_prune")
+                b.path.unlink(missing_ok=True)
+                kinds.remove(b)
+            gone = compact(self._dir, needed_from(kinds, blob.seq))
+            if gone:
+                if fsync:
+                    fsync_dir(self._dir / SEGMENTS_DIR)
+                log.info("log_compacted", segments=len(gone), upto=gone[-1])
         return path
 
     def write_checkpoint(self, ws_id: str, state: State) -> Path:

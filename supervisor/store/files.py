@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from supervisor.core.errors import StoreLocked
-from supervisor.store.logfile import ScanResult
+from supervisor.store.logfile import ScanResult, fsync_dir
 
 LOG_NAME: Final = "transitions.jsonl"
 _TAIL_CHUNK: Final = 1 << 20
@@ -31,14 +31,6 @@ _STAMP_FORMAT: Final = "%Y-%m-%dT%H-%M-%S.%fZ"
 def utc_stamp(t: float | None = None) -> str:
     """A UTC time usable in a file name (no colons)."""
     return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime(_STAMP_FORMAT)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(
@@ -88,19 +80,24 @@ def list_backup_files(backups: Path) -> list[Path]:
     return [backups / n for n in sorted(names)]
 
 
-def next_backup_path(backups: Path, last: Path | None) -> Path:
+def backup_stamp(path: Path) -> str:
+    """The time part of a backup's name (a full one's or a restore point's)."""
+    name = path.name[len(_BACKUP_PREFIX) :]
+    return name[: name.index("Z") + 1]
+
+
+def next_backup_path(backups: Path, last: Path | None, *, suffix: str = ".json") -> Path:
     """A new backup name, later than `last` even within one microsecond."""
-    name = f"{_BACKUP_PREFIX}{utc_stamp()}.json"
-    if last is not None and name <= last.name:
-        stem = last.name[len(_BACKUP_PREFIX) : -len(".json")]
-        prev = datetime.strptime(stem, _STAMP_FORMAT).replace(tzinfo=UTC)
-        name = f"{_BACKUP_PREFIX}{utc_stamp(prev.timestamp() + 1e-6)}.json"
+    stamp = utc_stamp()
+    if last is not None and stamp <= (prev_stamp := backup_stamp(last)):
+        prev = datetime.strptime(prev_stamp, _STAMP_FORMAT).replace(tzinfo=UTC)
+        stamp = utc_stamp(prev.timestamp() + 1e-6)
         # Float rounding may land on the same microsecond; step until it sorts after.
         step = 2e-6
-        while name <= last.name:
-            name = f"{_BACKUP_PREFIX}{utc_stamp(prev.timestamp() + step)}.json"
+        while stamp <= prev_stamp:
+            stamp = utc_stamp(prev.timestamp() + step)
             step += 1e-6
-    return backups / name
+    return backups / f"{_BACKUP_PREFIX}{stamp}{suffix}"
 
 
 def prune_oldest(files: list[Path], keep: int) -> list[Path]:
@@ -111,14 +108,16 @@ def prune_oldest(files: list[Path], keep: int) -> list[Path]:
     return files[extra:]
 
 
-def cut_torn_tail(state_dir: Path, scan: ScanResult, *, fsync: bool) -> str:
+def cut_torn_tail(
+    state_dir: Path, scan: ScanResult, *, fsync: bool, path: Path | None = None
+) -> str:
     """Keep the torn bytes (those after `scan.end`) aside, then truncate the log there.
 
     Only the tail is copied, never the whole log: this runs at start-up, often on a disk
     that has just filled up, where a copy of the log would not fit. Raises OSError when
     the tail cannot be kept (the log is then left as it was)."""
-    log_path = state_dir / LOG_NAME
-    aside = state_dir / f"{LOG_NAME}.broken.{utc_stamp()}"
+    log_path = state_dir / LOG_NAME if path is None else path
+    aside = state_dir / f"{log_path.name}.broken.{utc_stamp()}"
     kept = 0
     fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
     try:

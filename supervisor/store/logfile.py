@@ -1,4 +1,5 @@
-"""The transitions log on disk: line framing, the appender, and the verifying scanner.
+"""The transitions log on disk: line framing, the appender (which also seals a full
+segment, see supervisor.store.segments), and the verifying scanner.
 
 One record a line: the Transition encoded as a JSON object, with a fixed-width trailer
 `,"crc":"xxxxxxxx"}` + newline spliced in before the closing brace. The CRC32 covers the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -18,11 +20,13 @@ from pathlib import Path
 from typing import Final
 
 import msgspec
+import structlog
 
 from supervisor import failpoints
 from supervisor.core.errors import StoreCorrupt, StoreFsyncError, StoreWriteError
 from supervisor.core.model import Transition
 
+SEGMENTS_DIR: Final = "segments"
 TRAILER_LEN: Final = 19  # len(b',"crc":"xxxxxxxx"}\n')
 _TRAILER: Final = b',"crc":"%08x"}'  # without the newline: lines are split on it
 _CHUNK: Final = 8 << 20
@@ -30,6 +34,21 @@ _WINDOW: Final = 1 << 16
 # Big reads: the check runs in a thread, and each chunk has to win the GIL back.
 _CRC_BUF: Final = 16 << 20
 _crc32 = zlib.crc32
+log = structlog.get_logger("orchd.store")
+
+
+def sealed_name(first: int, last: int) -> str:
+    """The file name of the sealed segment holding records first..last (names sort in
+    log order)."""
+    return f"{first:020d}-{last:020d}.jsonl"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def seal(body: bytes) -> bytes:
@@ -223,24 +242,49 @@ def prefix_matches(path: Path, end: int, crc: int, last_seq: int) -> bool:
 
 
 class LogWriter:
-    """Appends framed records to the log and makes them durable in groups.
+    """Appends framed records to the active segment and makes them durable in groups.
 
     `write_batch` puts a step's lines in the file at once (one os.write, no fsync) and
     `sync` fdatasyncs everything written so far, so a group costs one fsync. A failed
     write is cut back to the last good record, so a batch is in the file whole or not at
     all; a failed fdatasync kills the writer for good, because after one the kernel may
     have dropped the dirty pages it failed to write.
+
+    Threads: the loop calls `write_batch` while `sync` runs in a worker thread (or on the
+    loop). `_lock` covers the file descriptor and the position (first, end, crc, written);
+    it is held for an os.write or a rename, never across an fdatasync. `_sync_lock` makes
+    syncs (and so the sealing of a segment, done at the end of a sync) one at a time.
+
+    Sealing (`segment_bytes` > 0 and the active file reached it, checked after a sync):
+    under `_lock`, the file is renamed to `segments/<first>-<last>.jsonl` and a new empty
+    one takes its name; then, outside it, the records written to the old file since the
+    sync's fdatasync are fdatasynced and both directories are fsynced, all before `sync`
+    returns, so nothing in the new file counts as durable before the old one is whole.
     """
 
-    def __init__(self, path: Path, *, end: int, crc: int, seq: int, fsync: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        end: int,
+        crc: int,
+        seq: int,
+        fsync: bool,
+        first: int = 1,
+        segment_bytes: int = 0,
+    ) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._fsync = fsync
         self._encode = msgspec.json.Encoder().encode
-        self.end, self.crc = end, crc
+        self.first, self.end, self.crc = first, end, crc
+        self.segment_bytes = segment_bytes
         self._written = self._synced = seq
         self._dirty = os.fstat(self._fd).st_size != end
         self._dead: StoreFsyncError | None = None
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self.sealed: list[Path] = []  # segments sealed by this writer, oldest first
 
     @property
     def written_seq(self) -> int:
@@ -249,6 +293,12 @@ class LogWriter:
     @property
     def synced_seq(self) -> int:
         return self._synced
+
+    def position(self) -> tuple[int, int, int, int]:
+        """(written seq, first seq of the active file, its end, the CRC of its bytes), at
+        one moment: where a snapshot of the state at `written seq` ends in the log."""
+        with self._lock:
+            return self._written, self.first, self.end, self.crc
 
     def write(self, rec: Transition) -> None:
         """Append one record: `write_batch([rec])`."""
@@ -265,12 +315,16 @@ class LogWriter:
             raise self._dead
         if not recs:
             return
+        encode = self._encode
+        data = b"".join([seal(encode(rec)) for rec in recs])
+        with self._lock:
+            self._append(recs, data)
+
+    def _append(self, recs: Sequence[Transition], data: bytes) -> None:
         first = self._written + 1
         for i, rec in enumerate(recs):
             if rec.seq != first + i:
                 raise ValueError(f"record seq {rec.seq} does not follow {first + i - 1}")
-        encode = self._encode
-        data = b"".join([seal(encode(rec)) for rec in recs])
         try:
             if self._dirty:
                 # A previous failed write may have left bytes behind; cut them first.
@@ -314,25 +368,76 @@ class LogWriter:
         except OSError:
             self._dirty = True  # the next write tries again before appending
 
+    def _failed(self, exc: OSError, what: str) -> StoreFsyncError:
+        self._dead = StoreFsyncError(
+            f"{what} failed: {exc.strerror or exc}; records after {self._synced} may not be "
+            f"on disk. Never retried: restart, and the state is recovered from the log."
+        )
+        return self._dead
+
     def sync(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-        target = self._written  # read first: writes may go on while we wait
-        if self._fsync and target > self._synced:
+        """Make every record written so far durable; seal the active file when full."""
+        with self._sync_lock:
+            if self._dead is not None:
+                raise self._dead
+            with self._lock:
+                target, fd = self._written, self._fd  # writes may go on while we wait
+            if self._fsync and target > self._synced:
+                try:
+                    if slow := failpoints.delay("sync_delay"):
+                        time.sleep(slow)
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    raise self._failed(exc, f"fdatasync of {self.path}") from exc
+            self._synced = max(self._synced, target)
+            if self.segment_bytes and self.end >= self.segment_bytes:
+                self._seal()
+
+    def _seal(self) -> None:
+        """Seal the active file as a segment and start a new one (see the class docstring)."""
+        seg_dir = self.path.parent / SEGMENTS_DIR
+        with self._lock:
+            last = self._written
+            if self._dirty or last < self.first:
+                return  # a failed write to cut back first, or nothing to seal
+            sealed = seg_dir / sealed_name(self.first, last)
             try:
-                if slow := failpoints.delay("sync_delay"):
-                    time.sleep(slow)
-                os.fdatasync(self._fd)
+                seg_dir.mkdir(exist_ok=True)
+                os.rename(self.path, sealed)
             except OSError as exc:
-                self._dead = StoreFsyncError(
-                    f"fdatasync of {self.path} failed: {exc.strerror or exc}; records after "
-                    f"{self._synced} may not be on disk. Never retried: restart, and the state "
-                    f"is recovered from the log."
-                )
-                raise self._dead from exc
-        self._synced = max(self._synced, target)
+                # Not sealed: appending goes on in the same file, tried again next sync.
+                log.warning("segment_not_sealed", path=str(self.path), error=str(exc))
+                return
+            failpoints.crash_point("roll_renamed")
+            try:
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                new_fd = os.open(self.path, flags, 0o640)
+            except OSError as exc:
+                try:
+                    os.rename(sealed, self.path)  # back as it was: the old file stays active
+                except OSError as back:
+                    raise self._failed(back, f"sealing {sealed}") from back
+                log.warning("segment_not_sealed", path=str(self.path), error=str(exc))
+                return
+            old_fd, self._fd = self._fd, new_fd
+            self.first, self.end, self.crc = last + 1, 0, 0
+        failpoints.crash_point("roll_created")
+        try:
+            if self._fsync:
+                if last > self._synced:
+                    os.fdatasync(old_fd)
+                fsync_dir(seg_dir)
+                fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise self._failed(exc, f"sealing {sealed}") from exc
+        finally:
+            os.close(old_fd)
+        self._synced = max(self._synced, last)
+        self.sealed.append(sealed)
+        failpoints.crash_point("roll_done")
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

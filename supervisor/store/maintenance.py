@@ -15,11 +15,10 @@ from typing import Final
 
 from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import State, Transition, equal_states
+from supervisor.store.backups import list_kinds, read_point
 from supervisor.store.files import (
-    LOG_NAME,
     SNAPSHOT_NAME,
     TMP_SUFFIX,
-    cut_torn_tail,
     cut_torn_text,
     list_backup_files,
     lock_dir,
@@ -27,13 +26,17 @@ from supervisor.store.files import (
     utc_stamp,
     write_atomic,
 )
-from supervisor.store.logfile import Scanner, ScanResult, is_sealed
-from supervisor.store.references import check_record
+from supervisor.store.logfile import SEGMENTS_DIR, is_sealed
+from supervisor.store.references import check_record, checked_apply
+from supervisor.store.segments import LogScan, Segment, log_chain, scan_chain, settle
 from supervisor.store.snapshot import (
+    Loaded,
+    SnapshotFile,
     encode_snapshot,
     gc_paused,
     load,
     read_snapshot,
+    replay_base,
     snapshot_state,
 )
 
@@ -50,11 +53,19 @@ def _locked(state_dir: str | Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def _log_end(d: Path) -> ScanResult:
-    """Check every line of the log (checksum, seq) without decoding; raises StoreCorrupt."""
-    if not (d / LOG_NAME).exists():
-        return ScanResult(end=0, crc=0, last_seq=0, line=0, size=0)
-    return Scanner(d / LOG_NAME, d).scan(apply_after=_NEVER)
+def _log_end(d: Path) -> LogScan:
+    """Check every line of the kept log (checksum, seq) without decoding; raises
+    StoreCorrupt."""
+    chain = log_chain(d)
+    return scan_chain(d, chain, seq=chain[0].first - 1 if chain else 0, apply_after=_NEVER)
+
+
+def _position(loaded: Loaded) -> dict[str, int | None]:
+    """Where a snapshot of `loaded.state` ends in the log, when that is the active file."""
+    tail = loaded.log.tail
+    if tail is None or tail.last is not None:
+        return {"log_offset": None, "log_crc": None, "log_first": None}
+    return {"log_offset": loaded.scan.end, "log_crc": loaded.scan.crc, "log_first": tail.first}
 
 
 def _replace_snapshot(d: Path, data: bytes, *, fsync: bool = True, dry_run: bool = False) -> str:
@@ -86,7 +97,7 @@ def _replace_snapshot(d: Path, data: bytes, *, fsync: bool = True, dry_run: bool
 def validate_state(state_dir: str | Path) -> list[str]:
     """Every problem found in the state directory (empty when all is well)."""
     with _locked(state_dir) as d:
-        return _problems(d, live=False)
+        return _problems(d, live=False)[0]
 
 
 def validate_live(state_dir: str | Path) -> list[str]:
@@ -94,46 +105,76 @@ def validate_live(state_dir: str | Path) -> list[str]:
     thread, without its lock). The daemon only appends to the log and replaces the other
     files whole, so the files are read in an order that stays consistent while it writes:
     snapshot, backups and checkpoints first, the log last (it holds at least every record
-    they cover); a last line still being appended is not a torn write."""
+    they cover); a last line still being appended is not a torn write. A segment sealed
+    or compacted away while it is read makes the check start again (three times at most)."""
     d = Path(state_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a state directory")
-    return _problems(d, live=True)
+    problems: list[str] = []
+    for _ in range(3):
+        problems, chain = _problems(d, live=True)
+        if chain == _chain_or_none(d):
+            break
+    return problems
 
 
-def _problems(d: Path, *, live: bool) -> list[str]:
+def _chain_or_none(d: Path) -> list[Segment] | None:
+    try:
+        return log_chain(d)
+    except StoreCorrupt:
+        return None
+
+
+def _problems(d: Path, *, live: bool) -> tuple[list[str], list[Segment] | None]:
+    """The problems found, and the chain of log files they were found in."""
     problems: list[str] = []
     snap = read_snapshot(d / SNAPSHOT_NAME)
     side = _side_files(d)
-    replayed = State()
     snap_ok: bool | None = None
-
-    def apply(rec: Transition) -> None:
-        nonlocal snap_ok
-        check_record(replayed, rec)
-        replayed.apply(rec)
-        if not isinstance(snap, str) and rec.seq == snap.last_seq:
+    chain: list[Segment] | None = None
+    found: LogScan | None = None
+    try:
+        chain = log_chain(d)
+        base, _ = replay_base(d, chain)
+        replayed = State(snapshot_state(base)) if base is not None else State()
+        if not isinstance(snap, str) and snap.last_seq == replayed.last_seq:
             snap_ok = equal_states(replayed.data, snapshot_state(snap))
 
-    scan = None
-    try:
+        def apply(rec: Transition) -> None:
+            nonlocal snap_ok
+            check_record(replayed, rec)
+            replayed.apply(rec)
+            if not isinstance(snap, str) and rec.seq == snap.last_seq:
+                snap_ok = equal_states(replayed.data, snapshot_state(snap))
+
         with gc_paused():
-            if (d / LOG_NAME).exists():
-                scan = Scanner(d / LOG_NAME, d).scan(apply=apply)
-    except StoreCorrupt as exc:
+            if chain:
+                seq = replayed.last_seq
+                found = scan_chain(d, chain, seq=seq, apply_after=seq, apply=apply)
+    except (StoreCorrupt, FileNotFoundError) as exc:
         problems.append(str(exc))
-    if scan is not None and scan.torn_line is not None and not live:
-        problems.append(
-            f"{LOG_NAME}: line {scan.torn_line} and after are a torn write ({scan.torn_why}); "
-            f"`orchctl state repair --state-dir {d}` cuts it (the next start does too)"
-        )
-    last = scan.last_seq if scan is not None else 0
+    if found is not None and not live:
+        tail = found.tail
+        scan = found.scan
+        if tail is not None and scan.torn_line is not None:
+            problems.append(
+                f"{tail.name}: line {scan.torn_line} and after are a torn write "
+                f"({scan.torn_why}); `orchctl state repair --state-dir {d}` cuts it (the next "
+                f"start does too)"
+            )
+        for seg in found.orphans:
+            problems.append(
+                f"{seg.name} follows records that were never made durable; "
+                f"`orchctl state repair --state-dir {d}` keeps it aside (the next start does too)"
+            )
+    last = found.last_seq if found is not None else 0
+    oldest = chain[0].first if chain else 1
     if isinstance(snap, str):
         if snap != "missing" or last:
             problems.append(
                 f"{SNAPSHOT_NAME} is {snap}; `orchctl state repair --state-dir {d}` rebuilds it"
             )
-    elif snap.last_seq > last and (scan is not None or not problems):
+    elif snap.last_seq > last and (found is not None or not problems):
         problems.append(
             f"{SNAPSHOT_NAME} covers records up to {snap.last_seq} but the log ends at {last}"
         )
@@ -143,85 +184,149 @@ def _problems(d: Path, *, live: bool) -> list[str]:
         problems.append(
             f"{SNAPSHOT_NAME} differs from the replay of the log up to record {snap.last_seq}"
         )
-    for name, got in side:
+    fulls = [seq for name, seq, full in side if full and isinstance(seq, int)]
+    for name, got, full in side:
         if isinstance(got, str):
             problems.append(f"{name} is {got}")
-        elif scan is not None and got > last:
+        elif found is not None and got > last:
             problems.append(f"{name} covers records up to {got}, beyond the log ({last})")
-    return problems
+        elif full and got + 1 < oldest:
+            problems.append(
+                f"{name} (record {got}) cannot be replayed on: the kept log starts at {oldest}"
+            )
+        elif not full and not any(f <= got for f in fulls) and oldest > 1:
+            problems.append(
+                f"{name} (record {got}) cannot be restored: no full backup at or before it"
+            )
+    return problems, chain
 
 
-def _side_files(d: Path) -> list[tuple[str, str | int]]:
+def _side_files(d: Path) -> list[tuple[str, str | int, bool]]:
     """Each backup and checkpoint: what is wrong with it, or (a backup) the last record it
-    covers. One pruned while it is looked at is no longer there to be checked."""
-    out: list[tuple[str, str | int]] = []
-    for b in list_backup_files(d / "backups"):
-        if not b.exists():
+    covers, and whether it is a full copy. One pruned while it is looked at is no longer
+    there to be checked."""
+    out: list[tuple[str, str | int, bool]] = []
+    for b in list_kinds(d / "backups"):
+        if not b.path.exists():
             continue
-        got = read_snapshot(b)
+        got: SnapshotFile | str | int
+        if b.full:
+            snap = read_snapshot(b.path)
+            got = snap if isinstance(snap, str) else snap.last_seq
+        else:
+            point = read_point(b.path)
+            got = point if isinstance(point, str) else point.last_seq
         if got == "missing":
             continue
-        out.append((f"backups/{b.name}", got if isinstance(got, str) else got.last_seq))
+        out.append((f"backups/{b.path.name}", got, b.full))
     for c in sorted((d / "checkpoints").glob("*.json")):
         try:
             data = c.read_bytes()
         except FileNotFoundError:
             continue
         if not is_sealed(data):
-            out.append((f"checkpoints/{c.name}", "damaged (checksum mismatch)"))
+            out.append((f"checkpoints/{c.name}", "damaged (checksum mismatch)", False))
     return out
 
 
 def list_backups(state_dir: str | Path) -> list[Path]:
-    """The snapshot backups, oldest first (read-only: takes no lock)."""
+    """The backups, full copies and restore points, oldest first (read-only: takes no
+    lock). Every one can be given to `restore_from_backup`."""
     return list_backup_files(Path(state_dir) / "backups")
+
+
+def _backup_snapshot(d: Path, chosen: Path, end: LogScan) -> tuple[bytes, int]:
+    """A backup as snapshot bytes, and the record it stands for: a full copy as it is, a
+    restore point replayed onto the newest full copy at or before it. Raises
+    StoreCorrupt (naming what to do) when it cannot be used."""
+    hint = "pick another from `orchctl state backups`"
+    if not chosen.name.endswith(".point.json"):
+        snap = read_snapshot(chosen)
+        if isinstance(snap, str):
+            raise StoreCorrupt(f"{chosen} is {snap}; {hint}", path=str(chosen))
+        seq, data = snap.last_seq, chosen.read_bytes()
+    else:
+        point = read_point(chosen)
+        if isinstance(point, str):
+            raise StoreCorrupt(f"{chosen} is {point}; {hint}", path=str(chosen))
+        seq = point.last_seq
+        data = b""
+    if seq > end.last_seq:
+        raise StoreCorrupt(
+            f"{chosen} covers records up to {seq}, but the log ends at {end.last_seq}; "
+            f"pick an older backup, or `orchctl state restore --from-transitions`",
+            path=str(chosen),
+        )
+    if data:
+        return data, seq
+    chain = log_chain(d)
+    oldest = chain[0].first if chain else 1
+    base: SnapshotFile | None = None
+    for b in reversed(list_kinds(d / "backups")):
+        if b.full and b.seq is not None and b.seq <= seq and b.seq + 1 >= oldest:
+            cand = read_snapshot(b.path)
+            if not isinstance(cand, str) and cand.last_seq <= seq:
+                base = cand
+                break
+    if base is None and oldest > 1:
+        raise StoreCorrupt(
+            f"{chosen} (record {seq}) cannot be restored: no valid full backup at or before "
+            f"it, and the kept log starts at record {oldest}; {hint}",
+            path=str(chosen),
+        )
+    state = State(snapshot_state(base)) if base is not None else State()
+    replay = checked_apply(state)
+
+    def apply(rec: Transition) -> None:
+        if rec.seq <= seq:
+            replay(rec)
+
+    scan_chain(d, chain, seq=state.last_seq, apply_after=state.last_seq, apply=apply)
+    return encode_snapshot(state, log_offset=None, log_crc=None), seq
 
 
 def restore_from_backup(
     state_dir: str | Path, which: str = "latest", *, dry_run: bool = False
 ) -> str:
-    """Make current.json from a backup ("latest" = the newest valid one, or a file name or
-    path); the log's later records are replayed at the next start. Says what it did (with
-    `dry_run`, what it would do: every check is made, nothing is written)."""
-    with _locked(state_dir) as d:
+    """Make current.json from a backup ("latest" = the newest one that can be restored, or
+    a file name or path), a full copy or a restore point; the log's later records are
+    replayed at the next start. Says what it did (with `dry_run`, what it would do: every
+    check is made, nothing is written)."""
+    with _locked(state_dir) as d, gc_paused():
+        end = _log_end(d)
         backups = list_backup_files(d / "backups")
+        got: tuple[bytes, int] | None = None
         if which == "latest":
-            chosen = next(
-                (b for b in reversed(backups) if not isinstance(read_snapshot(b), str)), None
-            )
-            if chosen is None:
+            for b in reversed(backups):
+                try:
+                    got, chosen = _backup_snapshot(d, b, end), b
+                    break
+                except StoreCorrupt:
+                    continue
+            if got is None:
                 raise FileNotFoundError(f"no valid backup in {d / 'backups'}")
         else:
             chosen = Path(which) if Path(which).exists() else d / "backups" / which
-        snap = read_snapshot(chosen)
-        if isinstance(snap, str):
-            raise StoreCorrupt(
-                f"{chosen} is {snap}; pick another from `orchctl state backups`", path=str(chosen)
-            )
-        end = _log_end(d)
-        if snap.last_seq > end.last_seq:
-            raise StoreCorrupt(
-                f"{chosen} covers records up to {snap.last_seq}, but the log ends at "
-                f"{end.last_seq}; "
-                f"pick an older backup, or `orchctl state restore --from-transitions`",
-                path=str(chosen),
-            )
-        note = _replace_snapshot(d, chosen.read_bytes(), dry_run=dry_run)
-        tail = end.last_seq - snap.last_seq
+            got = _backup_snapshot(d, chosen, end)
+        data, seq = got
+        note = _replace_snapshot(d, data, dry_run=dry_run)
+        tail = end.last_seq - seq
         done = "restore current.json from" if dry_run else "current.json restored from"
         return (
-            f"{done} {chosen.name} (record {snap.last_seq}); {note}; the log's "
+            f"{done} {chosen.name} (record {seq}); {note}; the log's "
             f"{tail} later record(s) are replayed at the next start"
         )
 
 
 def restore_from_transitions(state_dir: str | Path, *, dry_run: bool = False) -> str:
-    """Rebuild current.json by replaying the whole log. Says what it did (with `dry_run`,
-    what it would do: the log is replayed, nothing is written)."""
+    """Rebuild current.json by replaying the whole kept log (onto the oldest full backup
+    it starts from, when older segments were compacted away). Says what it did and from
+    which record (with `dry_run`, what it would do: the log is replayed, nothing is
+    written)."""
     with _locked(state_dir) as d, gc_paused():
         loaded = load(d, full=True)
         scan = loaded.scan
-        data = encode_snapshot(loaded.state, log_offset=scan.end, log_crc=scan.crc)
+        data = encode_snapshot(loaded.state, **_position(loaded))
         note = _replace_snapshot(d, data, dry_run=dry_run)
     torn = (
         f"; the torn tail at line {scan.torn_line} is cut at the next start"
@@ -229,17 +334,23 @@ def restore_from_transitions(state_dir: str | Path, *, dry_run: bool = False) ->
         else ""
     )
     done = "rebuild current.json" if dry_run else "current.json rebuilt"
-    return f"{done} by replaying {scan.last_seq} record(s) of the log; {note}{torn}"
+    first = loaded.base_seq + 1
+    onto = "" if loaded.source == "empty" else f" onto {loaded.source} (record {first - 1})"
+    return (
+        f"{done} by replaying {scan.last_seq - first + 1} record(s) of the log, from record "
+        f"{first} to {scan.last_seq} (all that is kept){onto}; {note}{torn}"
+    )
 
 
 def repair_state(state_dir: str | Path, *, dry_run: bool = False) -> list[str]:
-    """Cut a torn log tail (kept aside), rebuild a damaged or impossible snapshot, drop
-    stale temp files. Never deletes a good record. Returns what it did (with `dry_run`,
-    what it would do, deciding as it would and changing nothing); raises StoreCorrupt
-    when the log itself is damaged before its end (that needs an operator)."""
+    """Cut a torn log tail (kept aside), keep aside log files that follow one, rebuild a
+    damaged or impossible snapshot, drop stale temp files. Never deletes a good record.
+    Returns what it did (with `dry_run`, what it would do, deciding as it would and
+    changing nothing); raises StoreCorrupt when the log itself is damaged before its end
+    (that needs an operator)."""
     done: list[str] = []
     with _locked(state_dir) as d, gc_paused():
-        for sub in ("", "backups", "checkpoints", "archive"):
+        for sub in ("", "backups", "checkpoints", "archive", SEGMENTS_DIR):
             for p in (d / sub).glob(f"*{TMP_SUFFIX}"):
                 if not dry_run:
                     p.unlink()
@@ -253,19 +364,10 @@ def repair_state(state_dir: str | Path, *, dry_run: bool = False) -> list[str]:
             rebuild = loaded.source != SNAPSHOT_NAME and end.last_seq > 0
         except StoreCorrupt:
             loaded, rebuild = load(d, full=True), True
+        done += settle(d, loaded.log, fsync=True, dry_run=dry_run)
         scan = loaded.scan
-        if scan.torn_line is not None:
-            note = (
-                f"the torn bytes after record {scan.last_seq} are kept aside"
-                if dry_run
-                else cut_torn_tail(d, scan, fsync=True)
-            )
-            done.append(
-                f"cut the torn tail of {LOG_NAME} at line {scan.torn_line} "
-                f"({scan.torn_why}); {note}"
-            )
         if rebuild:
-            data = encode_snapshot(loaded.state, log_offset=scan.end, log_crc=scan.crc)
+            data = encode_snapshot(loaded.state, **_position(loaded))
             note = _replace_snapshot(d, data, dry_run=dry_run)
             verb = "rebuild" if dry_run else "rebuilt"
             done.append(f"{verb} {SNAPSHOT_NAME} from the log (record {scan.last_seq}); {note}")

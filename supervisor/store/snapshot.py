@@ -1,6 +1,6 @@
 """The state directory's derived state files: the snapshot (current.json, and its
 backups), workstream checkpoint documents, and `load`, which recovers the state from the
-snapshot and the log without changing any file.
+snapshot and the log segments after it without changing any file.
 
 Every file here is sealed with the log's checksum trailer and replaced atomically
 (supervisor.store.files: temp file, fsync, rename, fsync of the directory), so a reader
@@ -22,20 +22,25 @@ import msgspec
 
 from supervisor.core.errors import StoreCorrupt
 from supervisor.core.model import State, StateData
-from supervisor.store.files import LOG_NAME, SNAPSHOT_NAME, list_backup_files
-from supervisor.store.logfile import Scanner, ScanResult, is_sealed, prefix_matches, seal
+from supervisor.store.backups import list_kinds
+from supervisor.store.files import SNAPSHOT_NAME
+from supervisor.store.logfile import ScanResult, is_sealed, prefix_matches, seal
 from supervisor.store.references import checked_apply, state_problem
+from supervisor.store.segments import LogScan, Segment, log_chain, scan_chain, start_of
 
 T = TypeVar("T")
 
 
 class SnapshotFile(StateData, kw_only=True):
-    """current.json: the state, plus where in the log it ends (offset, CRC of the bytes
-    before it) so that a load can trust the covered part of the log with one CRC pass."""
+    """current.json: the state, plus where in the log it ends (the first seq of the segment
+    file, the offset in it, the CRC of the bytes before it) so that a load can trust the
+    covered part of that file with one CRC pass. No `log_first` (a snapshot written before
+    segments) is the file that starts at record 1."""
 
     log_offset: int | None = None
     log_crc: int | None = None
     written_at: str | None = None
+    log_first: int | None = None
 
 
 _snapshot_decoder = msgspec.json.Decoder(SnapshotFile)
@@ -48,7 +53,9 @@ def iso_utc(t: float | None = None) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-def encode_snapshot(state: State, *, log_offset: int | None, log_crc: int | None) -> bytes:
+def encode_snapshot(
+    state: State, *, log_offset: int | None, log_crc: int | None, log_first: int | None = None
+) -> bytes:
     d = state.data
     snap = SnapshotFile(
         last_seq=d.last_seq,
@@ -61,6 +68,7 @@ def encode_snapshot(state: State, *, log_offset: int | None, log_crc: int | None
         log_offset=log_offset,
         log_crc=log_crc,
         written_at=iso_utc(),
+        log_first=log_first if log_offset is not None else None,
     )
     return seal(_encoder.encode(snap))
 
@@ -172,30 +180,59 @@ class Loaded(msgspec.Struct):
     """What a load found: the state, where the log's good records end, what was wrong."""
 
     state: State
-    scan: ScanResult
+    scan: ScanResult  # about `log.tail`, the file appending goes on in
     repairs: list[str]
     source: str  # "current.json", a backup's name, or "empty"
+    log: LogScan
+    base_seq: int = 0  # the last record `source` covers
+
+
+def replay_base(state_dir: Path, chain: list[Segment]) -> tuple[SnapshotFile | None, str]:
+    """What a replay of the whole kept log starts from: nothing when it starts at record
+    1, else the oldest valid full backup it reaches (compaction keeps one). Raises
+    StoreCorrupt when there is none."""
+    oldest = chain[0].first if chain else 1
+    if oldest == 1:
+        return None, "empty"
+    for b in list_kinds(state_dir / "backups"):
+        if b.full and b.seq is not None and b.seq + 1 >= oldest:
+            got = read_snapshot(b.path)
+            if not isinstance(got, str) and got.last_seq + 1 >= oldest:
+                return got, f"backups/{b.path.name}"
+    raise StoreCorrupt(
+        f"{chain[0].path}: the kept log starts at record {oldest} and no valid full backup "
+        f"covers the records before it; `orchctl state restore --from-backup latest "
+        f"--state-dir {state_dir}` rebuilds the state from the newest snapshot instead",
+        path=str(chain[0].path),
+    )
 
 
 def load(state_dir: Path, *, full: bool = False) -> Loaded:
     """Recover the state from `state_dir` without changing any file.
 
-    Snapshot (checksum checked), else the newest valid backup, else empty; then the log's
-    records after it. `full=True` ignores snapshots and replays the whole log. A torn tail
-    is reported in `scan` (and `repairs`) but not cut here. Every replayed record's
-    references are checked (`references.check_record`). Raises StoreCorrupt."""
-    log_path = state_dir / LOG_NAME
+    Snapshot (checksum checked), else the newest valid full backup, else empty; then the
+    log's records after it, reading only the segments that hold them. `full=True` ignores
+    current.json and replays all of the kept log (onto the backup it starts from, see
+    `replay_base`). A torn tail is reported in `log` but not cut here (`segments.settle`
+    does). Every replayed record's references are checked (`references.check_record`).
+    Raises StoreCorrupt."""
+    chain = log_chain(state_dir)
     repairs: list[str] = []
+    snap: SnapshotFile | None
     snap, source = None, "empty"
-    if not full:
+    if full:
+        snap, source = replay_base(state_dir, chain)
+    else:
         got = read_snapshot(state_dir / SNAPSHOT_NAME)
         if isinstance(got, str):
-            backups = list_backup_files(state_dir / "backups")
+            backups = [b for b in list_kinds(state_dir / "backups") if b.full]
             for b in reversed(backups):
-                cand = read_snapshot(b)
+                cand = read_snapshot(b.path)
                 if not isinstance(cand, str):
-                    snap, source = cand, f"backups/{b.name}"
+                    snap, source = cand, f"backups/{b.path.name}"
                     break
+            if snap is None and chain and chain[0].first > 1:
+                snap, source = replay_base(state_dir, chain)
             # No snapshot yet (a first run stopped before its first one) is not damage.
             if got != "missing" or backups:
                 how = (
@@ -206,49 +243,40 @@ def load(state_dir: Path, *, full: bool = False) -> Loaded:
                 repairs.append(f"{SNAPSHOT_NAME} is {got}; {how}")
         else:
             snap, source = got, SNAPSHOT_NAME
+    position: tuple[int, int, int] | None = None
     covered: Callable[[], bool] | None = None
-    if (
-        snap is not None
-        and snap.log_offset is not None
-        and snap.log_crc is not None
-        and log_path.exists()
-    ):
-        # Check the log's covered bytes while the graph is being built.
-        covered = in_thread(prefix_matches, log_path, snap.log_offset, snap.log_crc, snap.last_seq)
+    if snap is not None and snap.log_offset is not None and snap.log_crc is not None:
+        position = (snap.log_first or 1, snap.log_offset, snap.log_crc)
+        start = start_of(chain, snap.last_seq)
+        if start is not None and start.first == position[0]:
+            # Check the file's covered bytes while the graph is being built.
+            covered = in_thread(prefix_matches, start.path, *position[1:], snap.last_seq)
     state = State(snapshot_state(snap)) if snap is not None else State()
-    scanner = Scanner(log_path, state_dir)
-    if not log_path.exists():
-        scan = ScanResult(end=0, crc=0, last_seq=0, line=0, size=0)
-    elif snap is not None and covered is not None and covered():
-        # The covered part of the log is byte-for-byte what was written: check the rest.
-        assert snap.log_offset is not None and snap.log_crc is not None
-        seq = snap.last_seq
-        scan = scanner.scan(
-            start=snap.log_offset,
-            crc=snap.log_crc,
-            seq=seq,
-            line=seq,
-            apply_after=seq,
-            apply=checked_apply(state),
-        )
-    else:
-        scan = scanner.scan(apply_after=state.last_seq, apply=checked_apply(state))
-    if scan.last_seq < state.last_seq:
+    base_seq = state.last_seq
+    found = scan_chain(
+        state_dir,
+        chain,
+        seq=state.last_seq,
+        apply_after=state.last_seq,
+        apply=checked_apply(state),
+        position=position,
+        covered=covered,
+    )
+    scan = found.scan
+    if found.last_seq < state.last_seq:
+        where = found.tail.path if found.tail is not None else state_dir / "transitions.jsonl"
         raise StoreCorrupt(
             f"{state_dir / source}: the snapshot covers records up to {state.last_seq} but "
-            f"{log_path} ends at record {scan.last_seq} (line {scan.line}); "
+            f"the log ends at record {found.last_seq} ({where}, line {scan.line}); "
             f"inspect with `orchctl state validate --state-dir {state_dir}`, then "
             f"`orchctl state repair --state-dir {state_dir}` rebuilds the snapshot from the log "
             f"(keeping the old one aside)",
-            path=str(log_path),
+            path=str(where),
             line=scan.line,
         )
-    if scan.torn_line is not None:
-        repairs.append(
-            f"{LOG_NAME}: line {scan.torn_line} and after are a torn write ({scan.torn_why}); "
-            f"cut back to record {scan.last_seq}"
-        )
-    return Loaded(state=state, scan=scan, repairs=repairs, source=source)
+    return Loaded(
+        state=state, scan=scan, repairs=repairs, source=source, log=found, base_seq=base_seq
+    )
 
 
 @contextmanager
