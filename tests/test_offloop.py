@@ -210,7 +210,7 @@ def test_events_query_over_500k_events_does_not_stall_dispatch(tmp_path: Path) -
                 continue  # the chain began or ended during this query
             checked += 1
             # Commands ran while the query was answered, none waiting as long as it took.
-            assert len(inside) >= 2, (b - a, inside)
+            assert inside, (b - a, inside)
             edges = [a, *inside, b]
             assert max(y - x for x, y in itertools.pairwise(edges)) < b - a
         assert checked >= 1, windows
