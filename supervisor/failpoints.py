@@ -12,6 +12,8 @@ environment variable ORCHD_FAILPOINT at start-up. Never set in production.
   reaches the crash point NAME (`failpoints.crash_point("NAME")` in the code), so a test
   can prove that a crash between any two steps of a multi-file operation loses nothing.
   Alternatives are separated by `|`: `crash_at:compact_unlink|retire_files@2`.
+- `loop_stall_file:PATH`: while PATH exists, the engine's loop does not step (it waits
+  without blocking the event loop): a stuck engine, for the watchdog's tests.
 - `wall_offset_file:PATH`: the daemon's wall clock is `time.time()` plus the number in
   PATH (read at most every 50 ms; a missing or empty file is 0), so a test steps the
   clock the daemon sees without touching the host's.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -161,8 +161,40 @@ class MemoryStore:
     def append_event(self, event: Event) -> None:
         self.events.append(event)
 
-    def append_intervention(self, line: dict[str, Any]) -> None:
+    def append_intervention(self, line: dict[str, Any]) -> list[Path]:
         self.interventions.append(dict(line))
+        return []
+
+    def events_cut(self) -> MemoryCut:
+        return MemoryCut([msgspec.json.encode(e) for e in self.events])
+
+    def interventions_cut(self) -> MemoryCut:
+        return MemoryCut([msgspec.json.encode(i) for i in self.interventions])
+
+    def worker_log_cut(self, worker_id: str) -> MemoryCut:
+        lines = self.files.get(self.worker_log_path(worker_id), [])
+        return MemoryCut([line.encode() for line in lines])
+
+    def rotate_worker_log(self, worker_id: str) -> list[Path]:
+        return []
+
+    def snapshot_blob(self, state: State) -> tuple[int, dict[str, Any]]:
+        if state.last_seq > self._written:
+            raise ValueError(f"state at seq {state.last_seq} is ahead of the log")
+        return state.last_seq, msgspec.to_builtins(state.data)
+
+    def install_snapshot(self, blob: tuple[int, dict[str, Any]]) -> Path:
+        self._synced = self._written  # a snapshot never covers records that are not durable
+        self.snapshots.append(blob[1])
+        return self.root / "current.json"
+
+    def checkpoint_blob(self, ws_id: str, state: State) -> tuple[str, int, dict[str, Any]]:
+        return ws_id, state.last_seq, checkpoint_doc(ws_id, state, 0.0)
+
+    def install_checkpoint(self, blob: tuple[str, int, dict[str, Any]]) -> Path:
+        ws_id, seq, doc = blob
+        self.checkpoints.setdefault(ws_id, {})[seq] = doc
+        return self.root / "checkpoints" / f"{ws_id}_{seq}.json"
 
     def write_snapshot(self, state: State) -> Path:
         if state.last_seq > self._written:
@@ -182,6 +214,22 @@ class MemoryStore:
     def snapshot_data(self, i: int = -1) -> StateData:
         """A kept snapshot decoded back into state data."""
         return msgspec.convert(self.snapshots[i], StateData)
+
+
+class MemoryCut:
+    """A LineCut over lines held in memory (MemoryStore's side files)."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+
+    def reverse_lines(self) -> Iterator[bytes]:
+        return reversed(self.lines)
+
+    def tail(self, n: int) -> list[bytes]:
+        return self.lines[-n:] if n > 0 else []
+
+    def close(self) -> None:
+        pass
 
 
 def _deep(value: Any) -> Any:

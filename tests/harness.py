@@ -325,10 +325,12 @@ class Daemon:
         return found
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        path = self.state_dir / "events.jsonl"
-        if not path.exists():
-            return []
-        evs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """Every event on disk, across events.jsonl's rotated files (oldest first)."""
+        evs = []
+        for path in event_files(self.state_dir):
+            with contextlib.suppress(FileNotFoundError):  # rotated away meanwhile
+                lines = path.read_text().splitlines()
+                evs += [json.loads(line) for line in lines if line.strip()]
         return [e for e in evs if name is None or e["event"] == name]
 
     def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
@@ -361,6 +363,13 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             time.sleep(0.02)
+
+
+def event_files(state_dir: Path) -> list[Path]:
+    """events.jsonl's rotated files, oldest (highest number) first, then events.jsonl."""
+    rotated = [p for p in state_dir.glob("events.jsonl.*") if p.suffix[1:].isdigit()]
+    rotated.sort(key=lambda p: -int(p.suffix[1:]))
+    return [*rotated, state_dir / "events.jsonl"]
 
 
 def orchd_processes() -> list[psutil.Process]:

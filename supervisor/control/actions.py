@@ -1,14 +1,17 @@
 """Operator actions and queries, each run inside one step of the engine (`Engine.call`).
 
 Each function takes the decision core (the Machine) and typed params, reads or commits,
-and returns a plain dict for the response; a refusal raises OperatorError with the
-protocol's error code, and the step takes back whatever the request had recorded.
+and returns a plain dict for the response — or, for a query that reads files, a
+FilePart whose reading runs after the step in a worker thread (control/queries.py); a
+refusal raises OperatorError with the protocol's error code, and the step takes back
+whatever the request had recorded.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,18 +23,21 @@ from supervisor.control import ws_actions as ws_ops
 from supervisor.control.lookup import fresh_changes, get_ws
 from supervisor.control.lookup import get_task as _task
 from supervisor.control.lookup import reopen_workstream as _reopen_workstream
+from supervisor.control.queries import FilePart
 from supervisor.control.state_actions import OFF_LOOP
+from supervisor.core.context import LineCut
 from supervisor.core.errors import OperatorError, WorkstreamExists, WorkstreamFileError
 from supervisor.core.figures import probe_report, resource_figures
 from supervisor.core.graph import find_cycles
 from supervisor.core.lifecycle import retire_worker, stop_task
 from supervisor.core.machine import Machine
-from supervisor.core.model import TaskState, Worker, WorkerState
+from supervisor.core.model import Event, TaskState, Worker, WorkerState
 from supervisor.core.policy import StopReason
 from supervisor.core.submission import new_ulid, parse_workstream
 from supervisor.core.views import status_view, task_view, worker_view
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
+_event_decoder = msgspec.json.Decoder(Event)
 
 
 def _worker(s: Machine, worker_id: str) -> Worker:
@@ -58,16 +64,18 @@ def status(s: Machine, _: p.StatusParams) -> dict[str, Any]:
     return out
 
 
-def show(s: Machine, params: p.ShowParams) -> dict[str, Any]:
+def show(s: Machine, params: p.ShowParams) -> dict[str, Any] | FilePart:
     task = _task(s, params.task_id, params.workstream)
     out = task_view(task)
     out["dependencies"] = {
         d: str(s.state.data.tasks[d].state) for d in task.depends_on if d in s.state.data.tasks
     }
-    out["log_path"] = str(s.files.task_log_path(task.id))
-    if params.logs:
-        out["log_tail"] = s.files.tail(s.files.task_log_path(task.id), params.lines)
-    return out
+    path = s.files.task_log_path(task.id)
+    out["log_path"] = str(path)
+    if not params.logs:
+        return out
+    files, lines = s.files, params.lines
+    return FilePart(lambda: out | {"log_tail": files.tail(path, lines)})
 
 
 def tasks(s: Machine, params: p.TasksParams) -> list[dict[str, Any]]:
@@ -100,34 +108,68 @@ def workers(s: Machine, _: p.WorkersParams) -> list[dict[str, Any]]:
     return out
 
 
-def worker_check(s: Machine, params: p.WorkerCheckParams) -> dict[str, Any]:
+def _text_tail(cut: LineCut, lines: int) -> list[str]:
+    return [b.decode("utf-8", errors="replace") for b in cut.tail(lines)]
+
+
+def worker_check(s: Machine, params: p.WorkerCheckParams) -> FilePart:
     w = _worker(s, params.worker_id)
     health = probe_report(s, w.id)
     out = worker_view(w, _heartbeat_age(s, w.id), health)
-    out["log_tail"] = s.files.tail(s.files.worker_log_path(w.id), 20)
-    return out
+    cut = s.files.worker_log_cut(w.id)
+    return FilePart(lambda: out | {"log_tail": _text_tail(cut, 20)}, cut.close)
 
 
-def worker_logs(s: Machine, params: p.WorkerLogsParams) -> dict[str, Any]:
+def worker_logs(s: Machine, params: p.WorkerLogsParams) -> FilePart:
+    """A worker's last log lines, across its rotated files (read after the step)."""
     w = _worker(s, params.worker_id)
     path = s.files.worker_log_path(w.id)
-    return {"worker_id": w.id, "path": str(path), "lines": s.files.tail(path, params.lines)}
+    cut, n = s.files.worker_log_cut(w.id), params.lines
+    return FilePart(
+        lambda: {"worker_id": w.id, "path": str(path), "lines": _text_tail(cut, n)}, cut.close
+    )
 
 
-def logs(s: Machine, params: p.LogsParams) -> dict[str, Any]:
+def log_target(s: Machine, params: p.LogsParams) -> dict[str, Any]:
+    """Which file a task's log is (the step's part of `logs`, and of `logs -f`)."""
     task = _task(s, params.task_id, params.workstream)
-    path = s.files.task_log_path(task.id)
-    return {"task_id": task.id, "path": str(path), "lines": s.files.tail(path, params.lines)}
+    return {"task_id": task.id, "path": str(s.files.task_log_path(task.id))}
 
 
-def events(s: Machine, params: p.EventsParams) -> list[dict[str, Any]]:
+def logs(s: Machine, params: p.LogsParams) -> FilePart:
+    out, files, n = log_target(s, params), s.files, params.lines
+    return FilePart(lambda: out | {"lines": files.tail(Path(out["path"]), n)})
+
+
+def events(s: Machine, params: p.EventsParams) -> list[dict[str, Any]] | FilePart:
+    """The last `limit` events of at least `severity`, newest last: the step takes a cut
+    of events.jsonl and its rotated files, a worker thread reads it backwards."""
     if params.severity is not None and params.severity not in SEVERITIES:
         raise OperatorError(
             "invalid", f"unknown severity {params.severity!r}; one of {', '.join(SEVERITIES)}"
         )
-    floor = SEVERITIES.index(params.severity) if params.severity else 0
-    evs = [e for e in s.files.read_events() if SEVERITIES.index(e.severity) >= floor]
-    return [msgspec.to_builtins(e) for e in evs[-params.limit :]] if params.limit > 0 else []
+    if params.limit <= 0:
+        return []
+    cut = s.files.events_cut()
+    return FilePart(lambda: last_events(cut, params.severity, params.limit), cut.close)
+
+
+def last_events(cut: LineCut, severity: str | None, limit: int) -> list[dict[str, Any]]:
+    """The last `limit` events in `cut` of at least `severity`, oldest first (unreadable
+    lines are skipped)."""
+    floor = SEVERITIES.index(severity) if severity else 0
+    out: list[dict[str, Any]] = []
+    for raw in cut.reverse_lines():
+        try:
+            ev = _event_decoder.decode(raw)
+        except msgspec.DecodeError:
+            continue
+        if SEVERITIES.index(ev.severity) >= floor:
+            out.append(msgspec.to_builtins(ev))
+            if len(out) >= limit:
+                break
+    out.reverse()
+    return out
 
 
 def ws_list(s: Machine, params: p.WsListParams) -> list[dict[str, Any]]:

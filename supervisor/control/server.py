@@ -25,9 +25,10 @@ from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from supervisor.control import protocol as p
-from supervisor.control.actions import HANDLERS, SEVERITIES
+from supervisor.control.actions import HANDLERS, SEVERITIES, log_target
 from supervisor.control.admission import Admission, RefusalLog
 from supervisor.control.preview import confirmed, rehearsal
+from supervisor.control.queries import finish
 from supervisor.control.state_actions import OFF_LOOP
 from supervisor.control.upload import Upload, Uploads
 from supervisor.core.config import ControlConfig
@@ -41,6 +42,8 @@ log = structlog.get_logger("orchd.server")
 _PEERCRED = struct.Struct("iII")  # pid, uid, gid: ids unsigned
 # How often a followed log file is looked at for new output.
 FOLLOW_POLL_S = 0.2
+# How many queries read their files at once (each in a worker thread).
+QUERY_READERS = 2
 
 
 class SocketInUse(OrchdError):
@@ -128,6 +131,7 @@ class Server:
         self.refusals = RefusalLog()
         self.uploads = Uploads()
         self._file_readers: anyio.CapacityLimiter | None = None
+        self._query_readers: anyio.CapacityLimiter | None = None
 
     def _access(self) -> Access:
         """The access lists in force: a config reload replaces the engine's settings."""
@@ -292,11 +296,15 @@ class Server:
         if isinstance(params, p.WsFollowParams):
             await self._follow_ws(stream, req.id, params)
             return True
+        big = False
         if req.method in p.SESSION_METHODS:
             resp = self._upload_part(req, params, conn)
         else:
-            resp = await self._dispatch(req, params, changes, peer, conn)
-        await stream.send(p.encode_response(resp))
+            resp, big = await self._dispatch(req, params, changes, peer, conn)
+        if big:  # an answer read from files may be megabytes: encoded off the loop too
+            await stream.send(await anyio.to_thread.run_sync(p.encode_response, resp))
+        else:
+            await stream.send(p.encode_response(resp))
         return False
 
     # -- an upload: its parts, then the submit that takes it ----------------------------
@@ -362,8 +370,11 @@ class Server:
 
     async def _dispatch(
         self, req: p.Request, params: p.Params, changes: bool, peer: Peer, conn: Connection
-    ) -> p.Response:
+    ) -> tuple[p.Response, bool]:
+        """The response, and whether its result was read from files (a query's FilePart,
+        read in a worker thread once the step has answered: control/queries.py)."""
         logged: Any = None
+        big = False
         dry_run = getattr(params, "dry_run", False)
         expect = getattr(params, "expect", None)
         try:
@@ -383,7 +394,9 @@ class Server:
                 if isinstance(params, p.WsRetireParams) and not dry_run:
                     result = await self._retire(handler, params)
                 else:
-                    result = await self.engine.call(handler, params)
+                    # A query (nothing changed) is answered without waiting for a slow sync.
+                    result = await self.engine.call(handler, params, query=not changes)
+                    result, big = await finish(result, self._readers())
             if req.method == "status":
                 result["uploads"] = self.uploads.figures()
             resp = p.Response(id=req.id, ok=True, result=result)
@@ -407,9 +420,18 @@ class Server:
                 "ok": resp.ok,
                 "result": resp.result if resp.ok else msgspec.to_builtins(resp.error),
             }
-            with contextlib.suppress(OSError):
+            try:
                 self.engine.record_intervention(entry)
-        return resp
+            except OSError as exc:  # a full disk: the journal keeps the line instead
+                log.error("intervention_not_written", error=str(exc), entry=entry)
+        return resp, big
+
+    def _readers(self) -> anyio.CapacityLimiter:
+        """The worker threads that read files for queries (a few at a time: they share
+        the two cores with the loop)."""
+        if self._query_readers is None:
+            self._query_readers = anyio.CapacityLimiter(QUERY_READERS)
+        return self._query_readers
 
     async def _retire(self, handler: Any, params: p.WsRetireParams) -> dict[str, Any]:
         """`ws retire`: the archive is asked for in a step, written in a thread, then the
@@ -539,12 +561,14 @@ class Server:
     async def _follow_log(self, stream: SocketStream, req_id: int, params: p.LogsParams) -> None:
         """`logs -f`: the last lines, then every new complete line until the client goes."""
         try:
-            first = await self.engine.call(HANDLERS["logs"], params)
+            first = await self.engine.call(log_target, params)
         except OperatorError as exc:
             await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
             return
         path = Path(first["path"])
-        lines, offset = _tail_at(path, params.lines)
+        # The file is read in a worker thread, never on the loop (a slow disk, a big tail).
+        readers = self._readers()
+        lines, offset = await anyio.to_thread.run_sync(_tail_at, path, params.lines)
         await stream.send(
             p.encode_response(
                 p.Response(id=req_id, ok=True, result={"path": str(path), "lines": lines})
@@ -562,7 +586,9 @@ class Server:
             tg.start_soon(until_closed)
             while True:
                 await anyio.sleep(FOLLOW_POLL_S)
-                new, offset = _read_new(path, offset)
+                new, offset = await anyio.to_thread.run_sync(
+                    _read_new, path, offset, limiter=readers
+                )
                 if new:
                     await stream.send(
                         p.encode_response(p.Response(id=req_id, ok=True, result={"lines": new}))

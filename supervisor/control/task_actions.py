@@ -10,6 +10,7 @@ import msgspec
 
 from supervisor.control import protocol as p
 from supervisor.control.lookup import dependency_of, get_task, refuse_merged, reopen_workstream
+from supervisor.control.queries import FilePart
 from supervisor.control.ws_actions import task_advice
 from supervisor.core.errors import OperatorError
 from supervisor.core.figures import metrics as live_metrics
@@ -194,7 +195,7 @@ def _actions(s: Machine, task: Task) -> list[dict[str, Any]]:
     return acts
 
 
-def debug(s: Machine, params: p.DebugParams) -> dict[str, Any]:
+def debug(s: Machine, params: p.DebugParams) -> FilePart:
     task = get_task(s, params.task_id, params.workstream)
     tasks = s.state.data.tasks
     diagnosis = [why_waits(s, task)]
@@ -207,7 +208,8 @@ def debug(s: Machine, params: p.DebugParams) -> dict[str, Any]:
         health = probe_report(s, w.id)
         worker = worker_view(w, None if seen is None else max(0.0, s.now - seen), health)
     view = task_view(task)
-    return {
+    path = s.files.task_log_path(task.id)
+    out = {
         "task": {k: v for k, v in view.items() if k != "attempts"},
         "attempts": view["attempts"][-3:],
         "dependencies": [
@@ -215,22 +217,29 @@ def debug(s: Machine, params: p.DebugParams) -> dict[str, Any]:
             for d in task.depends_on
         ],
         "worker": worker,
-        "log_path": str(s.files.task_log_path(task.id)),
-        "log_tail": s.files.tail(s.files.task_log_path(task.id), params.lines),
+        "log_path": str(path),
         "diagnosis": diagnosis,
         "actions": _actions(s, task),
     }
+    files, lines = s.files, params.lines
+    return FilePart(lambda: out | {"log_tail": files.tail(path, lines)})
 
 
-def interventions(s: Machine, params: p.InterventionsParams) -> list[dict[str, Any]]:
-    path = s.files.state_dir / "interventions.log"
-    out = []
-    for line in s.files.tail(path, max(0, params.limit)):
-        try:
-            out.append(msgspec.json.decode(line))
-        except msgspec.DecodeError:
-            continue  # a line torn by a crash mid-write
-    return out
+def interventions(s: Machine, params: p.InterventionsParams) -> FilePart:
+    """The last `limit` manual actions, across interventions.log's rotated files (the
+    step takes the cut, a worker thread reads it)."""
+    cut, limit = s.files.interventions_cut(), max(0, params.limit)
+
+    def read() -> list[dict[str, Any]]:
+        out = []
+        for line in cut.tail(limit):
+            try:
+                out.append(msgspec.json.decode(line))
+            except msgspec.DecodeError:
+                continue  # a line torn by a crash mid-write
+        return out
+
+    return FilePart(read, cut.close)
 
 
 def metrics(s: Machine, _: p.MetricsParams) -> dict[str, Any]:

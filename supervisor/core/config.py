@@ -94,6 +94,18 @@ class StoreConfig(_Section):
     metrics_interval_s: float = 10.0
 
 
+class RotationConfig(_Section):
+    """Size-based rotation of the appended side files (0 bytes: never rotated; a keep of
+    0: no rotated file is ever removed)."""
+
+    events_max_bytes: int = 64 * 1024 * 1024
+    events_keep: int = 8
+    interventions_max_bytes: int = 16 * 1024 * 1024
+    interventions_keep: int = 0
+    worker_log_max_bytes: int = 16 * 1024 * 1024
+    worker_logs_keep: int = 3
+
+
 class RetentionConfig(_Section):
     """How long finished workstreams stay live before they are archived and retired."""
 
@@ -146,6 +158,7 @@ class Config(_Section):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    rotation: RotationConfig = msgspec.field(default_factory=RotationConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
@@ -203,6 +216,8 @@ def _check_ranges(cfg: Config, where: str) -> None:
     for rid, res in cfg.resources.items():
         if res.max_holders < 1:
             problems.append(f"{where}: `resources.{rid}.max_holders` must be >= 1")
+    for name in RotationConfig.__struct_fields__:
+        positive(f"rotation.{name}", getattr(cfg.rotation, name), zero_ok=True)
     positive("shutdown_grace_s", cfg.shutdown_grace_s)
     ctl = cfg.control
     positive("control.max_connections", ctl.max_connections)

@@ -11,7 +11,7 @@ may decide its workstream's verdict.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -42,8 +42,21 @@ _LEAVE_RUNNING = {"worker_id": None, "pid": None, "stopping": None}
 _TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
 
 
+class LineCut(Protocol):
+    """A file and its rotated files as they were at one moment (taken in a step, read
+    after it in a worker thread: store/sidelog.py)."""
+
+    def reverse_lines(self) -> Iterator[bytes]: ...
+
+    def tail(self, n: int) -> list[bytes]: ...
+
+    def close(self) -> None: ...
+
+
 class Files(Protocol):
-    """What the rules and the operator's queries may read of the state directory."""
+    """What the rules and the operator's queries may read of the state directory. The
+    cuts are taken in a step; reading them, and `tail` and `read_events`, read files:
+    those run after the step, in a worker thread (control/queries.py)."""
 
     @property
     def state_dir(self) -> Path: ...
@@ -58,6 +71,12 @@ class Files(Protocol):
     def tail(self, path: Path, lines: int) -> list[str]: ...
 
     def read_events(self, *, after_line: int = 0) -> list[Event]: ...
+
+    def events_cut(self) -> LineCut: ...
+
+    def interventions_cut(self) -> LineCut: ...
+
+    def worker_log_cut(self, worker_id: str) -> LineCut: ...
 
     def list_checkpoints(self, ws_id: str) -> list[int]: ...
 

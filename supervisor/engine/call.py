@@ -27,12 +27,16 @@ class ReadOnly(OperatorError):
 
 class Call:
     """A request to the engine from another task: `fn(machine, *args)` run inside a step,
-    answered once its records are durable."""
+    answered once its records are durable. A `query` (a request that changes nothing)
+    that recorded nothing is answered at the end of its step, without waiting for the
+    sync of records other inputs made meanwhile: it may show a change whose record is
+    written and not yet durable (one fdatasync behind at most); every effect of that
+    change still waits for it."""
 
-    __slots__ = ("_done", "args", "error", "fn", "result")
+    __slots__ = ("_done", "args", "error", "fn", "query", "result")
 
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.fn, self.args = fn, args
+    def __init__(self, fn: Callable[..., Any], *args: Any, query: bool = False) -> None:
+        self.fn, self.args, self.query = fn, args, query
         self.result: Any = None
         self.error: BaseException | None = None
         self._done = anyio.Event()

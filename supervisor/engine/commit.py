@@ -1,13 +1,14 @@
 """Pipelined group commit: the loop appends each step's records and hands over the step's
-effects and replies; this task makes the records durable (fdatasync: on the loop while
-the disk is fast, else in a worker thread) and then releases, in order, the effects and
-replies that waited on them (the write-ahead rule). The loop goes on deciding while a
-sync runs in a thread, so the next sync covers every step appended meanwhile, and a slow
-disk does not stall heartbeats or the socket.
+effects and replies; this task makes the records durable (fdatasync, always in a worker
+thread: one slow sync after fast ones must not freeze the loop) and then releases, in
+order, the effects and replies that waited on them (the write-ahead rule). The loop goes
+on deciding while a sync runs, so the next sync covers every step appended meanwhile,
+and a slow disk does not stall heartbeats, the socket or the watchdog.
 
 Records that nothing waits on (a pid learnt from Started) ride along with the next sync,
-at most SYNC_LAG_S later. A failed fdatasync is never retried: StoreFsyncError ends the
-task, and with it the daemon (the next start recovers from what the log really holds).
+at most SYNC_LAG_S after the last one (this task keeps that timer). A failed fdatasync is
+never retried: StoreFsyncError ends the task, and with it the daemon (the next start
+recovers from what the log really holds).
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ log = structlog.get_logger("orchd.engine")
 
 # Longest a record that no effect waits on stays unsynced.
 SYNC_LAG_S = 0.05
-# An fdatasync faster than this runs on the loop; a slower disk gets a worker thread, so
-# the loop keeps deciding (and heartbeats keep being read) while it waits.
-INLINE_SYNC_S = 0.002
 
 
 class GroupCommit:
@@ -48,27 +46,18 @@ class GroupCommit:
         self._kick = anyio.Event()
         self._progress = anyio.Event()
         self.last_sync = clock()
-        self._sync_s = 0.0  # how long the last fdatasync took
+        self.sync_s = 0.0  # how long the last fdatasync took
+        self.syncing = False  # an fdatasync is in its thread now
+        # One thread syncs at a time: a sync covers everything appended before it began.
+        self._syncer = anyio.CapacityLimiter(1)
 
     def submit(self, effects: list[Effect], calls: list[Call], *, urgent: bool) -> None:
         """A step is appended: release its effects and replies once it is durable."""
         if effects or calls:
             self._waiting.append((self.store.written_seq, effects, calls))
         self._urgent = self._urgent or urgent
-        if self._waiting or self._urgent:
-            self._kick.set()
-
-    def lag_due(self) -> float | None:
-        """When written-but-unsynced records must be synced with nobody waiting on them."""
-        if self.store.written_seq > self.store.synced_seq:
-            return self.last_sync + SYNC_LAG_S
-        return None
-
-    def sync_lagging(self) -> None:
-        """Sync what waited SYNC_LAG_S (called by the loop when `lag_due` has passed)."""
-        due = self.lag_due()
-        if due is not None and self.clock() >= due:
-            self._urgent = True
+        # Records nothing waits on start the lag timer of an idle commit task.
+        if self._waiting or self._urgent or self.store.written_seq > self.store.synced_seq:
             self._kick.set()
 
     async def settle(self) -> None:
@@ -85,18 +74,19 @@ class GroupCommit:
     ) -> None:
         task_status.started()
         while True:
-            await self._kick.wait()
+            await self._next_round()
             self._kick = anyio.Event()
             store = self.store
             if store.written_seq > store.synced_seq and (self._urgent or self._waiting):
                 self._urgent = False
                 started = self.clock()
-                if self._sync_s < INLINE_SYNC_S:
-                    store.sync()  # a fast disk: waking a thread costs more than the sync
-                else:
-                    await anyio.to_thread.run_sync(store.sync)
+                self.syncing = True
+                try:
+                    await anyio.to_thread.run_sync(store.sync, limiter=self._syncer)
+                finally:
+                    self.syncing = False
                 self.last_sync = self.clock()
-                self._sync_s = self.last_sync - started
+                self.sync_s = self.last_sync - started
             synced = store.synced_seq
             while self._waiting and self._waiting[0][0] <= synced:
                 _, effects, calls = self._waiting.popleft()
@@ -108,6 +98,19 @@ class GroupCommit:
                 self._kick.set()  # appended while this round ran: another round
             progress, self._progress = self._progress, anyio.Event()
             progress.set()
+
+    async def _next_round(self) -> None:
+        """Wait for a step to hand something over; records that nothing waits on are
+        synced SYNC_LAG_S after the last sync at the latest."""
+        store = self.store
+        if store.written_seq > store.synced_seq and not (self._urgent or self._waiting):
+            lag = self.last_sync + SYNC_LAG_S - self.clock()
+            with anyio.move_on_after(max(0.0, lag)) as scope:
+                await self._kick.wait()
+            if scope.cancelled_caught:
+                self._urgent = True
+        else:
+            await self._kick.wait()
 
     async def _carry_out(self, eff: Effect) -> None:
         try:

@@ -105,6 +105,7 @@ class Effects:
         self.record_followers: Followers[list[Transition]] = Followers()
         self.tg: TaskGroup | None = None
         self._notes: dict[str, list[tuple[float, str]]] = {}
+        self._flushing = False  # the workers' log lines are being written in a thread
 
     async def run(self, eff: Effect) -> None:
         match eff:
@@ -171,12 +172,44 @@ class Effects:
         return bool(self._notes)
 
     def write_notes(self) -> None:
-        """The lines for the workers' own logs, written together (one open per worker)."""
+        """Hand the pending lines for the workers' own logs to a worker thread (one flush
+        at a time: lines that come meanwhile wait for the next)."""
+        if self._flushing or not self._notes:
+            return
         notes, self._notes = self._notes, {}
+        if self.tg is None:
+            self._write_notes(notes)
+            return
+        self._flushing = True
+        self.tg.start_soon(self._flush, notes)
+
+    async def flush_notes(self) -> None:
+        """Write every pending line now, and wait for it (a clean stop)."""
+        while self._flushing:
+            await anyio.sleep(0.01)
+        notes, self._notes = self._notes, {}
+        if notes:
+            await anyio.to_thread.run_sync(self._write_notes, notes)
+
+    async def _flush(self, notes: dict[str, list[tuple[float, str]]]) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._write_notes, notes)
+        finally:
+            self._flushing = False
+
+    def _write_notes(self, notes: dict[str, list[tuple[float, str]]]) -> None:
+        """In a worker thread: append each worker's lines (one open per worker); a log that
+        has reached `rotation.worker_log_max_bytes` is then rotated (copy-truncate: its
+        agent holds it open)."""
+        limit = self.m.cfg.rotation.worker_log_max_bytes
         for wid, lines in notes.items():
             try:
                 with open(self.store.worker_log_path(wid), "a", encoding="utf-8") as f:
                     f.writelines(f"{iso_utc(ts)} {text}\n" for ts, text in lines)
+                    size = f.tell()
+                if limit and size >= limit:
+                    removed = self.store.rotate_worker_log(wid)
+                    log.info("worker_log_rotated", worker_id=wid, removed=[str(p) for p in removed])
             except OSError as exc:  # a full disk is no reason to stop the engine
                 log.warning("worker_log_failed", worker_id=wid, error=str(exc))
 

@@ -11,6 +11,8 @@ agents' messages in order, and tries again every WRITE_RETRY_S until the log tak
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import time
 from collections import deque
@@ -53,6 +55,10 @@ RECENT_RECORDS = 4096
 Inbox = MemoryObjectReceiveStream[Input | Call]
 
 
+def _nothing(_: Machine) -> None:
+    """A call that only makes the loop step (`Engine.wake`)."""
+
+
 class Engine:
     """Owns the machine; runs steps until stopped (see the module docstring)."""
 
@@ -85,7 +91,7 @@ class Engine:
         now = self.m.now
         self.last_step = now
         self.steps = 0  # how many times the loop turned (a figure for tests and metrics)
-        self.derived = DerivedFiles(self.m, store, self.fx, clock)
+        self.derived = DerivedFiles(self.m, store, self.fx, clock, self.commit.settle, self.wake)
         self._recent: deque[Transition] = deque(maxlen=RECENT_RECORDS)
 
     @property
@@ -129,12 +135,12 @@ class Engine:
             due.append(self._retry_at)
         elif (timer := self.m.rt.next_due()) is not None:
             due.append(timer)
-        lag = self.commit.lag_due()
-        if lag is not None:
-            due.append(lag)
         return min(due)
 
     async def _step(self) -> None:
+        if (stall := failpoints.arg("loop_stall_file")) is not None:
+            while os.path.exists(stall):  # a stuck engine (a test hook)
+                await anyio.sleep(0.02)
         self.last_step = self.clock()
         self.steps += 1
         wait = max(0.0, self._wake_at() - self.last_step)
@@ -173,8 +179,14 @@ class Engine:
                 inputs=len(inputs),
                 calls=[getattr(c.fn, "__name__", "?") for c in calls],
             )
-        self.commit.sync_lagging()
-        await self.derived.write(self.commit.settle, writable=self.read_only is None)
+        await self.derived.write(writable=self.read_only is None)
+
+    def wake(self) -> None:
+        """Make the loop step soon (a background write is done: the next may be due)."""
+        with contextlib.suppress(
+            anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError
+        ):
+            self.inbox_send.send_nowait(Call(_nothing))
 
     def _decide(self, now: float, inputs: list[Input], calls: list[Call], *, settle: bool) -> None:
         m = self.m
@@ -203,13 +215,22 @@ class Engine:
         effects = step.effects
         if step.records and self.fx.record_followers:
             effects = [*effects, Published(step.records)]
-        self.commit.submit(effects, calls, urgent=step.urgent)
+        waiting = []
+        for call in calls:
+            if call.query:
+                call.finish()  # a query: nothing of its own to make durable
+            else:
+                waiting.append(call)
+        self.commit.submit(effects, waiting, urgent=step.urgent)
 
     def _run_call(self, call: Call) -> None:
+        before = len(self.m.txn.records)
         try:
             call.result = self.m.run(call.fn, *call.args)
         except Exception as exc:  # refused, or a bug: it travels back to the caller
             call.error = exc
+        if call.query and len(self.m.txn.records) != before:
+            call.query = False  # it recorded something after all: answered once durable
 
     def _answer_read_only(self, calls: list[Call]) -> None:
         """After a refused append: queries are answered from the state as the log has it;
@@ -260,9 +281,10 @@ class Engine:
 
     # -- group commit, then effects ------------------------------------------------------
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(machine, *args)` inside a step; its result once durable."""
-        c = Call(fn, *args)
+    async def call(self, fn: Callable[..., Any], *args: Any, query: bool = False) -> Any:
+        """Run `fn(machine, *args)` inside a step; its result once durable (a `query`: at
+        the end of the step, see Call)."""
+        c = Call(fn, *args, query=query)
         await self.inbox_send.send(c)
         return await c.wait()
 
@@ -293,7 +315,7 @@ class Engine:
             # An agent did not answer in time: kill those trees from here.
             await self._call_until(drain.begin, True, within=grace)
             await self._settled(self.cfg.tasks.kill_grace_s + 5.0)
-        self.fx.write_notes()
+        await self.fx.flush_notes()
         await self._call_until(drain.end, within=grace)
         # The workers' shutdown is on record: an agent that does not stop may be killed.
         self.pool.shutdown_recorded()
@@ -342,8 +364,20 @@ class Engine:
         return self.fx.record_followers.add()
 
     def record_intervention(self, entry: dict[str, Any]) -> None:
-        """Append an operator's action to interventions.log (an OSError is the caller's)."""
-        self.store.append_intervention(entry)
+        """Append an operator's action to interventions.log (an OSError is the caller's);
+        a rotated file removed to make room (only with `rotation.interventions_keep` set)
+        is said in an event and the journal: the audit trail never loses one silently."""
+        for path in self.store.append_intervention(entry):
+            self.fx.publish(
+                Event(
+                    event="interventions_removed",
+                    severity="warning",
+                    ts=self.wall(),
+                    message=f"{path.name} removed: older than the "
+                    "rotation.interventions_keep rotated files kept",
+                    data={"path": str(path)},
+                )
+            )
 
     def probe_targets(self) -> list[tuple[str, int, int | None]]:
         """(worker, pid, start ticks) of every worker whose agent health probes watch (a

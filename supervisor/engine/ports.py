@@ -37,11 +37,27 @@ class Durable(Files, Protocol):
 
     def append_event(self, event: Event) -> None: ...
 
-    def append_intervention(self, line: dict[str, Any]) -> None: ...
+    def append_intervention(self, line: dict[str, Any]) -> list[Path]:
+        """Append a line; the rotated files removed to make room (said by the caller)."""
 
     def write_snapshot(self, state: State) -> Path: ...
 
     def write_checkpoint(self, ws_id: str, state: State) -> Path: ...
+
+    def snapshot_blob(self, state: State) -> Any:
+        """`state` encoded now, on the loop (between steps); `install_snapshot` writes it."""
+
+    def install_snapshot(self, blob: Any) -> Path:
+        """Make `blob` current.json (after a sync), in any thread."""
+
+    def checkpoint_blob(self, ws_id: str, state: State) -> Any:
+        """A workstream's checkpoint encoded now, on the loop."""
+
+    def install_checkpoint(self, blob: Any) -> Path:
+        """Write an encoded checkpoint, in any thread."""
+
+    def rotate_worker_log(self, worker_id: str) -> list[Path]:
+        """Rotate a worker's log if it has reached its size, in any thread."""
 
     def write_json(self, relpath: str, obj: object) -> None: ...
 

@@ -25,6 +25,7 @@ from supervisor.engine.loop import Engine
 from supervisor.service.notify import Notifier
 from supervisor.service.reload import Reloader
 from supervisor.store.directory import Store
+from supervisor.store.sidelog import Rotation
 from supervisor.workers.cgroup import Hierarchy, Unavailable
 from supervisor.workers.health import Health
 from supervisor.workers.pool import Pool, daemon_id
@@ -63,12 +64,16 @@ async def run(cfg: Config, config_path: Path | None) -> int:
     with contextlib.suppress(RuntimeError):  # not on asyncio: nothing to quieten
         _ignore_cancelled_wakeups(asyncio.get_running_loop())
     notifier = Notifier()
+    rot = cfg.rotation
     store = Store(
         cfg.state_dir,
         backups_keep=cfg.store.backups_keep,
         checkpoints_keep=cfg.store.checkpoints_keep,
         segment_bytes=cfg.store.segment_bytes,
         backups_full=cfg.store.backups_full,
+        events=Rotation(rot.events_max_bytes, rot.events_keep),
+        interventions=Rotation(rot.interventions_max_bytes, rot.interventions_keep),
+        worker_logs=Rotation(rot.worker_log_max_bytes, rot.worker_logs_keep),
     )
     try:
         state = await anyio.to_thread.run_sync(store.open)

@@ -53,6 +53,7 @@ from supervisor.store.maintenance import (
     validate_state,
 )
 from supervisor.store.segments import compact, settle
+from supervisor.store.sidelog import NO_ROTATION, AppendLog, LineCut, Rotation, copy_truncate
 from supervisor.store.snapshot import checkpoint_doc, encode_snapshot, gc_paused, iso_utc, load
 
 log = structlog.get_logger("orchd.store")
@@ -66,11 +67,12 @@ class SnapshotBlob(msgspec.Struct, frozen=True):
 
 
 class CheckpointBlob(msgspec.Struct, frozen=True):
-    """A workstream checkpoint encoded on the loop, to be written in a thread."""
+    """A workstream checkpoint taken on the loop, to be encoded and written in a thread
+    (`doc` is made of fresh lists and plain values: nothing in it changes with the state)."""
 
     ws_id: str
     seq: int
-    data: bytes
+    doc: dict[str, Any]
 
 
 _DIRS: Final = ("backups", "checkpoints", "archive", "logs", "logs/workers", SEGMENTS_DIR)
@@ -89,6 +91,9 @@ class Store:
         backups_keep: int = 100,
         checkpoints_keep: int = 20,
         fsync: bool = True,
+        events: Rotation = NO_ROTATION,
+        interventions: Rotation = NO_ROTATION,
+        worker_logs: Rotation = NO_ROTATION,
         segment_bytes: int = SEGMENT_BYTES,
         backups_full: int = 4,
     ) -> None:
@@ -102,7 +107,9 @@ class Store:
         self.repairs: list[str] = []
         self._lock_fd = -1
         self._log: LogWriter | None = None
-        self._side_fds: dict[str, int] = {}
+        self.worker_logs = worker_logs
+        self._events = AppendLog(self._dir / "events.jsonl", events)
+        self._interventions = AppendLog(self._dir / "interventions.log", interventions)
         # The seq of the current.json this store wrote or loaded (None: damaged or none).
         self._current_seq: int | None = None
         # Installs (snapshot, backups, compaction) one at a time, in whichever thread.
@@ -264,17 +271,18 @@ class Store:
         return self.install_checkpoint(self.checkpoint_blob(ws_id, state))
 
     def checkpoint_blob(self, ws_id: str, state: State) -> CheckpointBlob:
-        """A workstream's checkpoint encoded now (see `snapshot_blob`)."""
+        """A workstream's checkpoint taken now (see `snapshot_blob`); its encoding is left
+        to `install_checkpoint`."""
         _check_name(ws_id)
         doc = checkpoint_doc(ws_id, state)
-        return CheckpointBlob(ws_id=ws_id, seq=state.last_seq, data=seal(_json_encoder.encode(doc)))
+        return CheckpointBlob(ws_id=ws_id, seq=state.last_seq, doc=doc)
 
     def install_checkpoint(self, blob: CheckpointBlob) -> Path:
-        """Write an encoded checkpoint and point <ws>_latest.json at it, in any thread."""
+        """Encode a checkpoint, write it and point <ws>_latest.json at it, in any thread."""
         ws_id = blob.ws_id
         cdir = self._dir / "checkpoints"
         path = cdir / f"{ws_id}_{blob.seq}.json"
-        write_atomic(path, blob.data, fsync=self._fsync)
+        write_atomic(path, seal(msgspec.json.encode(blob.doc)), fsync=self._fsync)
         # `latest` is a second name for the same file, switched atomically.
         tmp = cdir / f"{ws_id}_latest.json.{os.getpid()}{TMP_SUFFIX}"
         tmp.unlink(missing_ok=True)
@@ -313,30 +321,62 @@ class Store:
         doc.pop("crc", None)
         return doc
 
-    # -- side files --------------------------------------------------------------------
-
-    def _append_line(self, name: str, line: bytes) -> None:
-        fd = self._side_fds.get(name)
-        if fd is None:
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            fd = self._side_fds[name] = os.open(self._dir / name, flags, 0o640)
-        os.write(fd, line)
+    # -- side files (store/sidelog.py: rotation, reading across rotated files) ---------
 
     def append_event(self, event: Event) -> None:
-        """Append one event to events.jsonl (written at once; not fsynced)."""
-        self._append_line("events.jsonl", _json_encoder.encode(event) + b"\n")
+        """Append one event to events.jsonl (written at once; not fsynced), rotating it
+        first when it is full (the oldest rotated file beyond the count is removed)."""
+        for path in self._events.append(_json_encoder.encode(event) + b"\n"):
+            log.info("events_file_removed", path=str(path), keep=self._events.rotation.keep)
 
-    def append_intervention(self, line: dict[str, Any]) -> None:
-        """Append one manual action to interventions.log (one JSON object a line)."""
-        self._append_line("interventions.log", _json_encoder.encode(line) + b"\n")
+    def append_intervention(self, line: dict[str, Any]) -> list[Path]:
+        """Append one manual action to interventions.log (one JSON object a line); the
+        rotated files this removed, if a count is set (the caller says so: an audit trail
+        never loses a line silently)."""
+        return self._interventions.append(_json_encoder.encode(line) + b"\n")
+
+    def events_cut(self) -> LineCut:
+        """events.jsonl and its rotated files as they are now, to be read in any thread."""
+        return self._events.cut()
+
+    def interventions_cut(self) -> LineCut:
+        """interventions.log and its rotated files as they are now (see `events_cut`)."""
+        return self._interventions.cut()
+
+    def worker_log_cut(self, worker_id: str) -> LineCut:
+        """A worker's log and its rotated files as they are now (see `events_cut`)."""
+        return LineCut.of(self.worker_log_path(worker_id))
+
+    def rotate_worker_log(self, worker_id: str) -> list[Path]:
+        """Copy-truncate a worker's log when it has reached its size (in any thread; its
+        agent holds it open); the rotated files removed."""
+        path = self.worker_log_path(worker_id)
+        limit = self.worker_logs.max_bytes
+        try:
+            if not limit or path.stat().st_size < limit:
+                return []
+        except FileNotFoundError:
+            return []
+        return copy_truncate(path, self.worker_logs)
 
     def read_events(self, *, after_line: int = 0) -> list[Event]:
-        """The events after the first `after_line` lines of events.jsonl."""
-        return self.read_events_from(after_line)[0]
+        """Every event in events.jsonl and its rotated files, oldest first, skipping the
+        first `after_line` (unreadable lines are skipped); reads files: in any thread."""
+        with self.events_cut() as cut:
+            raw = list(cut.reverse_lines())
+        raw.reverse()
+        out = []
+        for line in raw[after_line:]:
+            try:
+                out.append(_event_decoder.decode(line))
+            except msgspec.DecodeError:
+                continue
+        return out
 
     def read_events_from(self, after_line: int = 0) -> tuple[list[Event], int]:
-        """The events after line `after_line`, and the line to continue after next time
-        (unreadable lines are skipped but counted; a partial last line is left for later)."""
+        """The events after line `after_line` of events.jsonl alone, and the line to
+        continue after next time (unreadable lines are skipped but counted; a partial last
+        line is left for later)."""
         try:
             data = (self._dir / "events.jsonl").read_bytes()
         except FileNotFoundError:
@@ -417,9 +457,8 @@ class Store:
             if self._log is not None:
                 self._log.close()
                 self._log = None
-            for fd in self._side_fds.values():
-                os.close(fd)
-            self._side_fds.clear()
+            self._events.close()
+            self._interventions.close()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)  # closing the descriptor releases the flock
                 self._lock_fd = -1
