@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -81,6 +82,8 @@ class Engine:
         self.notify = notify
         self.inbox, self.inbox_send = inbox, inbox_send
         self.clock, self.wall = clock, wall
+        # Health reports received before this (clock) are taken as stalled: see `_step`.
+        self._trust_health_from = 0.0
         self.m = Machine(cfg, state, store, rand=rand, now=clock(), wall=wall())
         self.fx = Effects(self.m, store, pool, inbox_send)
         self.stopped = anyio.Event()
@@ -162,8 +165,13 @@ class Engine:
                 continue
             if isinstance(item, AgentMessage):
                 self.m.rt.beat(item.worker_id, now)  # a sign of life, whatever happens next
-            if self.read_only is not None and isinstance(item, HealthReport):
-                continue  # a stale round would judge heartbeats held back meanwhile
+            if isinstance(item, HealthReport):
+                if self.read_only is not None:
+                    continue  # a stale round would judge heartbeats held back meanwhile
+                if now < self._trust_health_from and not item.stalled:
+                    # Probed around a step that held the loop: the agents' pipes were not
+                    # read meanwhile, so their heartbeat ages say nothing yet.
+                    item = msgspec.structs.replace(item, stalled=True)
             inputs.append(item)
         if waiting:
             self._deferred += inputs
@@ -172,6 +180,11 @@ class Engine:
             inputs, self._deferred = self._deferred + inputs, []
         self._decide(now, inputs, calls, settle=not waiting)
         took = self.clock() - now
+        h = self.cfg.health
+        if took > h.unresponsive_after_s / 2:
+            # Until the readers have caught up with what queued meanwhile.
+            settle_s = max(2 * h.heartbeat_interval_s, h.health_check_interval_s)
+            self._trust_health_from = self.clock() + settle_s
         if took > SLOW_STEP_S:
             log.warning(
                 "slow_step",
