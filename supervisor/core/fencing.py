@@ -24,8 +24,8 @@ from supervisor.core import wire
 from supervisor.core.context import Core
 from supervisor.core.effects import Send
 from supervisor.core.lifecycle import FENCE, attempt_task, end_sweep
-from supervisor.core.model import FailureKind, Task, TaskState, WorkerState
-from supervisor.core.outcome import on_finished
+from supervisor.core.model import Task, TaskState, WorkerState
+from supervisor.core.outcome import interrupted, on_finished
 
 
 def live_on(m: Core, host: str) -> tuple[str, ...]:
@@ -131,19 +131,10 @@ def settle_lost(m: Core, task: Task, why: str) -> None:
             wire.Finished(attempt_id=a.attempt_id, phase="command", killed=True, message=why),
         )
         return
-    m.commit(
-        "task",
-        task.id,
-        "pending",
-        "recovery",
-        attempt_update={"ended_at": m.wall, "failure_kind": FailureKind.INTERRUPTED},
-    )
-    m.emit(
-        "task_interrupted",
-        "warning",
-        task_id=task.id,
-        workstream_id=task.workstream_id,
-        message="the daemon stopped while this attempt ran on another host; it was fenced "
+    interrupted(
+        m,
+        task,
+        "the daemon stopped while this attempt ran on another host; it was fenced "
         "there and runs again (no retry spent)",
     )
 

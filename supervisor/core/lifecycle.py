@@ -473,17 +473,22 @@ def release_worker(m: Core, wid: str) -> None:
     if worker.state == WorkerState.BUSY:
         m.commit("worker", wid, "idle", "auto", task_id=None, attempt_id=None)
         if worker.host and not any(h.host == worker.host for h in m.cfg.workers.hosts):
-            # Its host left the config while it ran a task: now it goes.
-            retire_worker(
-                m,
-                wid,
-                task_reason=StopReason.REASSIGN,
-                restart_same=False,
-                graceful=True,
-                cause="config",
-                replace=False,
-            )
+            retire_unwanted(m, wid)  # its host left the config while it ran a task
             return
         make_idle(m, wid)
     elif worker.task_id is not None:
         m.commit("worker", wid, str(worker.state), "auto", task_id=None, attempt_id=None)
+
+
+def retire_unwanted(m: Core, wid: str) -> None:
+    """A worker the config no longer wants (fewer workers, its host gone): stopped
+    gracefully, not replaced; a task it still runs is reassigned."""
+    retire_worker(
+        m,
+        wid,
+        task_reason=StopReason.REASSIGN,
+        restart_same=False,
+        graceful=True,
+        cause="config",
+        replace=False,
+    )

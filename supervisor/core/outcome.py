@@ -10,7 +10,7 @@ from supervisor.core import wire
 from supervisor.core.context import Core
 from supervisor.core.dispatch import enqueue
 from supervisor.core.lifecycle import attempt_task, release_worker
-from supervisor.core.model import FailureKind, TaskState
+from supervisor.core.model import FailureKind, Task, TaskState
 from supervisor.core.policy import attempt_outcome
 
 
@@ -92,3 +92,22 @@ def on_finished(m: Core, wid: str, msg: wire.Finished) -> None:
             **ids,
         )
     release_worker(m, wid)
+
+
+def interrupted(m: Core, task: Task, message: str) -> None:
+    """A running task whose attempt the daemon's stop interrupted goes back to pending,
+    no retry spent (a recovery record), with a `task_interrupted` event saying why."""
+    m.commit(
+        "task",
+        task.id,
+        "pending",
+        "recovery",
+        attempt_update={"ended_at": m.wall, "failure_kind": FailureKind.INTERRUPTED},
+    )
+    m.emit(
+        "task_interrupted",
+        "warning",
+        task_id=task.id,
+        workstream_id=task.workstream_id,
+        message=message,
+    )

@@ -10,9 +10,8 @@ import msgspec
 
 from supervisor.core.config import Config, diff
 from supervisor.core.dispatch import hosts_reloaded
-from supervisor.core.lifecycle import new_worker_id, retire_worker, spawn_worker
+from supervisor.core.lifecycle import new_worker_id, retire_unwanted, spawn_worker
 from supervisor.core.machine import Machine
-from supervisor.core.policy import StopReason
 
 # Settings read once at start; a change needs a restart.
 RESTART_ONLY = ("state_dir", "socket_path", "workers.python", "workers.containment", "log.format")
@@ -44,7 +43,7 @@ def apply(s: Machine, new: Config, why: str) -> None:
         if w.host and w.host not in wanted and s.rt.is_idle(w.id):
             # Its host left the config: its idle workers go now, the busy ones once their
             # task is over (lifecycle.release_worker).
-            _retire(s, w.id)
+            retire_unwanted(s, w.id)
     # Hosts may have come or gone: tasks that wait for one come back to the queue, those
     # whose host is gone are reported.
     s.rt.unpark_all_placement()
@@ -67,16 +66,4 @@ def _resize(s: Machine, host: str, count: int) -> None:
     surplus = len(live) - count
     idle = [wid for wid in s.rt.idle() if s.state.data.workers[wid].host == host]
     for wid in idle[: max(0, surplus)]:
-        _retire(s, wid)
-
-
-def _retire(s: Machine, wid: str) -> None:
-    retire_worker(
-        s,
-        wid,
-        task_reason=StopReason.REASSIGN,
-        restart_same=False,
-        graceful=True,
-        cause="config",
-        replace=False,
-    )
+        retire_unwanted(s, wid)

@@ -28,7 +28,8 @@ from supervisor.core.dispatch import enqueue
 from supervisor.core.effects import OldAgent, TaskTree
 from supervisor.core.lifecycle import FENCE, new_worker_id, spawn_worker, tree_of
 from supervisor.core.machine import Machine
-from supervisor.core.model import FailureKind, Task, TaskState, WorkerState
+from supervisor.core.model import Task, TaskState, WorkerState
+from supervisor.core.outcome import interrupted
 from supervisor.core.policy import StopReason
 from supervisor.engine.ports import Agents, Survivors
 
@@ -128,19 +129,8 @@ def _resume(m: Machine, left: dict[str, Survivors]) -> None:
             )
             continue
         aid = task.attempts[-1].attempt_id if task.attempts else None
-        m.commit(
-            "task",
-            task.id,
-            "pending",
-            "recovery",
-            attempt_update={"ended_at": m.wall, "failure_kind": FailureKind.INTERRUPTED},
-        )
-        m.emit(
-            "task_interrupted",
-            "warning",
-            task_id=task.id,
-            workstream_id=task.workstream_id,
-            message="the daemon stopped while this attempt ran; it runs again (no retry spent)",
+        interrupted(
+            m, task, "the daemon stopped while this attempt ran; it runs again (no retry spent)"
         )
         if aid is not None and left.get(aid):
             survivors.hold(m, task, aid, left[aid])
