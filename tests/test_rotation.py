@@ -109,7 +109,9 @@ def test_worker_logs_rotate_by_copy_truncate(tmp_path: Path) -> None:
         wid = max(d.workers(), key=lambda w: len(_rotated(logs / f"{w['id']}.log")))["id"]
         path = logs / f"{wid}.log"
         files = [*_rotated(path), path]
-        assert len(files) == 3
+        # Rotated at least once (twice as a rule; on a loaded machine the notes of many
+        # tasks may come in one flush, which rotates once).
+        assert len(files) >= 2
         assert all(b"\0" not in p.read_bytes() for p in files)
         got: dict[str, list[str]] = {}
 
