@@ -37,11 +37,11 @@ id = "a"
 command = "{STAMP.format(s=0.2)}"
 [[tasks]]
 id = "b"
-command = "{STAMP.format(s=0.2)}"
+command = "{STAMP.format(s=1.0)}"
 depends_on = ["a"]
 [[tasks]]
 id = "c"
-command = "{STAMP.format(s=0.2)}"
+command = "{STAMP.format(s=1.0)}"
 depends_on = ["a"]
 [[tasks]]
 id = "d"

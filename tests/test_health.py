@@ -244,6 +244,9 @@ def test_worker_commands_exit_codes(daemon: Daemon) -> None:
     r = daemon.ctl("worker", "shutdown", w["id"])
     assert r.returncode == 5 and "--force" in r.stderr
     assert next(x for x in daemon.workers() if x["id"] == w["id"])["state"] == "busy"
+    daemon.wait_for(
+        lambda: any(x["state"] == "idle" for x in daemon.workers()), 10, "an idle worker"
+    )
     idle = next(x for x in daemon.workers() if x["state"] == "idle")
     assert daemon.ctl_json("worker", "shutdown", idle["id"])["task_id"] is None
     assert daemon.ctl("worker", "restart", idle["id"]).returncode == 5
