@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import uuid
@@ -19,7 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from supervisor.core import wire
 from supervisor.core.config import HostConfig
 from supervisor.core.effects import TaskTree
-from supervisor.workers import proctree
+from supervisor.workers import proctree, spool
 from supervisor.workers.pool import AgentExited, AgentMessage, Pool
 
 MARK = f"test-pool-{uuid.uuid4().hex[:8]}-"
@@ -32,19 +33,26 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 @asynccontextmanager
 async def running_pool(tmp_path: Path) -> AsyncIterator[tuple[Pool, Inbox]]:
+    """A pool whose remote agents have a spool of their own (a fence record one test's
+    agent leaves is not reported to the next test's), removed at the end."""
     send, recv = anyio.create_memory_object_stream[AgentMessage | AgentExited](1000)
+    daemon_id = f"{MARK}{uuid.uuid4().hex[:8]}"
     pool = Pool(
         python=sys.executable,
         log_dir=tmp_path / "logs",
         heartbeat_s=0.05,
         inbox=send,
         kill_grace_s=1.0,
+        daemon_id=daemon_id,
     )
-    with send, recv:
-        async with anyio.create_task_group() as tg:
-            await tg.start(pool.run)
-            yield pool, recv
-            tg.cancel_scope.cancel()
+    try:
+        with send, recv:
+            async with anyio.create_task_group() as tg:
+                await tg.start(pool.run)
+                yield pool, recv
+                tg.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(spool.default_dir(os.environ, daemon_id), ignore_errors=True)
 
 
 async def _next(
@@ -218,9 +226,10 @@ async def test_remote_agent_leases_are_renewed_and_its_output_lands_in_the_task_
     than the lease runs to its end with nothing else sent; its output comes back in
     Output frames and is appended to the task's log here (directory made)."""
     async with running_pool(tmp_path) as (pool, inbox):
-        await pool.spawn("r1", _host(), lease_s=0.5)
+        # 20 renewals to a lease: a loaded machine's pauses do not end it.
+        await pool.spawn("r1", _host(), lease_s=1.0)
         await _swept(pool, inbox, "r1")
-        run = _run(tmp_path, "lease", "sleep 1.5; echo made it from $ORCHD_FAKE_HOST")
+        run = _run(tmp_path, "lease", "sleep 2; echo made it from $ORCHD_FAKE_HOST")
         run = msgspec.structs.replace(run, log_path=str(tmp_path / "logs" / "ws" / "lease.log"))
         assert await pool.send("r1", run)
         done = await _next(inbox, wire.Finished)
