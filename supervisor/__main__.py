@@ -11,6 +11,7 @@ import anyio
 import msgspec
 
 from supervisor.core.errors import ConfigError
+from supervisor.service import heap
 from supervisor.service.logs import configure_logging
 from supervisor.service.reload import load_config
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, log=msgspec.structs.replace(cfg.log, format=args.log_format)
         )
     configure_logging(cfg.log.level, cfg.log.format)
+    heap.limit_arenas()  # before the first worker thread
     from supervisor.service import daemon
 
     return anyio.run(daemon.run, cfg, args.config)

@@ -22,6 +22,7 @@ from supervisor.core.context import Containment
 from supervisor.core.errors import StoreCorrupt, StoreError, StoreFsyncError, StoreLocked
 from supervisor.core.model import Event
 from supervisor.engine.loop import Engine
+from supervisor.service import heap
 from supervisor.service.notify import Notifier
 from supervisor.service.reload import Reloader
 from supervisor.store.directory import Store
@@ -144,6 +145,7 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                     log.warning("stale_cgroup_removed", cgroup=k.path, pids=list(k.signalled))
             await tg.start(Server(cfg.socket, engine, cfg.control).run)
             tg.start_soon(health.run)
+            tg.start_soon(heap.trim_forever)
             reloader = Reloader(config_path, engine)
             if config_path is not None:
                 tg.start_soon(reloader.watch)
