@@ -128,13 +128,17 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
 
 
 def test_zero_is_allowed_where_it_means_off() -> None:
-    """Jitter, queue timeout, kill grace and back-off base may be 0."""
+    """Jitter, queue timeout, kill grace, back-off base and segment size (never sealed)
+    may be 0; a negative segment size is refused."""
     cfg = parse_config(
         b"[tasks]\nbackoff_jitter = 0\nqueue_timeout_s = 0\nkill_grace_s = 0\n"
-        b"backoff_base_s = 0\n[workers]\ncount = 0\n"
+        b"backoff_base_s = 0\n[workers]\ncount = 0\n[store]\nsegment_bytes = 0\n"
     )
     assert cfg.tasks.kill_grace_s == 0
     assert cfg.worker_count >= 1
+    assert cfg.store.segment_bytes == 0
+    with pytest.raises(ConfigError, match=r"store\.segment_bytes"):
+        parse_config(b"[store]\nsegment_bytes = -1\n")
 
 
 def test_diff_names_changed_settings() -> None:

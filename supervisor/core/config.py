@@ -87,7 +87,7 @@ class StoreConfig(_Section):
     backups_keep: int = 100
     # Of the kept backups, about this many are full copies; the rest are restore points.
     backups_full: int = 4
-    # The active log file is sealed as a segment once it reaches this size.
+    # The active log file is sealed as a segment once it reaches this size (0: never).
     segment_bytes: int = 16 * 1024 * 1024
     checkpoint_interval_s: float = 1.0
     checkpoints_keep: int = 20
@@ -196,6 +196,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
                 "queue_timeout_s",
                 "kill_grace_s",
                 "backoff_base_s",
+                "segment_bytes",  # 0: one log file, never sealed (nor compacted)
             }
             positive(f"{section}.{name}", value, zero_ok=zero_ok)
     if cfg.tasks.backoff_jitter > 1:
