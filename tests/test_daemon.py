@@ -415,7 +415,10 @@ with socket.socket(socket.AF_UNIX) as s:
     s.settimeout(10)
     s.connect(sys.argv[1])
     body = b'{"id": 1, "method": "status", "params": {}}'
-    s.sendall(struct.pack(">I", len(body)) + body)
+    try:
+        s.sendall(struct.pack(">I", len(body)) + body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused before it asked: the refusal frame is still there to read
     (n,) = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))
     print(json.loads(s.recv(n, socket.MSG_WAITALL))["ok"])
 """
