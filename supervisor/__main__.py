@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import anyio
-import msgspec
 
 from supervisor.core.errors import ConfigError
 from supervisor.service import heap
 from supervisor.service.logs import configure_logging
-from supervisor.service.reload import load_config
+from supervisor.service.reload import Overrides, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,19 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orchd: {exc}", file=sys.stderr)
         return 78  # EX_CONFIG
-    if args.state_dir:
-        cfg = msgspec.structs.replace(cfg, state_dir=args.state_dir)
-    if args.socket:
-        cfg = msgspec.structs.replace(cfg, socket_path=args.socket)
-    if args.log_format:
-        cfg = msgspec.structs.replace(
-            cfg, log=msgspec.structs.replace(cfg.log, format=args.log_format)
-        )
+    overrides = Overrides(
+        state_dir=args.state_dir, socket_path=args.socket, log_format=args.log_format
+    )
+    cfg = overrides.apply(cfg)
     configure_logging(cfg.log.level, cfg.log.format)
     heap.limit_arenas()  # before the first worker thread
     from supervisor.service import daemon
 
-    return anyio.run(daemon.run, cfg, args.config)
+    return anyio.run(daemon.run, cfg, args.config, overrides)
 
 
 if __name__ == "__main__":

@@ -309,7 +309,12 @@ class FakePool:
     # -- the protocol ------------------------------------------------------------------
 
     async def spawn(
-        self, worker_id: str, host: HostConfig | None = None, *, lease_s: float = 0.0
+        self,
+        worker_id: str,
+        host: HostConfig | None = None,
+        *,
+        lease_s: float = 0.0,
+        kill_grace_s: float | None = None,
     ) -> int:
         return self.spawn_now(worker_id)
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from supervisor.control import actions
 from supervisor.control import protocol as p
-from supervisor.core import wire
+from supervisor.core import reconfigure, wire
 from supervisor.core.config import Config, HealthConfig, HostConfig, ResourceConfig, TasksConfig
 from supervisor.core.config import WorkersConfig as WorkersCfg
 from supervisor.core.effects import CheckSurvivors, KillTree, Renew, Retire, Spawn
@@ -126,17 +128,16 @@ def test_transport_exit_is_unresponsive_and_the_task_is_reassigned_at_shutdown_a
     assert len(rig.events("task_completed")) == 1
 
 
-def test_resources_of_a_lost_attempt_are_held_until_its_lease_and_grace_have_passed() -> None:
-    """A cancel while the transport is gone cannot be confirmed: the task keeps its
-    resource until agent_lease_s + kill_grace_s (and a heartbeat) since the last frame,
-    then is settled."""
-    rig = Rig(remote_config())
-    wid = start_one(rig, resources=["git_repo_write"])
-    rig.pool.answer_sweep = False  # no new agent's sweep confirms it meanwhile
+def cancel_lost_and_wait_out_the_fence(rig: Rig, wid: str) -> None:
+    """The transport of `wid` (running task `t` with git_repo_write) exits, no new
+    agent's sweep confirms anything, and `t` is cancelled: it stays running with its
+    resource until LEASE_S + GRACE_S + HEARTBEAT_S after the last frame, then is
+    cancelled."""
+    rig.pool.answer_sweep = False
     last_frame = rig.clock.now
     rig.pool.die(wid, 255)
     rig.deliver()
-    tid = rig.task("t").id
+    tid: str = rig.task("t").id
     rig.run(actions.cancel, p.CancelParams(task_id=tid))
     rig.deliver()
     due = last_frame + LEASE_S + GRACE_S + HEARTBEAT_S
@@ -146,8 +147,40 @@ def test_resources_of_a_lost_attempt_are_held_until_its_lease_and_grace_have_pas
         rig.advance(0.25)
     rig.advance(0.5)
     assert rig.task("t").state == TaskState.CANCELLED
+
+
+def test_resources_of_a_lost_attempt_are_held_until_its_lease_and_grace_have_passed() -> None:
+    """A cancel while the transport is gone cannot be confirmed: the task keeps its
+    resource until agent_lease_s + kill_grace_s (and a heartbeat) since the last frame,
+    then is settled."""
+    rig = Rig(remote_config())
+    wid = start_one(rig, resources=["git_repo_write"])
+    cancel_lost_and_wait_out_the_fence(rig, wid)
     assert rig.state.graph.holders_of("git_repo_write") == []
     assert rig.events("attempt_fenced")
+
+
+def test_a_shorter_lease_reloaded_never_shortens_the_fence_of_an_agent_started_before() -> None:
+    """The worker record keeps the lease and kill grace its agent was started with (and
+    its Spawn carried them); after a reload to a far shorter lease and grace, a lost
+    attempt of that agent is still held for the old lease + grace, not the new."""
+    rig = Rig(remote_config())
+    (spawn,) = [e for e in rig.effects if isinstance(e, Spawn) and e.host == "b2"]
+    assert (spawn.lease_s, spawn.kill_grace_s) == (LEASE_S, GRACE_S)
+    wid = start_one(rig, resources=["git_repo_write"])
+    assert (rig.state.data.workers[wid].lease_s, rig.state.data.workers[wid].kill_grace_s) == (
+        LEASE_S,
+        GRACE_S,
+    )
+    short = remote_config(agent_lease_s=0.25)
+    short = msgspec.structs.replace(
+        short, tasks=msgspec.structs.replace(short.tasks, kill_grace_s=0.05)
+    )
+    rig.run(reconfigure.apply, short, "test")
+    cancel_lost_and_wait_out_the_fence(rig, wid)
+    # An agent started after the reload is given (and recorded with) the new lease.
+    later = [e for e in rig.effects if isinstance(e, Spawn) and e.host == "b2"][-1]
+    assert (later.lease_s, later.kill_grace_s) == (0.25, 0.05)
 
 
 def test_unresponsive_remote_worker_has_its_leases_held_back_then_renewed() -> None:

@@ -5,9 +5,10 @@ line across the rotated files, in order; an intervention is never dropped silent
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
-from tests.harness import Daemon, event_files
+from tests.harness import Daemon, event_files, to_toml
 
 
 def _wide(ws: str, n: int) -> str:
@@ -100,6 +101,12 @@ def test_worker_logs_rotate_by_copy_truncate(tmp_path: Path) -> None:
         d.call("submit", text=_wide("wl", 120), source="test")
         d.wait_ws("wl", "completed", timeout=60)
         logs = d.state_dir / "logs" / "workers"
+
+        def most_rotated() -> int:
+            return max(len(_rotated(logs / f"{w['id']}.log")) for w in d.workers())
+
+        # The daemon's notes reach the files every 0.25 s: wait for their flush.
+        d.wait_for(lambda: most_rotated() == 2, 10, "a worker log rotated twice")
         for w in d.workers():
             # Never more than the count kept; each file the limit and at most a line or
             # two (rotated between two lines of a flush; the agent may add one meanwhile).
@@ -111,7 +118,6 @@ def test_worker_logs_rotate_by_copy_truncate(tmp_path: Path) -> None:
         wid = max(d.workers(), key=lambda w: len(_rotated(logs / f"{w['id']}.log")))["id"]
         path = logs / f"{wid}.log"
         files = [*_rotated(path), path]
-        # Rotated at least twice (120 tasks' notes are several times the limit).
         assert len(files) == 3, [(p.name, p.stat().st_size) for p in files]
         assert all(b"\0" not in p.read_bytes() for p in files)
         got: dict[str, list[str]] = {}
@@ -122,5 +128,31 @@ def test_worker_logs_rotate_by_copy_truncate(tmp_path: Path) -> None:
 
         d.wait_for(same, 10, "worker logs to show the files' lines")
         assert sum("took task" in line for line in got["lines"]) > 10
+    finally:
+        d.stop()
+
+
+def test_a_reload_applies_new_rotation_sizes_without_a_restart(tmp_path: Path) -> None:
+    """Rotation sizes (and the store's other bounds) take effect on a reload: events.jsonl,
+    never rotated under the first config, rotates at the size a SIGHUP brought in, and the
+    reload names the settings it changed with none needing a restart."""
+    d = Daemon(tmp_path, {"rotation": {"events_max_bytes": 0}})
+    d.start()
+    try:
+        d.call("submit", text=_wide("before", 30), source="test")
+        d.wait_ws("before", "completed", timeout=60)
+        assert _rotated(d.state_dir / "events.jsonl") == []
+        d.cfg["rotation"] = d.cfg["rotation"] | {"events_max_bytes": 2000, "events_keep": 2}
+        d.config_path.write_text(to_toml(d.cfg))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        ev = d.wait_event("config_reloaded")
+        assert "rotation.events_max_bytes" in ev["data"]["changed"]
+        assert ev["data"]["needs_restart"] == []
+        d.call("submit", text=_wide("after", 30), source="test")
+        d.wait_ws("after", "completed", timeout=60)
+        rotated = _rotated(d.state_dir / "events.jsonl")
+        assert [p.name for p in rotated] == ["events.jsonl.2", "events.jsonl.1"]
+        assert all(p.stat().st_size <= 2000 for p in rotated[1:])
     finally:
         d.stop()

@@ -60,12 +60,16 @@ class KillTree(msgspec.Struct, tag=True):
 class Spawn(msgspec.Struct, tag=True):
     """Start an agent for `worker_id` after `delay_s`, unless by then the worker was
     retired or restarted again (its `restarts` count moved on). `host` names its
-    [[workers.hosts]] table ("" = this host): the agent starts through its transport."""
+    [[workers.hosts]] table ("" = this host): the agent starts through its transport,
+    with leases of `lease_s` and a kill grace of `kill_grace_s` (those the worker's record
+    holds, which the lease rule counts on)."""
 
     worker_id: str
     restarts: int
     delay_s: float = 0.0
     host: str = ""
+    lease_s: float = 0.0
+    kill_grace_s: float | None = None
 
 
 class Renew(msgspec.Struct, tag=True):

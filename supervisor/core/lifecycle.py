@@ -20,7 +20,7 @@ from __future__ import annotations
 from supervisor.core import wire
 from supervisor.core.context import Core
 from supervisor.core.effects import KillTree, Retire, Send, Spawn, TaskTree
-from supervisor.core.model import Attempt, Cause, Task, TaskState, WorkerState
+from supervisor.core.model import Attempt, Cause, Task, TaskState, Worker, WorkerState
 from supervisor.core.policy import STOP_RULES, StopReason
 from supervisor.core.remote import host_component
 
@@ -69,6 +69,10 @@ def spawn_worker(
     restarts = (w.restarts + 1) if w is not None else 0
     if host is None:
         host = w.host if w is not None else ""
+    # A remote agent's lease and kill grace are recorded: the lease rule counts on those
+    # it was given, not on a config reloaded or changed across a restart since.
+    lease_s = m.cfg.health.agent_lease_s if host else 0.0
+    grace_s = m.cfg.tasks.kill_grace_s if host else 0.0
     m.commit(
         "worker",
         wid,
@@ -83,11 +87,22 @@ def spawn_worker(
         restarts=restarts,
         stopping=None,
         host=host,
+        lease_s=lease_s,
+        kill_grace_s=grace_s,
     )
     m.remote.set_gone(m.rt, wid, False)
     m.remote.forget(wid)  # the figures of its previous agent
     m.rt.expect_beat(wid, m.now + delay)
-    m.effect(Spawn(wid, restarts, delay, host=host))
+    m.effect(
+        Spawn(
+            wid,
+            restarts,
+            delay,
+            host=host,
+            lease_s=lease_s,
+            kill_grace_s=grace_s if host else None,
+        )
+    )
 
 
 def spawn_wanted(m: Core, wid: str, restarts: int) -> bool:
@@ -329,13 +344,23 @@ def fence_at(m: Core, wid: str) -> float:
     renewed its lease, plus agent_lease_s and kill_grace_s (plus a heartbeat for a frame
     in flight). The daemon renews an agent's leases until it finds its worker
     unresponsive; after that, only frames already sent may still arrive."""
-    h = m.cfg.health
     w = m.state.data.workers.get(wid)
     last = m.now
     if w is not None and w.state == WorkerState.UNRESPONSIVE:
         marks = (m.rt.unresponsive_since(wid), m.rt.heartbeat_at(wid))
         last = max((x for x in marks if x is not None), default=m.now)
-    return last + h.agent_lease_s + m.cfg.tasks.kill_grace_s + h.heartbeat_interval_s
+    return last + fence_window(m, w)
+
+
+def fence_window(m: Core, w: Worker | None) -> float:
+    """How long after its last renewal a remote agent's attempt may still live: its lease
+    and kill grace (the larger of what the worker was started with and the config now:
+    a reload or a restart with a shorter lease never shortens it for an agent started
+    before), and a heartbeat for a frame in flight."""
+    h = m.cfg.health
+    lease = max(h.agent_lease_s, w.lease_s if w is not None else 0.0)
+    grace = max(m.cfg.tasks.kill_grace_s, w.kill_grace_s if w is not None else 0.0)
+    return lease + grace + h.heartbeat_interval_s
 
 
 def await_fence(m: Core, task: Task, wid: str) -> None:

@@ -243,6 +243,10 @@ class Worker(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     restarts: int = 0
     # Why the daemon is killing this worker's agent (recorded before the signal).
     stopping: str | None = None
+    # A remote agent's lease and kill grace, as it was started with: its shims fence an
+    # attempt within these, whatever a later config says (0: not recorded, older logs).
+    lease_s: float = 0.0
+    kill_grace_s: float = 0.0
 
 
 class Resource(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -264,7 +264,7 @@ class Effects:
                 return
         try:
             gen = await self.pool.spawn(
-                eff.worker_id, host, lease_s=self.m.cfg.health.agent_lease_s
+                eff.worker_id, host, lease_s=eff.lease_s, kill_grace_s=eff.kill_grace_s
             )
         except OSError as exc:
             await self.inbox.send(SpawnFailed(eff.worker_id, str(exc)))

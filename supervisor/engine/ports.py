@@ -66,10 +66,16 @@ class Agents(Protocol):
     """The worker agents' processes."""
 
     async def spawn(
-        self, worker_id: str, host: HostConfig | None = None, *, lease_s: float = 0.0
+        self,
+        worker_id: str,
+        host: HostConfig | None = None,
+        *,
+        lease_s: float = 0.0,
+        kill_grace_s: float | None = None,
     ) -> int:
         """Start an agent for `worker_id` (on `host`, through its transport, with leases
-        of `lease_s`); its generation (OSError when it cannot)."""
+        of `lease_s` and a kill grace of `kill_grace_s`, the pool's by default); its
+        generation (OSError when it cannot)."""
         ...
 
     def renew(self, worker_id: str, on: bool) -> None:

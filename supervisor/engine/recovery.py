@@ -26,7 +26,7 @@ import anyio
 from supervisor.core import survivors
 from supervisor.core.dispatch import enqueue
 from supervisor.core.effects import OldAgent, TaskTree
-from supervisor.core.lifecycle import FENCE, new_worker_id, spawn_worker, tree_of
+from supervisor.core.lifecycle import FENCE, fence_window, new_worker_id, spawn_worker, tree_of
 from supervisor.core.machine import Machine
 from supervisor.core.model import Task, TaskState, WorkerState
 from supervisor.core.outcome import interrupted
@@ -113,10 +113,11 @@ def _remote(m: Machine, task: Task) -> bool:
 
 def _resume(m: Machine, left: dict[str, Survivors]) -> None:
     data = m.state.data
-    h = m.cfg.health
-    fenced_by = m.now + h.agent_lease_s + m.cfg.tasks.kill_grace_s + h.heartbeat_interval_s
     for task in list(m.running_tasks()):
         if _remote(m, task):
+            # The lease and grace its agent was started with (a previous life's config).
+            worker = data.workers.get(task.attempts[-1].worker_id)
+            fenced_by = m.now + fence_window(m, worker)
             m.rt.arm(FENCE, task.id, fenced_by)
             m.emit(
                 "remote_attempt_fencing",

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from supervisor.core.model import Event
 from supervisor.engine.loop import Engine
 from supervisor.service import heap
 from supervisor.service.notify import Notifier
-from supervisor.service.reload import Reloader
+from supervisor.service.reload import Overrides, Reloader
 from supervisor.store.directory import Store
 from supervisor.store.sidelog import Rotation
 from supervisor.workers.cgroup import Hierarchy, Unavailable
@@ -60,22 +61,12 @@ def _ignore_cancelled_wakeups(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
-async def run(cfg: Config, config_path: Path | None) -> int:
+async def run(cfg: Config, config_path: Path | None, overrides: Overrides | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit code."""
     with contextlib.suppress(RuntimeError):  # not on asyncio: nothing to quieten
         _ignore_cancelled_wakeups(asyncio.get_running_loop())
     notifier = Notifier()
-    rot = cfg.rotation
-    store = Store(
-        cfg.state_dir,
-        backups_keep=cfg.store.backups_keep,
-        checkpoints_keep=cfg.store.checkpoints_keep,
-        segment_bytes=cfg.store.segment_bytes,
-        backups_full=cfg.store.backups_full,
-        events=Rotation(rot.events_max_bytes, rot.events_keep),
-        interventions=Rotation(rot.interventions_max_bytes, rot.interventions_keep),
-        worker_logs=Rotation(rot.worker_log_max_bytes, rot.worker_logs_keep),
-    )
+    store = Store(cfg.state_dir, **store_limits(cfg))
     try:
         state = await anyio.to_thread.run_sync(store.open)
     except StoreLocked as exc:
@@ -146,7 +137,12 @@ async def run(cfg: Config, config_path: Path | None) -> int:
             await tg.start(Server(cfg.socket, engine, cfg.control).run)
             tg.start_soon(health.run)
             tg.start_soon(heap.trim_forever)
-            reloader = Reloader(config_path, engine)
+            reloader = Reloader(
+                config_path,
+                engine,
+                on_applied=partial(_reconfigure, store, pool),
+                overrides=overrides,
+            )
             if config_path is not None:
                 tg.start_soon(reloader.watch)
             if notifier.watchdog_s:
@@ -203,6 +199,27 @@ async def run(cfg: Config, config_path: Path | None) -> int:
                 print(f"orchd: closing the state failed: {exc}", file=sys.stderr)
     log.info("daemon_stopped", last_seq=state.last_seq, clean=clean)
     return 0 if clean else 1
+
+
+def store_limits(cfg: Config) -> dict[str, Any]:
+    """The store's bounds on history from the config: at start, and again on a reload."""
+    rot = cfg.rotation
+    return {
+        "backups_keep": cfg.store.backups_keep,
+        "checkpoints_keep": cfg.store.checkpoints_keep,
+        "segment_bytes": cfg.store.segment_bytes,
+        "backups_full": cfg.store.backups_full,
+        "events": Rotation(rot.events_max_bytes, rot.events_keep),
+        "interventions": Rotation(rot.interventions_max_bytes, rot.interventions_keep),
+        "worker_logs": Rotation(rot.worker_log_max_bytes, rot.worker_logs_keep),
+    }
+
+
+def _reconfigure(store: Store, pool: Pool, cfg: Config) -> None:
+    """What a reloaded config changes outside the engine's step: the store's bounds, and
+    the heartbeat and kill grace the agents started from now on are given."""
+    store.configure(**store_limits(cfg))
+    pool.configure(heartbeat_s=cfg.health.heartbeat_interval_s, kill_grace_s=cfg.tasks.kill_grace_s)
 
 
 def _containment(setting: str, state_dir: str) -> tuple[Hierarchy | None, Containment]:

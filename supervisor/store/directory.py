@@ -115,6 +115,28 @@ class Store:
         # Installs (snapshot, backups, compaction) one at a time, in whichever thread.
         self._install_lock = threading.Lock()
 
+    def configure(
+        self,
+        *,
+        backups_keep: int,
+        checkpoints_keep: int,
+        segment_bytes: int,
+        backups_full: int,
+        events: Rotation,
+        interventions: Rotation,
+        worker_logs: Rotation,
+    ) -> None:
+        """New bounds on history (a config reload; on the loop, between steps): the next
+        seal, backup, prune and rotation follow them. Each is one attribute, read whole by
+        the threads that use it."""
+        self.backups_keep, self.checkpoints_keep = backups_keep, checkpoints_keep
+        self.segment_bytes, self.backups_full = segment_bytes, backups_full
+        if self._log is not None:
+            self._log.segment_bytes = segment_bytes
+        self._events.rotation = events
+        self._interventions.rotation = interventions
+        self.worker_logs = worker_logs
+
     @property
     def state_dir(self) -> Path:
         return self._dir

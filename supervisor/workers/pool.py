@@ -118,11 +118,17 @@ class Pool:
                     await self._stop_all()
 
     async def spawn(
-        self, worker_id: str, host: HostConfig | None = None, *, lease_s: float = 0.0
+        self,
+        worker_id: str,
+        host: HostConfig | None = None,
+        *,
+        lease_s: float = 0.0,
+        kill_grace_s: float | None = None,
     ) -> int:
         """Start an agent for `worker_id` (replacing any previous one), here or on `host`
-        through its transport with leases of `lease_s`; its generation. Raises OSError
-        when the process (the transport, for a remote one) cannot be started."""
+        through its transport with leases of `lease_s`, and a kill grace of `kill_grace_s`
+        (the pool's by default); its generation. Raises OSError when the process (the
+        transport, for a remote one) cannot be started."""
         if self._tg is None:
             raise RuntimeError("Pool.run is not running")
         generation = next(self._generations)
@@ -136,7 +142,7 @@ class Pool:
             "--heartbeat-s",
             repr(self._heartbeat_s),
             "--kill-grace-s",
-            repr(self._kill_grace_s),
+            repr(self._kill_grace_s if kill_grace_s is None else kill_grace_s),
         ]
         if host is None:
             argv = [self._python, *agent_args, "--log", str(log_path)]
@@ -179,6 +185,12 @@ class Pool:
             self._tg.start_soon(self._copy_stderr, agent, log_path)
         self._tg.start_soon(self._watch, agent)
         return generation
+
+    def configure(self, *, heartbeat_s: float, kill_grace_s: float) -> None:
+        """A reloaded config: agents started from now on get this heartbeat interval and
+        kill grace (running ones keep theirs), and remote agents' Lease frames follow the
+        new interval."""
+        self._heartbeat_s, self._kill_grace_s = heartbeat_s, kill_grace_s
 
     def renew(self, worker_id: str, on: bool) -> None:
         """Go on sending the remote agent Lease frames (`on`), or hold them back (its
