@@ -7,25 +7,22 @@ request gets a clear `{code, message}` and never disturbs the daemon.
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
-import pwd
 import socket
 import stat
-import struct
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 import structlog
-from anyio.abc import SocketAttribute, SocketStream
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.abc import SocketStream
 
 from supervisor.control import protocol as p
-from supervisor.control.actions import HANDLERS, SEVERITIES, log_target
+from supervisor.control import streams
+from supervisor.control.access import Access, Peer, peer_of
+from supervisor.control.actions import HANDLERS
 from supervisor.control.admission import Admission, RefusalLog
 from supervisor.control.preview import confirmed, rehearsal
 from supervisor.control.queries import finish
@@ -33,15 +30,10 @@ from supervisor.control.state_actions import OFF_LOOP
 from supervisor.control.upload import Upload, Uploads
 from supervisor.core.config import ControlConfig
 from supervisor.core.errors import OperatorError, OrchdError, StoreError, WorkstreamFileError
-from supervisor.core.model import Transition
 from supervisor.core.submission import decode_document
-from supervisor.engine.effects import FOLLOWER_BACKLOG
 from supervisor.engine.loop import Engine
 
 log = structlog.get_logger("orchd.server")
-_PEERCRED = struct.Struct("iII")  # pid, uid, gid: ids unsigned
-# How often a followed log file is looked at for new output.
-FOLLOW_POLL_S = 0.2
 # How many queries read their files at once (each in a worker thread).
 QUERY_READERS = 2
 
@@ -57,70 +49,6 @@ class Connection:
 
     def __init__(self) -> None:
         self.upload: Upload | None = None
-
-
-class Peer(msgspec.Struct, frozen=True):
-    pid: int
-    uid: int
-    gid: int
-    # Its primary group and the groups that list its user, looked up once as it connects.
-    groups: frozenset[int] = frozenset()
-
-
-def _groups_of(uid: int, gid: int) -> frozenset[int]:
-    gids = {gid}
-    try:
-        name = pwd.getpwuid(uid).pw_name
-        gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
-    except KeyError:
-        pass
-    return frozenset(gids)
-
-
-def peer_of(stream: SocketStream) -> Peer:
-    sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid=pid, uid=uid, gid=gid, groups=_groups_of(uid, gid))
-
-
-def _ids(names: list[str], lookup: Any) -> set[int]:
-    out: set[int] = set()
-    for n in names:
-        if n.isdigit():
-            out.add(int(n))
-        else:
-            with contextlib.suppress(KeyError):
-                out.add(lookup(n)[2])
-    return out
-
-
-class Access:
-    """Who may read and who may change, from the control config."""
-
-    def __init__(self, cfg: ControlConfig) -> None:
-        owner = os.getuid()
-        # Root, the daemon's own user and the admins may use the reserved connections.
-        self.admin_users = _ids(cfg.admin_users, pwd.getpwnam) | {0, owner}
-        self.admin_groups = _ids(cfg.admin_groups, grp.getgrnam)
-        self.write_users = _ids(cfg.users, pwd.getpwnam) | self.admin_users
-        self.write_groups = _ids(cfg.groups, grp.getgrnam) | self.admin_groups
-        self.read_users = _ids(cfg.read_users, pwd.getpwnam) | self.write_users
-        self.read_groups = _ids(cfg.read_groups, grp.getgrnam) | self.write_groups
-
-    def allows(self, peer: Peer, changes: bool) -> bool:
-        users, groups = (
-            (self.write_users, self.write_groups)
-            if changes
-            else (self.read_users, self.read_groups)
-        )
-        if peer.uid in users:
-            return True
-        return bool(groups & peer.groups) if groups else False
-
-    def privileged(self, peer: Peer) -> bool:
-        """Root, the daemon's user or an admin: the reserved connections are theirs."""
-        return peer.uid in self.admin_users or bool(self.admin_groups & peer.groups)
 
 
 class Server:
@@ -288,13 +216,13 @@ class Server:
             )
             return False
         if isinstance(params, p.EventsParams) and params.follow:
-            await self._follow_events(stream, req.id, params)
+            await streams.follow_events(self.engine, stream, req.id, params)
             return True
         if isinstance(params, p.LogsParams) and params.follow:
-            await self._follow_log(stream, req.id, params)
+            await streams.follow_log(self.engine, stream, req.id, params, self._readers())
             return True
         if isinstance(params, p.WsFollowParams):
-            await self._follow_ws(stream, req.id, params)
+            await streams.follow_ws(self.engine, stream, req.id, params)
             return True
         big = False
         if req.method in p.SESSION_METHODS:
@@ -471,129 +399,6 @@ class Server:
             fn, state_dir, params, limiter=self._file_readers, abandon_on_cancel=True
         )
 
-    async def _follow_events(
-        self, stream: SocketStream, req_id: int, params: p.EventsParams
-    ) -> None:
-        floor = SEVERITIES.index(params.severity) if params.severity in SEVERITIES else 0
-        recv = self.engine.follow_events()
-        async with recv:
-            async for ev in recv:
-                if SEVERITIES.index(ev.severity) >= floor:
-                    await stream.send(
-                        p.encode_response(
-                            p.Response(id=req_id, ok=True, result=msgspec.to_builtins(ev))
-                        )
-                    )
-        # The engine closed the stream: this follower fell too far behind.
-        await stream.send(
-            p.encode_response(
-                p.error_response(
-                    req_id,
-                    "unavailable",
-                    f"this follower fell {FOLLOWER_BACKLOG} events behind and was dropped; "
-                    "events since are in `orchctl events`; follow again with `orchctl events -f`",
-                )
-            )
-        )
-
-    async def _follow_ws(self, stream: SocketStream, req_id: int, params: p.WsFollowParams) -> None:
-        """`submit --wait`: where the workstream stands, then each change of state of it
-        and of its tasks, once durable, until it is finished (then the stream ends)."""
-
-        async def send(result: dict[str, Any]) -> None:
-            await stream.send(p.encode_response(p.Response(id=req_id, ok=True, result=result)))
-
-        # Following starts before the look, so that no record falls between the two.
-        recv = self.engine.follow_records()
-        try:
-            await self._stream_ws(stream, req_id, params, recv, send)
-        except* (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
-            pass  # the client went away mid-send: nothing more to do for it
-
-    async def _stream_ws(
-        self,
-        stream: SocketStream,
-        req_id: int,
-        params: p.WsFollowParams,
-        recv: MemoryObjectReceiveStream[list[Transition]],
-        send: Callable[[dict[str, Any]], Awaitable[None]],
-    ) -> None:
-        """What happened since `after_seq` (while the engine still holds it), the
-        snapshot, then the workstream's changes; ends on its verdict, when the client
-        closes (`_until_closed`) or when the engine drops a follower that fell behind."""
-        async with recv, anyio.create_task_group() as tg:
-            tg.start_soon(_until_closed, stream, tg.cancel_scope)
-            try:
-                first = await self.engine.call(HANDLERS["ws_follow"], params)
-            except OperatorError as exc:
-                await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
-                tg.cancel_scope.cancel()
-                return
-            ws_id, seen = first["workstream_id"], first["seq"]
-            members = set(first["tasks"])
-            if params.after_seq is not None:
-                # Every record up to `seen` is durable once the call has returned.
-                for rec in self.engine.recent_records(params.after_seq, seen) or []:
-                    if (item := _ws_change(rec, ws_id, members)) is not None:
-                        await send(item)
-            await send({"kind": "snapshot"} | first)
-            if first["state"] in FINISHED_WORKSTREAM_STATES:
-                tg.cancel_scope.cancel()
-                return
-            async for records in recv:
-                for rec in records:
-                    if rec.seq <= seen or (item := _ws_change(rec, ws_id, members)) is None:
-                        continue
-                    await send(item)
-                    if item["kind"] == "workstream" and rec.to in FINISHED_WORKSTREAM_STATES:
-                        tg.cancel_scope.cancel()
-                        return
-            # The engine closed the stream: this follower fell too far behind.
-            await stream.send(
-                p.encode_response(
-                    p.error_response(
-                        req_id, "unavailable", "this follower fell behind; follow again"
-                    )
-                )
-            )
-            tg.cancel_scope.cancel()
-
-    async def _follow_log(self, stream: SocketStream, req_id: int, params: p.LogsParams) -> None:
-        """`logs -f`: the last lines, then every new complete line until the client goes."""
-        try:
-            first = await self.engine.call(log_target, params)
-        except OperatorError as exc:
-            await stream.send(p.encode_response(p.error_response(req_id, exc.code, str(exc))))
-            return
-        path = Path(first["path"])
-        # The file is read in a worker thread, never on the loop (a slow disk, a big tail).
-        readers = self._readers()
-        lines, offset = await anyio.to_thread.run_sync(_tail_at, path, params.lines)
-        await stream.send(
-            p.encode_response(
-                p.Response(id=req_id, ok=True, result={"path": str(path), "lines": lines})
-            )
-        )
-        async with anyio.create_task_group() as tg:
-
-            async def until_closed() -> None:
-                # The client sends nothing more; EOF (or an error) means it has gone.
-                with contextlib.suppress(Exception):
-                    while await stream.receive():
-                        pass
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(until_closed)
-            while True:
-                await anyio.sleep(FOLLOW_POLL_S)
-                new, offset = await anyio.to_thread.run_sync(
-                    _read_new, path, offset, limiter=readers
-                )
-                if new:
-                    await stream.send(
-                        p.encode_response(p.Response(id=req_id, ok=True, result={"lines": new}))
-                    )
-
 
 def _decode_file(data: bytes, source: str) -> tuple[str, dict[str, Any]]:
     """A submitted file's text and its TOML document (run in a worker thread)."""
@@ -602,84 +407,3 @@ def _decode_file(data: bytes, source: str) -> tuple[str, dict[str, Any]]:
     except UnicodeDecodeError as exc:
         raise WorkstreamFileError([f"{source}: not UTF-8 text: {exc}"]) from None
     return text, decode_document(data, source)
-
-
-# A followed workstream in one of these states is done: its verdict ends the stream.
-FINISHED_WORKSTREAM_STATES = frozenset({"completed", "failed", "cancelled", "merged"})
-
-
-def _ws_change(rec: Transition, ws_id: str, members: set[str]) -> dict[str, Any] | None:
-    """A change of state of the workstream or of one of its tasks, as `ws_follow` sends
-    it; None for any other record (and for a field update that changes no state)."""
-    if rec.to == rec.from_:
-        return None
-    if rec.entity == "workstream" and rec.id == ws_id:
-        return {"kind": "workstream", "id": ws_id, "seq": rec.seq, "ts": rec.ts} | {
-            "from": rec.from_,
-            "to": rec.to,
-            "cause": rec.cause,
-        }
-    if rec.entity != "task" or rec.id not in members:
-        return None
-    out: dict[str, Any] = {
-        "kind": "task",
-        "id": rec.id,
-        "seq": rec.seq,
-        "ts": rec.ts,
-        "from": rec.from_,
-        "to": rec.to,
-        "cause": rec.cause,
-    }
-    for key in ("worker_id", "failure_kind", "retry_count", "skipped"):
-        if key in rec.changes:
-            out[key] = rec.changes[key]
-    return out
-
-
-async def _until_closed(stream: SocketStream, scope: anyio.CancelScope) -> None:
-    """Cancel `scope` when the client goes: it sends nothing more, so EOF (or an error)
-    means it has closed its end."""
-    with contextlib.suppress(Exception):
-        while await stream.receive():
-            pass
-    scope.cancel()
-
-
-def _tail_at(path: Path, lines: int) -> tuple[list[str], int]:
-    """The last `lines` lines of `path` and the offset just after them (0 when absent)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return [], 0
-    start = max(0, size - 1024 * 1024)  # enough for any sensible -n
-    text = _read_range(path, start, size)
-    end = text.rfind(b"\n") + 1  # a partial last line is sent once it is complete
-    got = text[:end].decode("utf-8", errors="replace").splitlines()
-    if start > 0 and got:
-        got = got[1:]  # the block began mid-line
-    return (got[-lines:] if lines > 0 else []), start + end
-
-
-def _read_new(path: Path, offset: int) -> tuple[list[str], int]:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return [], 0
-    if size < offset:  # truncated or replaced: start again from its beginning
-        offset = 0
-    if size == offset:
-        return [], offset
-    data = _read_range(path, offset, size)
-    end = data.rfind(b"\n") + 1
-    if end == 0:
-        return [], offset
-    return data[:end].decode("utf-8", errors="replace").splitlines(), offset + end
-
-
-def _read_range(path: Path, start: int, stop: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return f.read(stop - start)
-    except FileNotFoundError:
-        return b""
