@@ -311,6 +311,7 @@ class Daemon:
             return found["state"] in want
 
         self.wait_for(check, timeout, f"task {task_id} to be {'/'.join(want)}")
+        self.settle()
         return found
 
     def wait_ws(self, ws_id: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -322,7 +323,19 @@ class Daemon:
             return found["state"] == state
 
         self.wait_for(check, timeout, f"workstream {ws_id} to be {state}")
+        self.settle()
         return found
+
+    def settle(self) -> None:
+        """Wait until what the daemon recorded so far is durable and its effects done: a
+        read is answered at the end of its step, before that step's events are written,
+        so a test that saw a state and then reads events.jsonl waits here first. (A tree
+        from before the `settle` request has nothing to wait for.)"""
+        try:
+            self.call("settle")
+        except RemoteError as exc:
+            if "unknown method" not in exc.message:
+                raise
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """Every event on disk, across events.jsonl's rotated files (oldest first)."""

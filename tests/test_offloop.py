@@ -67,6 +67,28 @@ def test_slow_disk_keeps_heartbeats_status_and_workers(tmp_path: Path) -> None:
         d.stop()
 
 
+def test_settle_answers_once_the_change_before_it_is_durable_and_its_events_written(
+    tmp_path: Path,
+) -> None:
+    """With every fdatasync taking 0.5 s, a task's state is read as soon as its step
+    decided it; `settle` is answered once that step is durable, and by then its events
+    (task_completed) are in events.jsonl."""
+    d = Daemon(tmp_path, failpoint=SLOW_SYNC).start(timeout=30)
+    try:
+        with Client(d.socket, timeout_s=10) as c:
+            _submit(d, _chain("settle", 1, "true"))
+            d.wait_for(
+                lambda: c.call("ws_show", workstream="settle")["state"] == "completed",
+                30,
+                "the run to be completed",
+            )
+            seen = c.call("status")["last_seq"]  # read at once, maybe before its sync
+            assert c.call("settle")["seq"] >= seen
+            assert [e["task_id"] for e in d.events("task_completed")] == ["settle/c0"]
+    finally:
+        d.stop()
+
+
 class _NotifySocket:
     """A datagram socket standing in for systemd's NOTIFY_SOCKET: the times WATCHDOG=1
     arrived."""

@@ -399,8 +399,16 @@ def resource_set_limit(s: Machine, params: p.ResourceSetLimitParams) -> dict[str
     return {"resource_id": res.id, "max_holders": params.max_holders, "seq": rec.seq}
 
 
+def settle(s: Machine, params: p.SettleParams) -> dict[str, Any]:
+    """The seq the daemon has recorded up to; answered once it is durable and the effects
+    of every step up to it are carried out (p.DURABLE_READS): the events a script reads
+    next include theirs."""
+    return {"seq": s.state.last_seq}
+
+
 HANDLERS: dict[str, Any] = {
     "status": status,
+    "settle": settle,
     "show": show,
     "tasks": tasks,
     "workers": workers,

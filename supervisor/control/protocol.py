@@ -40,6 +40,10 @@ class StatusParams(_Params):
     pass
 
 
+class SettleParams(_Params):
+    """`settle`: no fields; answered once everything recorded before it is durable."""
+
+
 class ShowParams(_Params):
     task_id: str
     logs: bool = False
@@ -298,9 +302,15 @@ class UndrainParams(_Params):
     reason: str | None = None
 
 
+# Reads answered only once every change recorded before them is durable and its effects
+# are carried out (events written, agents told), not at the end of their step as other
+# reads are: a barrier for a script that reads files the daemon writes after a change.
+DURABLE_READS: Final = frozenset({"settle"})
+
 # The explicit dispatch table: method name -> (params type, changes state?).
 METHODS: Final[dict[str, tuple[type[_Params], bool]]] = {
     "status": (StatusParams, False),
+    "settle": (SettleParams, False),
     "show": (ShowParams, False),
     "tasks": (TasksParams, False),
     "workers": (WorkersParams, False),

@@ -322,8 +322,10 @@ class Server:
                 if isinstance(params, p.WsRetireParams) and not dry_run:
                     result = await self._retire(handler, params)
                 else:
-                    # A query (nothing changed) is answered without waiting for a slow sync.
-                    result = await self.engine.call(handler, params, query=not changes)
+                    # A query (nothing changed) is answered without waiting for a slow
+                    # sync, unless it is a barrier (p.DURABLE_READS).
+                    query = not changes and req.method not in p.DURABLE_READS
+                    result = await self.engine.call(handler, params, query=query)
                     result, big = await finish(result, self._readers())
             if req.method == "status":
                 result["uploads"] = self.uploads.figures()
