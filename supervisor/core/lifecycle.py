@@ -87,8 +87,7 @@ def spawn_worker(
         restarts=restarts,
         stopping=None,
         host=host,
-        lease_s=lease_s,
-        kill_grace_s=grace_s,
+        **({"lease_s": lease_s, "kill_grace_s": grace_s} if host else {}),
     )
     m.remote.set_gone(m.rt, wid, False)
     m.remote.forget(wid)  # the figures of its previous agent
