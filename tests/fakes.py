@@ -175,8 +175,8 @@ class MemoryStore:
         lines = self.files.get(self.worker_log_path(worker_id), [])
         return MemoryCut([line.encode() for line in lines])
 
-    def rotate_worker_log(self, worker_id: str) -> list[Path]:
-        return []
+    def append_worker_log(self, worker_id: str, lines: Sequence[tuple[float, str]]) -> None:
+        self.files.setdefault(self.worker_log_path(worker_id), []).extend(text for _, text in lines)
 
     def snapshot_blob(self, state: State) -> tuple[int, dict[str, Any]]:
         if state.last_seq > self._written:

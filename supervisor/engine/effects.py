@@ -9,7 +9,6 @@ back as SpawnFailed).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
@@ -49,7 +48,6 @@ from supervisor.core.machine import Machine
 from supervisor.core.model import Event, Transition, WorkerState
 from supervisor.engine.ports import Agents, Durable
 from supervisor.store import archive
-from supervisor.store.snapshot import iso_utc
 
 log = structlog.get_logger("orchd.engine")
 
@@ -199,29 +197,11 @@ class Effects:
             self._flushing = False
 
     def _write_notes(self, notes: dict[str, list[tuple[float, str]]]) -> None:
-        """In a worker thread: append each worker's lines (one open per worker). A log is
-        rotated as soon as it reaches `rotation.worker_log_max_bytes`, between two lines
-        (copy-truncate: its agent holds it open), so a rotated file is never more than
-        the limit and one line, however many lines a flush brings."""
-        limit = self.m.cfg.rotation.worker_log_max_bytes
+        """In a worker thread: each worker's lines appended to its log (rotated by the
+        store at its size)."""
         for wid, lines in notes.items():
             try:
-                with open(self.store.worker_log_path(wid), "ab") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    for ts, text in lines:
-                        line = f"{iso_utc(ts)} {text}\n".encode()
-                        f.write(line)
-                        size += len(line)
-                        if limit and size >= limit:
-                            f.flush()
-                            removed = self.store.rotate_worker_log(wid)
-                            log.info(
-                                "worker_log_rotated",
-                                worker_id=wid,
-                                removed=[str(p) for p in removed],
-                            )
-                            # What the agent wrote meanwhile stays in the live file.
-                            size = os.fstat(f.fileno()).st_size
+                self.store.append_worker_log(wid, lines)
             except OSError as exc:  # a full disk is no reason to stop the engine
                 log.warning("worker_log_failed", worker_id=wid, error=str(exc))
 

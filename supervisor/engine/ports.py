@@ -56,8 +56,9 @@ class Durable(Files, Protocol):
     def install_checkpoint(self, blob: Any) -> Path:
         """Write an encoded checkpoint, in any thread."""
 
-    def rotate_worker_log(self, worker_id: str) -> list[Path]:
-        """Rotate a worker's log if it has reached its size, in any thread."""
+    def append_worker_log(self, worker_id: str, lines: Sequence[tuple[float, str]]) -> None:
+        """Append timestamped lines to a worker's log, rotated at its size, in any thread
+        (OSError: not written)."""
 
     def write_json(self, relpath: str, obj: object) -> None: ...
 

@@ -98,18 +98,21 @@ class Store:
         backups_full: int = 4,
     ) -> None:
         self._dir = Path(state_dir)
-        self.backups_keep, self.checkpoints_keep, self._fsync = (
-            backups_keep,
-            checkpoints_keep,
-            fsync,
-        )
-        self.segment_bytes, self.backups_full = segment_bytes, backups_full
+        self._fsync = fsync
         self.repairs: list[str] = []
         self._lock_fd = -1
         self._log: LogWriter | None = None
-        self.worker_logs = worker_logs
         self._events = AppendLog(self._dir / "events.jsonl", events)
         self._interventions = AppendLog(self._dir / "interventions.log", interventions)
+        self.configure(
+            backups_keep=backups_keep,
+            checkpoints_keep=checkpoints_keep,
+            segment_bytes=segment_bytes,
+            backups_full=backups_full,
+            events=events,
+            interventions=interventions,
+            worker_logs=worker_logs,
+        )
         # The seq of the current.json this store wrote or loaded (None: damaged or none).
         self._current_seq: int | None = None
         # Installs (snapshot, backups, compaction) one at a time, in whichever thread.
@@ -126,9 +129,9 @@ class Store:
         interventions: Rotation,
         worker_logs: Rotation,
     ) -> None:
-        """New bounds on history (a config reload; on the loop, between steps): the next
-        seal, backup, prune and rotation follow them. Each is one attribute, read whole by
-        the threads that use it."""
+        """The bounds on history (at start, and on a config reload: on the loop, between
+        steps): the next seal, backup, prune and rotation follow them. Each is one
+        attribute, read whole by the threads that use it."""
         self.backups_keep, self.checkpoints_keep = backups_keep, checkpoints_keep
         self.segment_bytes, self.backups_full = segment_bytes, backups_full
         if self._log is not None:
@@ -369,17 +372,27 @@ class Store:
         """A worker's log and its rotated files as they are now (see `events_cut`)."""
         return LineCut.of(self.worker_log_path(worker_id))
 
-    def rotate_worker_log(self, worker_id: str) -> list[Path]:
-        """Copy-truncate a worker's log when it has reached its size (in any thread; its
-        agent holds it open); the rotated files removed."""
+    def append_worker_log(self, worker_id: str, lines: Sequence[tuple[float, str]]) -> None:
+        """Append timestamped lines to a worker's log (in any thread). The log is rotated
+        as soon as it reaches `worker_logs.max_bytes`, between two lines (copy-truncate:
+        its agent holds it open), so a rotated file is at most the limit and a line.
+        Raises OSError (a full disk): the caller loses these lines, never the daemon."""
         path = self.worker_log_path(worker_id)
-        limit = self.worker_logs.max_bytes
-        try:
-            if not limit or path.stat().st_size < limit:
-                return []
-        except FileNotFoundError:
-            return []
-        return copy_truncate(path, self.worker_logs)
+        with open(path, "ab") as f:
+            size = os.fstat(f.fileno()).st_size
+            for ts, text in lines:
+                line = f"{iso_utc(ts)} {text}\n".encode()
+                f.write(line)
+                size += len(line)
+                limit = self.worker_logs.max_bytes
+                if limit and size >= limit:
+                    f.flush()
+                    removed = copy_truncate(path, self.worker_logs)
+                    log.info(
+                        "worker_log_rotated", worker_id=worker_id, removed=[str(p) for p in removed]
+                    )
+                    # What the agent wrote meanwhile stays in the live file.
+                    size = os.fstat(f.fileno()).st_size
 
     def read_events(self, *, after_line: int = 0) -> list[Event]:
         """Every event in events.jsonl and its rotated files, oldest first, skipping the
@@ -427,14 +440,6 @@ class Store:
     def worker_log_path(self, worker_id: str) -> Path:
         _check_name(worker_id)
         return self._dir / "logs" / "workers" / f"{worker_id}.log"
-
-    def worker_log(self, worker_id: str, text: str) -> None:
-        """Append a timestamped line to logs/workers/<worker>.log."""
-        try:
-            with open(self.worker_log_path(worker_id), "a", encoding="utf-8") as f:
-                f.write(f"{iso_utc()} {text}\n")
-        except OSError as exc:  # a full disk loses this line, never the daemon
-            log.warning("worker_log_not_written", worker_id=worker_id, error=str(exc))
 
     @staticmethod
     def tail(path: Path, lines: int) -> list[str]:
