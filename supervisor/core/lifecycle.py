@@ -72,7 +72,7 @@ def spawn_worker(
     # A remote agent's lease and kill grace are recorded: the lease rule counts on those
     # it was given, not on a config reloaded or changed across a restart since.
     lease_s = m.cfg.health.agent_lease_s if host else 0.0
-    grace_s = m.cfg.tasks.kill_grace_s if host else 0.0
+    grace_s = m.cfg.tasks.kill_grace_s
     m.commit(
         "worker",
         wid,
@@ -92,16 +92,7 @@ def spawn_worker(
     m.remote.set_gone(m.rt, wid, False)
     m.remote.forget(wid)  # the figures of its previous agent
     m.rt.expect_beat(wid, m.now + delay)
-    m.effect(
-        Spawn(
-            wid,
-            restarts,
-            delay,
-            host=host,
-            lease_s=lease_s,
-            kill_grace_s=grace_s if host else None,
-        )
-    )
+    m.effect(Spawn(wid, restarts, delay, host=host, lease_s=lease_s, kill_grace_s=grace_s))
 
 
 def spawn_wanted(m: Core, wid: str, restarts: int) -> bool:
