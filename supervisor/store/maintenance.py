@@ -106,14 +106,16 @@ def validate_live(state_dir: str | Path) -> list[str]:
     files whole, so the files are read in an order that stays consistent while it writes:
     snapshot, backups and checkpoints first, the log last (it holds at least every record
     they cover); a last line still being appended is not a torn write. A segment sealed
-    or compacted away while it is read makes the check start again (three times at most)."""
+    or compacted away at any point of the check (the backups it listed may have been
+    pruned with it) makes the check start again (three times at most)."""
     d = Path(state_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a state directory")
     problems: list[str] = []
     for _ in range(3):
+        before = _chain_or_none(d)
         problems, chain = _problems(d, live=True)
-        if chain == _chain_or_none(d):
+        if before == chain == _chain_or_none(d):
             break
     return problems
 
