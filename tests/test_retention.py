@@ -284,6 +284,9 @@ def test_runs_retire_by_age_after_a_clock_step_and_the_counts_return_to_baseline
         offset.write_text(str(2 * 86400))
         d.wait_for(lambda: counts() == (0, 0), 15, "the failed run to be retired")
         assert len(list((d.state_dir / "archive").glob("*.tar.gz"))) == 9
+        # Before its first snapshot (1 s) a daemon's directory has no current.json, which
+        # validate reports: this run can be quicker than that.
+        d.wait_for((d.state_dir / "current.json").exists, 10, "the first snapshot")
         assert json.loads(ok(d, "--json", "state", "validate"))["ok"] is True
     finally:
         d.stop()
